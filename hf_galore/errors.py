@@ -1,0 +1,27 @@
+"""One exception hierarchy for the package, so callers can catch ``HfGaloreError``.
+
+Every subclass that signals bad input also derives from :class:`ValueError`, so
+code written against plain PyTorch optimizers (which raise ``ValueError``)
+keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class HfGaloreError(Exception):
+    """Base class of every error raised on purpose by hf_galore."""
+
+
+class GaLoreConfigError(HfGaloreError, ValueError):
+    """A hyper-parameter, param-group key or config field has an invalid value."""
+
+
+class UnsupportedSetupError(HfGaloreError, RuntimeError):
+    """The training setup (engine, tensor kind, library version) cannot be honoured."""
+
+
+def format_choices(choices: Iterable[object]) -> str:
+    """Render a set of valid values the same way in every message."""
+    return ", ".join(repr(c) for c in sorted(choices, key=str))

@@ -1,0 +1,135 @@
+"""``GaLoreAdamW8bit``: bitsandbytes' block-wise 8-bit Adam states, low-rank and full-rank.
+
+bitsandbytes is called through its functional API with keyword arguments
+only (positional calls broke silently when its signature changed), and
+nothing here touches ``torch.cuda``, so it runs wherever bitsandbytes'
+8-bit kernels do, CPU included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .._optional import require
+from ..errors import UnsupportedSetupError
+from .adamw import GALORE_GROUP_DOC, GaLoreAdamW
+
+#: bitsandbytes keeps tensors smaller than this in 32-bit states (its ``min_8bit_size``).
+MIN_8BIT_SIZE = 4096
+#: bitsandbytes' block size for block-wise quantized states.
+BLOCK_SIZE = 256
+
+
+def _bnb_functional():
+    return require("bitsandbytes.functional", "GaLoreAdamW8bit")
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    __doc__ = (
+        """GaLoreAdamW with both moments stored in 8 bits (block-wise, 256 values per block).
+
+    Tensors (low-rank gradients or full-rank parameters) with fewer than
+    4096 elements keep 32-bit moments, as bitsandbytes does. Full-rank groups
+    are updated by the same kernel as ``bitsandbytes.optim.AdamW8bit``.
+    Needs bitsandbytes (``pip install 'hf_galore[8bit]'``).
+"""
+        + GALORE_GROUP_DOC
+    )
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        functional = _bnb_functional()
+        self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._create_dynamic_map = functional.create_dynamic_map
+        self._update_8bit = functional.optimizer_update_8bit_blockwise
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def _qmaps_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The signed / unsigned dynamic quantization maps, shared by all states (not checkpointed)."""
+        if device not in self._qmaps:
+            self._qmaps[device] = (
+                self._create_dynamic_map(signed=True).to(device),
+                self._create_dynamic_map(signed=False).to(device),
+            )
+        return self._qmaps[device]
+
+    def _init_moments(self, state, like, group):
+        if "exp_avg" in state or "state1" in state:
+            return
+        if like.numel() < MIN_8BIT_SIZE:
+            super()._init_moments(state, like, group)
+            return
+        blocks = -(-like.numel() // BLOCK_SIZE)
+        state["state1"] = torch.zeros_like(like, dtype=torch.uint8, memory_format=torch.contiguous_format)
+        state["state2"] = torch.zeros_like(like, dtype=torch.uint8, memory_format=torch.contiguous_format)
+        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
+        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
+
+    def _bnb_step_(self, target: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, lr: float, wd: float):
+        """Run bitsandbytes' fused 8-bit AdamW kernel on ``target`` in place."""
+        qmap1, qmap2 = self._qmaps_on(grad.device)
+        beta1, beta2 = group["betas"]
+        self._update_8bit(
+            optimizer_name="adam",
+            g=grad.contiguous(),
+            p=target,
+            state1=state["state1"],
+            state2=state["state2"],
+            beta1=beta1,
+            beta2=beta2,
+            beta3=0.0,
+            alpha=0.0,
+            eps=group["eps"],
+            step=int(state["step"]),
+            lr=lr,
+            qmap1=qmap1,
+            qmap2=qmap2,
+            absmax1=state["absmax1"],
+            absmax2=state["absmax2"],
+            weight_decay=wd,
+            gnorm_scale=1.0,
+            skip_zeros=False,
+        )
+
+    def _lowrank_updates(self, group, params, grads, states):
+        lr = float(group["lr"])
+        updates: list[torch.Tensor | None] = [None] * len(grads)
+        small = [i for i, s in enumerate(states) if "exp_avg" in s]
+        if small:
+            small_updates, _ = super()._lowrank_updates(
+                group, [params[i] for i in small], [grads[i] for i in small], [states[i] for i in small]
+            )
+            for i, u in zip(small, small_updates):
+                updates[i] = u
+        for i, (grad, state) in enumerate(zip(grads, states)):
+            if updates[i] is None:
+                # The kernel updates a "parameter" in place: start from zero and
+                # read the step off it (−lr·Adam direction), as galore-torch does.
+                buffer = torch.zeros_like(grad, memory_format=torch.contiguous_format)
+                self._bnb_step_(buffer, grad, state, group, lr=lr, wd=0.0)
+                updates[i] = buffer.neg_()
+        return updates, [lr] * len(updates)
+
+    def _step_full_rank(self, group, params, grads, states):
+        lr = float(group["lr"])
+        small = [i for i, s in enumerate(states) if "exp_avg" in s]
+        if small:
+            super()._step_full_rank(
+                group, [params[i] for i in small], [grads[i] for i in small], [states[i] for i in small]
+            )
+        for p, grad, state in zip(params, grads, states):
+            if "state1" in state:
+                if not p.is_contiguous():
+                    raise UnsupportedSetupError(
+                        f"GaLoreAdamW8bit needs contiguous parameters; got a strided one of shape {tuple(p.shape)}"
+                    )
+                self._bnb_step_(p, grad, state, group, lr=lr, wd=group["weight_decay"])

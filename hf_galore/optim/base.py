@@ -1,0 +1,179 @@
+"""``GaLoreOptimizer``: the loop, the projection and the state layout shared by every member.
+
+Subclasses add only their base update (Adam, 8-bit Adam, Adafactor) through
+three methods: :meth:`_init_moments`, :meth:`_lowrank_updates` and
+:meth:`_step_full_rank`. A param group with the key ``rank`` is low-rank
+(DESIGN.md); any other group is a plain full-rank group.
+
+Low-rank step for weight ``W`` with gradient ``G`` (2-D view, see
+``as_matrix``):  ``R = project(G)``; ``U, lr_wd = base_update(R)``;
+``W ← W·(1 − lr_wd·wd)``; ``W ← W − scale·back(U)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from ..errors import GaLoreConfigError, UnsupportedSetupError
+from . import lowrank
+from .stats import RefreshStats
+from .validation import LOWRANK_DEFAULTS, check_lowrank_keys, check_non_negative
+
+
+class GaLoreOptimizer(Optimizer):
+    """Base class: do not instantiate; use ``GaLoreAdamW`` and friends."""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        self.galore_stats = RefreshStats()
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate_group(group)
+        if "rank" in group:
+            for key, value in LOWRANK_DEFAULTS.items():
+                group.setdefault(key, value)
+            check_lowrank_keys(group)
+            for p in group["params"]:
+                if p.dim() < 2:
+                    raise GaLoreConfigError(
+                        f"a parameter of shape {tuple(p.shape)} is in a low-rank group (`rank`="
+                        f"{group['rank']!r}); projection needs a weight with >= 2 dimensions. "
+                        "Put biases, norms and other 1-D tensors in a group without `rank`."
+                    )
+                if not p.is_floating_point():
+                    raise GaLoreConfigError(
+                        f"a parameter of dtype {p.dtype} is in a low-rank group; only floating-point "
+                        "weights can be projected"
+                    )
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Per-member hyper-parameter checks; the base checks what all share."""
+        if group.get("lr") is not None:
+            check_non_negative("lr", float(group["lr"]))
+        check_non_negative("weight_decay", group.get("weight_decay", 0.0))
+
+    # ------------------------------------------------------------------- state
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, keeping each state tensor's saved dtype.
+
+        ``torch.optim.Optimizer`` casts every floating state tensor to its
+        parameter's dtype, which would turn quantized bases and 8-bit moments
+        into floats and round float32 bases of bf16 weights. We restore the
+        saved dtype afterwards (lossless: the saved tensors are the source).
+        """
+        super().load_state_dict(state_dict)
+        saved_groups = state_dict["param_groups"]
+        for group, saved_group in zip(self.param_groups, saved_groups):
+            for param, param_id in zip(group["params"], saved_group["params"]):
+                saved = state_dict["state"].get(param_id)
+                if saved is None:
+                    continue
+                live = self.state[param]
+                for key, value in saved.items():
+                    if isinstance(value, torch.Tensor) and live[key].dtype != value.dtype:
+                        live[key] = value.to(device=param.device if key != "step" else value.device, copy=True)
+                for key, value in LOWRANK_DEFAULTS.items():
+                    if "rank" in group:
+                        group.setdefault(key, value)
+
+    def _state_for(self, param: torch.Tensor) -> dict[str, Any]:
+        state = self.state[param]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        return state
+
+    # -------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - documented by torch.optim.Optimizer
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads = self._params_with_grad(group)
+            if not params:
+                continue
+            if "rank" in group:
+                self._step_lowrank(group, params, grads)
+            else:
+                states = [self._state_for(p) for p in params]
+                for p, g, s in zip(params, grads, states):
+                    self._init_moments(s, g, group)
+                    s["step"] += 1
+                self._step_full_rank(group, params, grads, states)
+        return loss
+
+    def _params_with_grad(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise UnsupportedSetupError(
+                    f"{type(self).__name__} does not support sparse gradients (parameter of shape "
+                    f"{tuple(p.shape)}); use a dense embedding (`sparse=False`)"
+                )
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    def _step_lowrank(self, group: dict[str, Any], params, grads) -> None:
+        todo_params, todo_lowrank, todo_bases, todo_states = [], [], [], []
+        for p, g in zip(params, grads):
+            state = self._state_for(p)
+            projected = lowrank.project_gradient(p, g, state, group, self.galore_stats)
+            if projected is None:
+                continue
+            low, bases = projected
+            self._init_moments(state, low, group)
+            state["step"] += 1
+            todo_params.append(p)
+            todo_lowrank.append(low)
+            todo_bases.append(bases)
+            todo_states.append(state)
+        if not todo_params:
+            return
+        updates, decay_lrs = self._lowrank_updates(group, todo_params, todo_lowrank, todo_states)
+        wd = group["weight_decay"]
+        for p, update, bases, decay_lr in zip(todo_params, updates, todo_bases, decay_lrs):
+            if wd:
+                p.mul_(1.0 - decay_lr * wd)
+            lowrank.apply_update(p, update, bases, group)
+
+    # ---------------------------------------------------------- member hooks
+    def _init_moments(self, state: dict[str, Any], like: torch.Tensor, group: dict[str, Any]) -> None:
+        """Create the base update's state for gradient ``like`` unless it exists.
+
+        Called before every update, so implementations return early when
+        their state is already there (e.g. after ``load_state_dict``).
+        """
+        raise NotImplementedError
+
+    def _lowrank_updates(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict]
+    ) -> tuple[list[torch.Tensor], list[float]]:
+        """Base update of low-rank gradients.
+
+        Returns the steps ``U`` (learning rate included; the weight moves by
+        ``−scale·back(U)``) and, per weight, the learning rate that scales
+        decoupled weight decay. ``step`` in each state is already incremented.
+        """
+        raise NotImplementedError
+
+    def _step_full_rank(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict]
+    ) -> None:
+        """Update a full-rank group in place (weight decay included)."""
+        updates, decay_lrs = self._lowrank_updates(group, params, grads, states)
+        wd = group["weight_decay"]
+        for p, update, decay_lr in zip(params, updates, decay_lrs):
+            if wd:
+                p.mul_(1.0 - decay_lr * wd)
+            p.sub_(update.to(p.dtype))

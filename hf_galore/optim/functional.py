@@ -1,0 +1,122 @@
+"""Pure tensor maths of the base updates (no ``self``, no dict lookups), testable alone.
+
+The Adam functions follow the operation order of ``torch.optim.AdamW``'s
+multi-tensor path, so full-rank groups match it to the last bit on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def adam_moments_(
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[float],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> tuple[list[torch.Tensor], list[float]]:
+    """Advance Adam's moments in place; return the denominators and ``1 − β₁ᵗ``.
+
+    ``denom = sqrt(v)/sqrt(1 − β₂ᵗ) + eps``: eps is added *after* bias
+    correction, as in torch.optim.AdamW (galore-torch adds it before).
+    """
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+    bias_correction1 = [1.0 - beta1**s for s in steps]
+    bias_correction2_sqrt = [math.sqrt(1.0 - beta2**s) for s in steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    return denom, bias_correction1
+
+
+def adam_steps(
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> list[torch.Tensor]:
+    """Adam steps ``lr · m̂ / (sqrt(v̂) + eps)`` (to be subtracted), moments advanced in place."""
+    denom, bias_correction1 = adam_moments_(
+        grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps
+    )
+    updates = torch._foreach_div(exp_avgs, denom)
+    torch._foreach_mul_(updates, [lr / bc for bc in bias_correction1])
+    return updates
+
+
+def adamw_full_rank_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """torch.optim.AdamW (amsgrad off) on full-rank tensors, in place."""
+    if weight_decay:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    denom, bias_correction1 = adam_moments_(
+        grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps
+    )
+    torch._foreach_addcdiv_(params, exp_avgs, denom, [-(lr / bc) for bc in bias_correction1])
+
+
+def adafactor_step(
+    grad: torch.Tensor,
+    state: dict,
+    *,
+    lr: float,
+    step: float,
+    eps1: float,
+    clip_threshold: float,
+    decay_rate: float,
+    beta1: float | None,
+) -> torch.Tensor:
+    """One Adafactor step (Shazeer & Stern 2018) with ``lr`` included, moments updated in ``state``.
+
+    Mirrors transformers' ``Adafactor`` (the base of galore-torch's
+    GaLoreAdafactor): factored second moment for matrices, RMS clipping of
+    the update, optional first moment applied after the clipping.
+    """
+    beta2t = 1.0 - math.pow(step, decay_rate)
+    update = grad.square().add_(eps1)
+    if "exp_avg_sq_row" in state:
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
+        col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
+        r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        c_factor = col.unsqueeze(-2).rsqrt()
+        update = torch.mul(r_factor, c_factor).mul_(grad)
+    else:
+        exp_avg_sq = state["exp_avg_sq"]
+        exp_avg_sq.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+        update = exp_avg_sq.rsqrt().mul_(grad)
+    update.div_((rms(update) / clip_threshold).clamp_(min=1.0))
+    update.mul_(lr)
+    if beta1 is not None:
+        exp_avg = state["exp_avg"]
+        exp_avg.mul_(beta1).add_(update, alpha=1.0 - beta1)
+        update = exp_avg.clone()
+    return update
+
+
+def rms(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.norm(2) / (tensor.numel() ** 0.5)

@@ -1,0 +1,35 @@
+"""Counters of what the low-rank machinery did, read by ``GaLoreCallback``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class RefreshStats:
+    """Running totals since the optimizer was built (not checkpointed).
+
+    ``overlap_*`` accumulate the subspace overlap between each refreshed basis
+    and the one it replaced (1 = same subspace, see ``subspace_overlap``).
+    """
+
+    refreshes: int = 0
+    refresh_seconds: float = 0.0
+    skipped_nonfinite: int = 0
+    refresh_failures: int = 0
+    fallbacks: int = 0
+    overlap_sum: float = 0.0
+    overlap_count: int = 0
+
+    def record_overlap(self, value: float) -> None:
+        self.overlap_sum += value
+        self.overlap_count += 1
+
+    @property
+    def mean_overlap(self) -> float | None:
+        return self.overlap_sum / self.overlap_count if self.overlap_count else None
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        out = asdict(self)
+        out["mean_overlap"] = self.mean_overlap
+        return out

@@ -1,0 +1,66 @@
+"""The small interface every member of the GaLore family implements.
+
+A *basis* is a matrix ``B`` of shape ``(k, r)`` with orthonormal columns,
+where ``k`` is the size of the side it acts on:
+
+* side ``"left"``  (``k = m``): ``R = Bᵀ G`` (``r × n``), back: ``B N``;
+* side ``"right"`` (``k = n``): ``R = G B`` (``m × r``), back: ``N Bᵀ``.
+
+Members differ only in how ``B`` is *found* (a :class:`BasisFinder`); the
+geometry below (which side, projecting, projecting back) is shared by all of
+them and lives in :mod:`hf_galore.projectors.geometry`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Literal
+
+import torch
+
+Side = Literal["left", "right"]
+
+
+class BasisFinder(ABC):
+    """Strategy that finds (and optionally tracks) the basis of one weight.
+
+    Finders are stateless objects shared by all weights; anything a finder
+    needs to remember between steps goes into the per-parameter ``state``
+    dict it is handed, as plain tensors or Python scalars, so optimizer
+    checkpoints load with ``torch.load(weights_only=True)``.
+    """
+
+    #: registry name used in param groups (``projector=...``)
+    name: ClassVar[str]
+    #: ``True`` when :meth:`track` must run on every step, not only at refreshes
+    tracks_every_step: ClassVar[bool] = False
+
+    @abstractmethod
+    def find(
+        self,
+        matrix: torch.Tensor,
+        rank: int,
+        side: Side,
+        *,
+        previous: torch.Tensor | None,
+        state: dict,
+        group: dict,
+    ) -> torch.Tensor:
+        """Return a ``(k, rank)`` float32 basis with orthonormal columns.
+
+        ``matrix`` is the 2-D gradient in float32. ``previous`` is the
+        current basis (float32) or ``None`` at the first refresh; finders
+        may use it as a warm start.
+        """
+
+    def track(
+        self,
+        matrix: torch.Tensor,
+        basis: torch.Tensor,
+        side: Side,
+        *,
+        state: dict,
+        group: dict,
+    ) -> torch.Tensor:
+        """Move the basis a little on a non-refresh step (online finders only)."""
+        return basis

@@ -1,0 +1,62 @@
+"""How a basis is stored between steps, selected by the param-group key ``quant``.
+
+A codec turns a float32 basis into plain tensors kept in the optimizer state
+and back. ``None`` keeps the basis as a dense tensor in the parameter's
+dtype (galore-torch's behaviour); quantized codecs register themselves here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from ..errors import GaLoreConfigError, format_choices
+
+
+class BasisCodec(ABC):
+    """Encode a basis into ``state`` under ``key`` and decode it back."""
+
+    name: ClassVar[str | None]
+
+    @abstractmethod
+    def encode(self, state: dict, key: str, basis: torch.Tensor, dtype: torch.dtype) -> None:
+        """Store ``basis`` (float32, ``(k, r)``) in ``state`` under names derived from ``key``."""
+
+    @abstractmethod
+    def decode(self, state: dict, key: str) -> torch.Tensor | None:
+        """Return the stored basis (any float dtype), or ``None`` if none is stored yet."""
+
+
+class DenseCodec(BasisCodec):
+    """The basis as one dense tensor in the parameter's dtype."""
+
+    name = None
+
+    def encode(self, state, key, basis, dtype):
+        state[key] = basis.to(dtype)
+
+    def decode(self, state, key):
+        return state.get(key)
+
+
+CODECS: dict[str | None, BasisCodec] = {}
+
+
+def register_codec(codec: BasisCodec) -> BasisCodec:
+    """Make ``codec`` selectable as ``quant=codec.name``; names are unique."""
+    if codec.name in CODECS:
+        raise GaLoreConfigError(f"quant codec {codec.name!r} is already registered")
+    CODECS[codec.name] = codec
+    return codec
+
+
+def get_codec(name: str | None) -> BasisCodec:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise GaLoreConfigError(f"`quant` must be one of {format_choices(CODECS)}, got {name!r}") from None
+
+
+register_codec(DenseCodec())
