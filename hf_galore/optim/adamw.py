@@ -8,7 +8,13 @@ from typing import Any
 import torch
 
 from .base import GaLoreOptimizer
-from .functional import adam_steps, adamw_full_rank_
+from .functional import (
+    adam_steps,
+    adam_steps_fused,
+    adamw_full_rank_,
+    adamw_full_rank_fused_,
+    fused_adamw_supports,
+)
 from .validation import check_beta, check_non_negative
 
 GALORE_GROUP_DOC = """
@@ -61,29 +67,43 @@ class GaLoreAdamW(GaLoreOptimizer):
     def _lowrank_updates(self, group, params, grads, states):
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
-        updates = adam_steps(
-            grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [float(s["step"]) for s in states],
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-        )
+        hp = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": group["eps"]}
+        updates: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
+        for indices in _by_device_and_dtype(grads):
+            g = [grads[i] for i in indices]
+            m = [states[i]["exp_avg"] for i in indices]
+            v = [states[i]["exp_avg_sq"] for i in indices]
+            if fused_adamw_supports(g + m + v):
+                out = adam_steps_fused(g, m, v, [states[i]["step"] for i in indices], **hp)
+            else:
+                out = adam_steps(g, m, v, [float(states[i]["step"]) for i in indices], **hp)
+            for i, u in zip(indices, out):
+                updates[i] = u
         return updates, [lr] * len(updates)
 
     def _step_full_rank(self, group, params, grads, states):
         beta1, beta2 = group["betas"]
-        adamw_full_rank_(
-            params,
-            grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [float(s["step"]) for s in states],
-            lr=float(group["lr"]),
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-        )
+        hp = {
+            "lr": float(group["lr"]),
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+        }
+        for indices in _by_device_and_dtype(params):
+            p = [params[i] for i in indices]
+            g = [grads[i] for i in indices]
+            m = [states[i]["exp_avg"] for i in indices]
+            v = [states[i]["exp_avg_sq"] for i in indices]
+            if fused_adamw_supports(p + g + m + v):
+                adamw_full_rank_fused_(p, g, m, v, [states[i]["step"] for i in indices], **hp)
+            else:
+                adamw_full_rank_(p, g, m, v, [float(states[i]["step"]) for i in indices], **hp)
+
+
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), the unit multi-tensor kernels work on."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((t.device, t.dtype), []).append(i)
+    return list(buckets.values())

@@ -68,6 +68,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         if like.numel() < MIN_8BIT_SIZE:
             super()._init_moments(state, like, group)
             return
+        if "rank" in group and like.shape[0] > like.shape[1]:
+            like = like.t()  # see _lowrank_updates: blocks along the longer side
         blocks = -(-like.numel() // BLOCK_SIZE)
         state["state1"] = torch.zeros_like(like, dtype=torch.uint8, memory_format=torch.contiguous_format)
         state["state2"] = torch.zeros_like(like, dtype=torch.uint8, memory_format=torch.contiguous_format)
@@ -112,11 +114,19 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                 updates[i] = u
         for i, (grad, state) in enumerate(zip(grads, states)):
             if updates[i] is None:
+                # Quantization blocks run along the longer side, i.e. along one
+                # projected direction: the magnitudes of R differ by direction
+                # (singular values), so mixing directions in one 256-block would
+                # flush the small ones to zero. Right projections give R of
+                # shape (m, r): we keep its moments transposed.
+                transposed = grad.shape[0] > grad.shape[1]
+                low = grad.t() if transposed else grad
                 # The kernel updates a "parameter" in place: start from zero and
-                # read the step off it (−lr·Adam direction), as galore-torch does.
-                buffer = torch.zeros_like(grad, memory_format=torch.contiguous_format)
-                self._bnb_step_(buffer, grad, state, group, lr=lr, wd=0.0)
-                updates[i] = buffer.neg_()
+                # read the step off it (−lr·Adam direction).
+                buffer = torch.zeros_like(low, memory_format=torch.contiguous_format)
+                self._bnb_step_(buffer, low, state, group, lr=lr, wd=0.0)
+                buffer.neg_()
+                updates[i] = buffer.t() if transposed else buffer
         return updates, [lr] * len(updates)
 
     def _step_full_rank(self, group, params, grads, states):

@@ -19,6 +19,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..errors import GaLoreConfigError, UnsupportedSetupError
+from ..quant.int8 import int8_owner
 from . import lowrank
 from .stats import RefreshStats
 from .validation import LOWRANK_DEFAULTS, check_lowrank_keys, check_non_negative
@@ -27,9 +28,19 @@ from .validation import LOWRANK_DEFAULTS, check_lowrank_keys, check_non_negative
 class GaLoreOptimizer(Optimizer):
     """Base class: do not instantiate; use ``GaLoreAdamW`` and friends."""
 
+    #: ``basis -> basis`` applied to every new basis before it is stored; set by
+    #: ``hf_galore.distributed.synchronize_bases`` so data-parallel ranks share one basis
+    basis_sync = None
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self.galore_stats = RefreshStats()
         super().__init__(params, defaults)
+        # FSDP2: low-rank shards appear as DTensors in state_dict() so that
+        # torch.distributed.checkpoint saves every rank's part (no-ops otherwise)
+        from ..distributed import sharded_load_state_dict_pre_hook, sharded_state_dict_post_hook
+
+        self.register_state_dict_post_hook(sharded_state_dict_post_hook)
+        self.register_load_state_dict_pre_hook(sharded_load_state_dict_pre_hook)
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -52,6 +63,12 @@ class GaLoreOptimizer(Optimizer):
                         f"a parameter of dtype {p.dtype} is in a low-rank group; only floating-point "
                         "weights can be projected"
                     )
+        elif any(int8_owner(p) is not None for p in group["params"]):
+            raise GaLoreConfigError(
+                "an INT8 weight (`Int8Linear.weight`, see `prepare_model_for_int8_weights`) is in a group "
+                "without `rank`; its updates are applied with stochastic rounding by the low-rank path only. "
+                "Put it in a low-rank group, or lower `rank` below its smaller dimension"
+            )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Per-member hyper-parameter checks; the base checks what all share."""
@@ -98,17 +115,27 @@ class GaLoreOptimizer(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params, grads = self._params_with_grad(group)
-            if not params:
-                continue
-            if "rank" in group:
-                self._step_lowrank(group, params, grads)
-            else:
-                states = [self._state_for(p) for p in params]
-                for p, g, s in zip(params, grads, states):
-                    self._init_moments(s, g, group)
-                    s["step"] += 1
-                self._step_full_rank(group, params, grads, states)
+            self.update_params(group, params, grads)
         return loss
+
+    @torch.no_grad()
+    def update_params(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Update ``params`` (all from ``group``) with ``grads``: one optimizer step for each.
+
+        ``step()`` calls it once per group; layer-wise mode calls it from a
+        gradient hook with a single parameter, so both paths share every line
+        of the update.
+        """
+        if not params:
+            return
+        if "rank" in group:
+            self._step_lowrank(group, params, grads)
+        else:
+            states = [self._state_for(p) for p in params]
+            for g, s in zip(grads, states):
+                self._init_moments(s, g, group)
+                s["step"] += 1
+            self._step_full_rank(group, params, grads, states)
 
     def _params_with_grad(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         params, grads = [], []
@@ -128,7 +155,7 @@ class GaLoreOptimizer(Optimizer):
         todo_params, todo_lowrank, todo_bases, todo_states = [], [], [], []
         for p, g in zip(params, grads):
             state = self._state_for(p)
-            projected = lowrank.project_gradient(p, g, state, group, self.galore_stats)
+            projected = lowrank.project_gradient(p, g, state, group, self.galore_stats, sync=self.basis_sync)
             if projected is None:
                 continue
             low, bases = projected
@@ -144,7 +171,7 @@ class GaLoreOptimizer(Optimizer):
         wd = group["weight_decay"]
         for p, update, bases, decay_lr in zip(todo_params, updates, todo_bases, decay_lrs):
             if wd:
-                p.mul_(1.0 - decay_lr * wd)
+                lowrank.decay_weight_(p, 1.0 - decay_lr * wd)
             lowrank.apply_update(p, update, bases, group)
 
     # ---------------------------------------------------------- member hooks

@@ -1,7 +1,9 @@
 """Pure tensor maths of the base updates (no ``self``, no dict lookups), testable alone.
 
-The Adam functions follow the operation order of ``torch.optim.AdamW``'s
-multi-tensor path, so full-rank groups match it to the last bit on CPU.
+Adam runs through torch's own fused AdamW kernel where it exists (CPU and
+CUDA float tensors; identical to ``torch.optim.AdamW(fused=True)``), and
+otherwise through a multi-tensor version that follows the operation order of
+``torch.optim.AdamW(foreach=True)``; the two agree to float rounding.
 """
 
 from __future__ import annotations
@@ -37,6 +39,69 @@ def adam_moments_(
     return denom, bias_correction1
 
 
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_adamw_supports(tensors: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel can run on ``tensors`` (one device, float dtype).
+
+    The fused kernel makes one pass over memory instead of about seven: on CPU
+    it is ~7x faster than the multi-tensor path for large tensors.
+    """
+    if not hasattr(torch, "_fused_adamw_") or not tensors:
+        return False
+    first = tensors[0]
+    return (
+        first.device.type in _FUSED_DEVICES
+        and first.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+        and all(t.device == first.device and t.dtype == first.dtype for t in tensors)
+    )
+
+
+def _fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step_tensors, *, lr, beta1, beta2, eps, weight_decay):
+    torch._fused_adamw_(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        step_tensors,
+        amsgrad=False,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        eps=eps,
+        maximize=False,
+        grad_scale=None,
+        found_inf=None,
+    )
+
+
+def adam_steps_fused(
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    step_tensors: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> list[torch.Tensor]:
+    """:func:`adam_steps` through torch's fused AdamW kernel (see :func:`fused_adamw_supports`).
+
+    The kernel updates a "parameter" in place; starting from zeros it leaves
+    ``−lr·m̂/(√v̂ + eps)``, which we negate.
+    """
+    buffers = [torch.zeros_like(g, memory_format=torch.contiguous_format) for g in grads]
+    _fused_adamw_(
+        buffers, grads, exp_avgs, exp_avg_sqs, step_tensors, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=0.0
+    )
+    torch._foreach_neg_(buffers)
+    return buffers
+
+
 def adam_steps(
     grads: list[torch.Tensor],
     exp_avgs: list[torch.Tensor],
@@ -70,13 +135,33 @@ def adamw_full_rank_(
     eps: float,
     weight_decay: float,
 ) -> None:
-    """torch.optim.AdamW (amsgrad off) on full-rank tensors, in place."""
+    """torch.optim.AdamW (amsgrad off, multi-tensor path) on full-rank tensors, in place."""
     if weight_decay:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     denom, bias_correction1 = adam_moments_(
         grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps
     )
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-(lr / bc) for bc in bias_correction1])
+
+
+def adamw_full_rank_fused_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    step_tensors: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """``torch.optim.AdamW(fused=True)`` on full-rank tensors, in place (steps already incremented)."""
+    _fused_adamw_(
+        params, grads, exp_avgs, exp_avg_sqs, step_tensors,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+    )
 
 
 def adafactor_step(

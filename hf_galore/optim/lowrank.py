@@ -12,7 +12,7 @@ the quantized codec's keys derived from them).
 from __future__ import annotations
 
 import time
-import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -25,17 +25,17 @@ from ..projectors.geometry import (
     sides_for,
     subspace_overlap,
 )
+from ..projectors.randomized import randomized_basis
 from ..projectors.storage import get_codec
+from ..quant.int8 import int8_add_, int8_scale_
 from .schedules import get_refresh_policy
 from .stats import RefreshStats
 
-_WARNED: set[str] = set()
+def _distributed():
+    """``hf_galore.distributed``, imported on use (it imports this module)."""
+    from .. import distributed
 
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return distributed
 
 
 def basis_key(side: str) -> str:
@@ -49,16 +49,25 @@ def load_bases(state: dict, group: dict, sides) -> list[torch.Tensor] | None:
 
 
 def refresh_basis(
-    matrix: torch.Tensor, state: dict, group: dict, step: int, stats: RefreshStats, dtype: torch.dtype
+    matrix: torch.Tensor,
+    state: dict,
+    group: dict,
+    step: int,
+    stats: RefreshStats,
+    dtype: torch.dtype,
+    sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Recompute the basis from ``matrix``; on any failure keep the old one.
+
+    ``sync`` (data-parallel runs, see ``hf_galore.distributed.synchronize_bases``)
+    replaces each new float32 basis with the one every rank agrees on.
 
     A non-finite gradient would poison the basis for the next
     ``update_proj_gap`` steps, so it is skipped and counted instead.
     """
     if not bool(torch.isfinite(matrix).all()):
         stats.skipped_nonfinite += 1
-        _warn_once("nonfinite", "GaLore: non-finite gradient at a refresh step; kept the previous basis")
+        stats.warn_once("nonfinite", "GaLore: non-finite gradient at a refresh step; kept the previous basis")
         return
     finder = get_projector(group["projector"])
     codec = get_codec(group["quant"])
@@ -73,39 +82,112 @@ def refresh_basis(
         old = None if old is None else old.float()
         try:
             new = finder.find(matrix, rank, side, previous=old, state=state, group=group)
-        except (RuntimeError, torch.linalg.LinAlgError) as exc:  # e.g. SVD did not converge
-            stats.refresh_failures += 1
-            _warn_once("refresh_failure", f"GaLore: basis refresh failed ({exc}); kept the previous basis")
-            return
-        if not bool(torch.isfinite(new).all()):
-            stats.refresh_failures += 1
-            return
+            if not bool(torch.isfinite(new).all()):
+                raise FloatingPointError("the new basis is not finite")
+        except (RuntimeError, FloatingPointError) as exc:  # e.g. SVD did not converge
+            new = _fallback_basis(matrix, rank, side, old, step, group, stats, exc)
+            if new is None:
+                return
+        if sync is not None:
+            new = sync(new)
         new_bases.append((side, old, new))
+    if group.get("rotate_moments") and all(old is not None for _, old, _ in new_bases):
+        rotate_moments_(state, [(side, new.t() @ old) for side, old, new in new_bases], stats)
     for side, old, new in new_bases:
         if old is not None:
             stats.record_overlap(subspace_overlap(old, new))
         policy.after_refresh(state, group, step, old, new)
-        codec.encode(state, basis_key(side), new, dtype)
+        codec.encode(state, basis_key(side), new, dtype, group=group)
     stats.refreshes += 1
     stats.refresh_seconds += time.perf_counter() - started
 
 
+def _fallback_basis(
+    matrix: torch.Tensor,
+    rank: int,
+    side: str,
+    old: torch.Tensor | None,
+    step: int,
+    group: dict,
+    stats: RefreshStats,
+    exc: BaseException,
+) -> torch.Tensor | None:
+    """A failed refresh (e.g. LAPACK's SVD not converging) retries with the randomized finder.
+
+    Counted in ``stats.fallbacks``; if that fails too (or was the finder that
+    failed), ``stats.refresh_failures`` counts it and the old basis is kept.
+    """
+    if group["projector"] != "randomized":
+        try:
+            new = randomized_basis(matrix, rank, side, previous=old, step=step, group=group)
+            if bool(torch.isfinite(new).all()):
+                stats.fallbacks += 1
+                stats.warn_once(
+                    "fallback", f"GaLore: basis refresh failed ({exc}); used the randomized finder instead"
+                )
+                return new
+        except (RuntimeError, FloatingPointError) as second:
+            exc = second
+    stats.refresh_failures += 1
+    stats.warn_once("refresh_failure", f"GaLore: basis refresh failed ({exc}); kept the previous basis")
+    return None
+
+
+def rotate_moments_(state: dict, rotations: list[tuple[str, torch.Tensor]], stats: RefreshStats) -> None:
+    """Carry the moments into the new subspace (group key ``rotate_moments``, off by default).
+
+    GaLore keeps the moments' coordinates when the basis changes, so after a
+    refresh they describe directions of the *old* basis. With ``C = P_newᵀ P_old``
+    (``r × r``, one per side) the first moment becomes ``C M`` (left) or
+    ``M Cᵀ`` (right): the old moment expressed in the new basis, with the part
+    outside the new subspace dropped. The second moment is not linear in the
+    gradient; it is mapped with the element-wise square ``C∘C`` (exact when
+    the coordinates are uncorrelated, and it keeps ``v`` non-negative).
+    Quantized (8-bit) and factored (Adafactor) second moments are kept as they
+    are, with a one-time warning.
+    """
+    for key, squared in (("exp_avg", False), ("exp_avg_sq", True)):
+        moment = state.get(key)
+        if moment is None or moment.dim() != 2:
+            continue
+        out = moment.float()
+        for side, rotation in rotations:
+            rotation = rotation.square() if squared else rotation
+            out = rotation @ out if side == "left" else out @ rotation.t()
+        moment.copy_(out)
+    if any(key in state for key in ("state1", "exp_avg_sq_row")):
+        stats.warn_once(
+            "rotate_moments", "GaLore: `rotate_moments` rotates float moments only; 8-bit and factored ones are kept"
+        )
+
+
 def project_gradient(
-    param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, stats: RefreshStats
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    group: dict,
+    stats: RefreshStats,
+    sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
     """Low-rank gradient ``R`` of ``param`` and the bases used; refreshes or tracks first.
 
     The bases are returned so :func:`apply_update` reuses them instead of
     decoding (dequantizing) them twice per step. Returns ``None`` when no
     basis exists yet (the very first gradient was non-finite): the weight is
-    then left untouched for this step.
+    then left untouched for this step. A sharded (FSDP2 ``DTensor``)
+    gradient is projected shard by shard in ``hf_galore.distributed``.
     """
+    if type(grad) is not torch.Tensor and _distributed().is_sharded_tensor(grad):
+        return _distributed().project_sharded_gradient(param, grad, state, group, stats)
     matrix = as_matrix(grad)
     sides = sides_for(group["proj_type"], matrix.shape)
     step = int(state["step"])
     bases = load_bases(state, group, sides)
-    if bases is None or get_refresh_policy(group["refresh"]).due(state, group, step):
-        refresh_basis(matrix, state, group, step, stats, dtype=param.dtype)
+    policy = get_refresh_policy(group["refresh"])
+    if bases is None:
+        policy.setup(state, group, param)
+    if bases is None or policy.due(state, group, step):
+        refresh_basis(matrix, state, group, step, stats, dtype=param.dtype, sync=sync)
         bases = load_bases(state, group, sides)
         if bases is None:
             return None
@@ -115,14 +197,31 @@ def project_gradient(
             codec = get_codec(group["quant"])
             for side, basis in zip(sides, bases):
                 moved = finder.track(matrix.float(), basis.float(), side, state=state, group=group)
+                if sync is not None:
+                    moved = sync(moved)
                 if moved is not basis:
-                    codec.encode(state, basis_key(side), moved, param.dtype)
+                    codec.encode(state, basis_key(side), moved, param.dtype, group=group)
             bases = load_bases(state, group, sides)
     return project(matrix, bases, sides), bases
 
 
 def apply_update(param: torch.Tensor, update: torch.Tensor, bases: list[torch.Tensor], group: dict) -> None:
-    """``W −= scale · back(update)``, fused into one ``addmm_`` per weight."""
-    matrix = as_matrix(param)
-    sides = sides_for(group["proj_type"], matrix.shape)
-    project_back_add_(matrix, update, bases, sides, alpha=-group["scale"])
+    """``W −= scale · back(update)``, fused into one ``addmm_`` per weight.
+
+    An INT8 weight (``hf_galore.quant.Int8Linear``) is updated on a float32
+    copy and stored back with stochastic rounding.
+    """
+    if type(param) is not torch.nn.Parameter and _distributed().is_sharded_tensor(param):
+        _distributed().apply_sharded_update(param, update, bases, group)
+        return
+    sides = sides_for(group["proj_type"], as_matrix(param).shape)
+    alpha = -group["scale"]
+    if int8_add_(param, lambda master: project_back_add_(as_matrix(master), update, bases, sides, alpha=alpha)):
+        return
+    project_back_add_(as_matrix(param), update, bases, sides, alpha=alpha)
+
+
+def decay_weight_(param: torch.Tensor, factor: float) -> None:
+    """``W ← factor · W`` (decoupled weight decay); an INT8 weight scales its scales instead."""
+    if not int8_scale_(param, factor):
+        param.mul_(factor)

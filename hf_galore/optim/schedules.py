@@ -28,12 +28,96 @@ class RefreshPolicy:
     ) -> None:
         """Called once per successful refresh with the float32 bases (one side)."""
 
+    def setup(self, state: dict, group: dict, param: torch.Tensor) -> None:
+        """Called once per weight, before its first refresh (``param`` is in ``group["params"]``)."""
+
 
 class FixedGap(RefreshPolicy):
     name = "fixed"
 
     def due(self, state, group, step):
         return step % group["update_proj_gap"] == 0
+
+
+class Staggered(RefreshPolicy):
+    """Fixed gap ``T``, but each weight of a group refreshes at its own phase.
+
+    With ``"fixed"`` every weight refreshes at steps 0, T, 2T, …, so one step in
+    ``T`` pays all the SVDs at once (3.2 s against a 0.17 s step for LLaMA-60M
+    on CPU, 280 s for LLaMA-7B on an H100; REFERENCES.md §7 defect 11). Here
+    weight ``i`` of ``N`` in its group refreshes when ``step % T == ⌊i·T/N⌋``
+    (its first basis is still computed at step 0), so a refresh step costs
+    about ``⌈N/T⌉`` SVDs. No interval is longer than ``T``. Off by default:
+    ``"fixed"`` keeps galore-torch's numbers.
+    """
+
+    name = "staggered"
+
+    def setup(self, state, group, param):
+        params = group["params"]
+        index = next((i for i, p in enumerate(params) if p is param), 0)
+        state["refresh_phase"] = (index * group["update_proj_gap"]) // max(len(params), 1)
+
+    def due(self, state, group, step):
+        return step % group["update_proj_gap"] == state.get("refresh_phase", 0)
+
+
+#: Group keys of the lazy policy with Q-GaLore's defaults (arXiv:2407.08296 §3.3;
+#: VITA-Group/Q-GaLore ``run_pretrain.py``: cos_threshold 0.4, gamma_proj 2, queue_size 5).
+LAZY_DEFAULTS = {"lazy_threshold": 0.4, "lazy_gamma": 2.0, "lazy_queue": 5}
+
+
+def leading_cosine(old: torch.Tensor, new: torch.Tensor) -> float:
+    """``|cos|`` between the leading basis vectors (sign-free: singular vectors have no sign)."""
+    a, b = old[:, 0].float(), new[:, 0].float()
+    return float((a @ b).abs() / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+class LazyRefresh(RefreshPolicy):
+    """Q-GaLore's layer-adaptive refresh: a weight whose basis stops moving is refreshed less often.
+
+    At each refresh the cosine between the leading vectors of the old and new
+    basis joins a FIFO of the last ``lazy_queue`` values. When the FIFO is full
+    and its mean is >= ``lazy_threshold``, the weight's interval becomes
+    ``int(interval · lazy_gamma)`` (Q-GaLore's rule). Two changes: the cosine is
+    taken in absolute value (Q-GaLore's signed cosine reads a sign flip of the
+    same vector as -1), and a cosine below the threshold resets the interval to
+    ``update_proj_gap`` and empties the FIFO, so a weight whose gradients change
+    regime is tracked closely again (Q-GaLore never shortens the gap).
+
+    Per-weight state: ``lazy_gap`` and ``lazy_next`` (ints), ``lazy_cos``
+    (float32 FIFO) and ``lazy_count`` (int).
+    """
+
+    name = "lazy"
+
+    def due(self, state, group, step):
+        if "lazy_next" not in state:
+            return step % group["update_proj_gap"] == 0
+        return step >= state["lazy_next"]
+
+    def after_refresh(self, state, group, step, old, new):
+        base = int(group["update_proj_gap"])
+        size = int(group.get("lazy_queue", LAZY_DEFAULTS["lazy_queue"]))
+        threshold = float(group.get("lazy_threshold", LAZY_DEFAULTS["lazy_threshold"]))
+        gamma = float(group.get("lazy_gamma", LAZY_DEFAULTS["lazy_gamma"]))
+        gap = int(state.get("lazy_gap", base))
+        if old is not None:
+            queue = state.get("lazy_cos")
+            if queue is None or queue.numel() != size:
+                queue = torch.zeros(size, dtype=torch.float32)
+            cos = leading_cosine(old, new)
+            queue = torch.roll(queue, -1)
+            queue[-1] = cos
+            count = min(int(state.get("lazy_count", 0)) + 1, size)
+            if cos < threshold:
+                gap, count = base, 0
+            elif count == size and float(queue.mean()) >= threshold:
+                gap = max(int(gap * gamma), 1)
+            state["lazy_cos"] = queue
+            state["lazy_count"] = count
+        state["lazy_gap"] = gap
+        state["lazy_next"] = step + gap
 
 
 REFRESH_POLICIES: dict[str, RefreshPolicy] = {}
@@ -57,3 +141,5 @@ def get_refresh_policy(name: str) -> RefreshPolicy:
 
 
 register_refresh_policy(FixedGap())
+register_refresh_policy(Staggered())
+register_refresh_policy(LazyRefresh())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import warnings
+
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -20,6 +22,14 @@ class RefreshStats:
     fallbacks: int = 0
     overlap_sum: float = 0.0
     overlap_count: int = 0
+    #: causes already warned about, so each is reported once per optimizer
+    warned: set = field(default_factory=set, repr=False, compare=False)
+
+    def warn_once(self, cause: str, message: str) -> None:
+        """Warn the first time ``cause`` happens in this optimizer, not once per weight."""
+        if cause not in self.warned:
+            self.warned.add(cause)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def record_overlap(self, value: float) -> None:
         self.overlap_sum += value
@@ -30,6 +40,6 @@ class RefreshStats:
         return self.overlap_sum / self.overlap_count if self.overlap_count else None
 
     def as_dict(self) -> dict[str, float | int | None]:
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "warned"}
         out["mean_overlap"] = self.mean_overlap
         return out

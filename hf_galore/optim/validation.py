@@ -15,12 +15,34 @@ LOWRANK_DEFAULTS: dict[str, object] = {
     "projector": "svd",
     "quant": None,
     "refresh": "fixed",
+    # carry the moments into a refreshed basis (off: galore-torch keeps their coordinates)
+    "rotate_moments": False,
+    # quant="int8"/"int4": values per scale group (Q-GaLore's default)
+    "quant_group_size": 256,
+    # projector="randomized" (Halko et al. 2011): extra columns, cold / warm rounds, RNG seed
+    "oversample": 8,
+    "power_iters": 2,
+    "warm_iters": 1,
+    "proj_seed": 0,
+    # projector="online_pca" (OSD, arXiv:2408.12857): lr of P = osd_alpha x lr; orthogonality weight
+    "osd_alpha": 5.0,
+    "osd_lambda": 0.1,
+    # refresh="lazy" (Q-GaLore, arXiv:2407.08296): cosine threshold, gap growth, FIFO length
+    "lazy_threshold": 0.4,
+    "lazy_gamma": 2.0,
+    "lazy_queue": 5,
 }
 
 
 def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise GaLoreConfigError(f"`{name}` must be a positive integer (>= 1), got {value!r}")
+    return int(value)
+
+
+def check_non_negative_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise GaLoreConfigError(f"`{name}` must be an integer >= 0, got {value!r}")
     return int(value)
 
 
@@ -62,3 +84,15 @@ def check_lowrank_keys(group: dict) -> None:
     check_choice("projector", group["projector"], PROJECTORS)
     check_choice("quant", group["quant"], CODECS)
     check_choice("refresh", group["refresh"], REFRESH_POLICIES)
+    check_choice("rotate_moments", group["rotate_moments"], (False, True))
+    check_positive_int("quant_group_size", group["quant_group_size"])
+    check_non_negative_int("oversample", group["oversample"])
+    check_non_negative_int("power_iters", group["power_iters"])
+    check_non_negative_int("warm_iters", group["warm_iters"])
+    check_non_negative_int("proj_seed", group["proj_seed"])
+    check_positive("osd_alpha", group["osd_alpha"])
+    check_non_negative("osd_lambda", group["osd_lambda"])
+    check_non_negative("lazy_threshold", group["lazy_threshold"])
+    if check_positive("lazy_gamma", group["lazy_gamma"]) < 1:
+        raise GaLoreConfigError(f"`lazy_gamma` must be >= 1 (the gap never shrinks), got {group['lazy_gamma']!r}")
+    check_positive_int("lazy_queue", group["lazy_queue"])

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from ..errors import GaLoreConfigError, format_choices
 from .base import BasisFinder, Side
+from .online_pca import OnlinePCAFinder
+from .quantized import Int4Codec, Int8Codec
+from .randomized import RandomizedFinder
+from .storage import register_codec
 from .svd import SVDFinder, top_singular_basis
 
 PROJECTORS: dict[str, BasisFinder] = {}
@@ -32,5 +36,10 @@ def get_projector(name: str) -> BasisFinder:
 
 
 register_projector(SVDFinder())
+register_projector(RandomizedFinder())
+register_projector(OnlinePCAFinder())
+
+register_codec(Int8Codec())
+register_codec(Int4Codec())
 
 __all__ = ["BasisFinder", "PROJECTORS", "Side", "get_projector", "register_projector", "top_singular_basis"]

@@ -21,8 +21,13 @@ class BasisCodec(ABC):
     name: ClassVar[str | None]
 
     @abstractmethod
-    def encode(self, state: dict, key: str, basis: torch.Tensor, dtype: torch.dtype) -> None:
-        """Store ``basis`` (float32, ``(k, r)``) in ``state`` under names derived from ``key``."""
+    def encode(
+        self, state: dict, key: str, basis: torch.Tensor, dtype: torch.dtype, *, group: dict | None = None
+    ) -> None:
+        """Store ``basis`` (float32, ``(k, r)``) in ``state`` under names derived from ``key``.
+
+        ``group`` is the param group, for codec options such as ``quant_group_size``.
+        """
 
     @abstractmethod
     def decode(self, state: dict, key: str) -> torch.Tensor | None:
@@ -34,7 +39,7 @@ class DenseCodec(BasisCodec):
 
     name = None
 
-    def encode(self, state, key, basis, dtype):
+    def encode(self, state, key, basis, dtype, *, group=None):
         state[key] = basis.to(dtype)
 
     def decode(self, state, key):
@@ -60,3 +65,5 @@ def get_codec(name: str | None) -> BasisCodec:
 
 
 register_codec(DenseCodec())
+# Quantized codecs (Int8Codec, Int4Codec) live in ``quantized.py`` and are
+# registered by the package ``__init__`` (importing them here would be circular).

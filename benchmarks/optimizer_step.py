@@ -1,0 +1,175 @@
+"""Optimizer state bytes and step time on the GaLore paper's LLaMA-60M shape, all optimizers in one run.
+
+    python benchmarks/optimizer_step.py                 # 30 steps x 2 rounds, gap 25
+    python benchmarks/optimizer_step.py --steps 10 --rounds 1 --only ours_adamw galore_torch_adamw
+
+Gradients are random (seeded) and assigned directly, so only ``optimizer.step()``
+is timed. Each round runs every optimizer once, interleaved, from the same
+initial weights; the step at ``--gap`` is a refresh step for GaLore optimizers
+(all 56 projected weights refresh there), the others are plain steps. Prints a
+markdown table: logical and retained state MiB, median plain-step ms (and its
+ratio to torch AdamW and to galore-torch's GaLoreAdamW), refresh-step ms and
+first-step ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import build_llama, environment_line, galore_targets, median, state_bytes  # noqa: E402
+
+
+def _groups(model, targets, rank, gap, extra=None):
+    target_ids = {id(p) for p in targets}
+    others = [p for p in model.parameters() if id(p) not in target_ids]
+    lowrank = {"params": targets, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std", **(extra or {})}
+    return [{"params": others}, lowrank]
+
+
+def _factories(rank: int, gap: int):
+    """name -> (model, targets) -> optimizer. Peers are imported lazily and skipped if absent."""
+
+    def torch_adamw(model, targets):
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+
+    def bnb_adamw8bit(model, targets):
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(model.parameters(), lr=1e-3, weight_decay=0.0)
+
+    def galore_torch_adamw(model, targets):
+        import galore_torch
+
+        return galore_torch.GaLoreAdamW(_groups(model, targets, rank, gap), lr=1e-3, no_deprecation_warning=True)
+
+    def galore_torch_adamw8bit(model, targets):
+        import galore_torch
+
+        return galore_torch.GaLoreAdamW8bit(_groups(model, targets, rank, gap), lr=1e-3)
+
+    def ours_adamw(model, targets):
+        import hf_galore
+
+        return hf_galore.GaLoreAdamW(_groups(model, targets, rank, gap), lr=1e-3)
+
+    def ours_adamw8bit(model, targets):
+        import hf_galore
+
+        return hf_galore.GaLoreAdamW8bit(_groups(model, targets, rank, gap), lr=1e-3)
+
+    def ours_adafactor(model, targets):
+        import hf_galore
+
+        return hf_galore.GaLoreAdafactor(
+            _groups(model, targets, rank, gap), lr=1e-3, relative_step=False, scale_parameter=False
+        )
+
+    return {f.__name__: f for f in (
+        torch_adamw, bnb_adamw8bit, galore_torch_adamw, galore_torch_adamw8bit, ours_adamw, ours_adamw8bit, ours_adafactor
+    )}
+
+
+@contextlib.contextmanager
+def _cpu_safe_cuda_synchronize():
+    """galore-torch's 8-bit step calls torch.cuda.synchronize() unconditionally (peer defect 1)."""
+    original = torch.cuda.synchronize
+    if not torch.cuda.is_available():
+        torch.cuda.synchronize = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize = original
+
+
+def run(args) -> list[dict]:
+    model = build_llama(seed=0)
+    targets = galore_targets(model)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    grad_sets = [[torch.randn(p.shape, generator=gen) * 1e-2 for p in params] for _ in range(3)]
+    factories = _factories(args.rank, args.gap)
+    names = args.only or list(factories)
+    results = {n: {"plain": [], "refresh": [], "first": [], "bytes": None} for n in names}
+    total = args.rounds * len(names) * args.steps
+    with tqdm(total=total, desc="optimizer steps", file=sys.stderr) as bar, _cpu_safe_cuda_synchronize():
+        for _ in range(args.rounds):
+            for name in names:
+                model.load_state_dict(initial)
+                try:
+                    optimizer = factories[name](model, targets)
+                except ImportError as exc:
+                    print(f"skipping {name}: {exc}", file=sys.stderr)
+                    bar.update(args.steps)
+                    continue
+                for step in range(args.steps):
+                    for p, g in zip(params, grad_sets[step % 3]):
+                        p.grad = g.clone()
+                    start = time.perf_counter()
+                    optimizer.step()
+                    elapsed = (time.perf_counter() - start) * 1e3
+                    kind = "first" if step == 0 else "refresh" if step % args.gap == 0 else "plain"
+                    results[name][kind].append(elapsed)
+                    bar.update(1)
+                results[name]["bytes"] = state_bytes(optimizer)
+                del optimizer
+    rows = []
+    for name in names:
+        r = results[name]
+        if r["bytes"] is None:
+            continue
+        rows.append({
+            "optimizer": name,
+            "logical_mib": r["bytes"][0] / 2**20,
+            "retained_mib": r["bytes"][1] / 2**20,
+            "step_ms": median(r["plain"]),
+            "refresh_ms": median(r["refresh"]),
+            "first_ms": median(r["first"]),
+        })
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    by_name = {r["optimizer"]: r for r in rows}
+    adamw = by_name.get("torch_adamw", {}).get("step_ms")
+    peer = by_name.get("galore_torch_adamw", {}).get("step_ms")
+    lines = [
+        "| optimizer | logical MiB | retained MiB | step ms (median) | × torch AdamW | × galore-torch AdamW | refresh step ms | first step ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = lambda base: f"{r['step_ms'] / base:.2f}" if base else "–"  # noqa: E731
+        refresh = f"{r['refresh_ms']:.0f}" if r["refresh_ms"] == r["refresh_ms"] else "–"
+        lines.append(
+            f"| {r['optimizer']} | {r['logical_mib']:.2f} | {r['retained_mib']:.2f} | {r['step_ms']:.1f} | "
+            f"{ratio(adamw)} | {ratio(peer)} | {refresh} | {r['first_ms']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="steps per optimizer per round (default 30)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
+    parser.add_argument("--rank", type=int, default=128, help="GaLore rank (paper: 128 at 60M)")
+    parser.add_argument("--gap", type=int, default=25, help="update_proj_gap; step `gap` is timed as a refresh step")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--only", nargs="*", help="subset of optimizers to run")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args)
+    print(f"LLaMA-60M shape, fp32, rank {args.rank}, {args.steps} steps x {args.rounds} rounds; {environment_line()}")
+    print(render(rows))
+
+
+if __name__ == "__main__":
+    main()

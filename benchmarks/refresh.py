@@ -1,0 +1,216 @@
+"""Basis refresh: time and captured energy of each projector against exact SVD.
+
+For each shape ``m×n`` and rank ``r`` this times one refresh of the basis on
+the smaller side (GaLore's ``proj_type="std"``) and reports the captured
+energy ``‖PᵀG‖²/‖G‖²`` as a fraction of the exact SVD's:
+
+* ``exact``: ``torch.linalg.svd(G, full_matrices=False)`` (galore-torch's refresh);
+* ``svd_lowrank``: ``torch.svd_lowrank(G, q=r+8, niter=2)``;
+* ``randomized cold``: ``projector="randomized"`` with no previous basis
+  (range finder, 2 power iterations, oversampling 8);
+* ``randomized warm``: the same finder warm-started from the previous
+  refresh's exact basis, one subspace-iteration round (what every refresh
+  after the first does).
+
+Gradients are synthetic but gradient-like: a power-law spectrum
+(``σᵢ ∝ 1/(i+1)``) on ``min(m,n)/2`` directions plus a noise floor, and the
+"current" gradient is the previous one plus ``--drift`` times an independent
+draw (the overlap of their exact bases is printed, so the regime is visible).
+
+    python benchmarks/refresh.py                                  # small default (minutes on 2 cores)
+    python benchmarks/refresh.py --shapes 4096x11008 --ranks 128,512,1024
+    python benchmarks/refresh.py --llama60m --ranks 128          # real gradients, 56 weights
+
+Prints a markdown table. Timings on a shared CPU are noisy; compare within a
+row (all methods run back to back on the same matrix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from hf_galore.projectors.geometry import subspace_overlap
+from hf_galore.projectors.randomized import randomized_basis
+
+
+def synthetic_gradient(m: int, n: int, seed: int, noise: float = 0.02) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q = max(min(m, n) // 2, 1)
+    spectrum = 1.0 / torch.arange(1, q + 1, dtype=torch.float32)
+    left = torch.randn(m, q, generator=g) / m**0.5
+    right = torch.randn(q, n, generator=g) / n**0.5
+    signal = (left * spectrum) @ right
+    floor = torch.randn(m, n, generator=g) * (noise * float(signal.norm()) / (m * n) ** 0.5)
+    return signal + floor
+
+
+def captured(g: torch.Tensor, basis: torch.Tensor, side: str) -> float:
+    projected = basis.t() @ g if side == "left" else g @ basis
+    return float(projected.square().sum() / g.square().sum())
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def exact_bases(g: torch.Tensor, side: str, ranks: list[int]) -> tuple[dict[int, torch.Tensor], float]:
+    (u, _, vh), seconds = timed(torch.linalg.svd, g, full_matrices=False)
+    full = u if side == "left" else vh.t()
+    return {r: full[:, :r].contiguous() for r in ranks}, seconds
+
+
+def svd_lowrank_basis(g: torch.Tensor, rank: int, side: str) -> torch.Tensor:
+    torch.manual_seed(0)
+    u, _, v = torch.svd_lowrank(g, q=rank + 8, niter=2)
+    return (u if side == "left" else v)[:, :rank]
+
+
+def llama_gradients(steps_between: int, batch: int, seq: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Gradients of LLaMA-60M's 56 attention/MLP weights at two points ``steps_between`` AdamW steps apart.
+
+    Random init (seed 0), byte-level tokens of CPython's ``argparse`` source.
+    """
+    import argparse as text_source
+    import inspect
+
+    from _common import build_llama, galore_targets
+
+    data = torch.tensor(list(inspect.getsource(text_source).encode()), dtype=torch.long)
+    model = build_llama(seed=0)
+    targets = galore_targets(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def grads(step: int) -> list[torch.Tensor]:
+        start = (step * batch * seq) % (data.numel() - batch * seq - 1)
+        ids = data[start : start + batch * seq].view(batch, seq)
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [w.grad.detach().clone() for w in targets]
+
+    before = grads(0)
+    for step in range(steps_between):
+        grads(step + 1)
+        optimizer.step()
+    return before, grads(steps_between + 1)
+
+
+def llama_table(args: argparse.Namespace, ranks: list[int]) -> None:
+    """All 56 LLaMA-60M targets, real gradients: total refresh seconds and energy per method."""
+    before, after = llama_gradients(args.steps_between, batch=4, seq=128)
+    print(f"LLaMA-60M, 56 weights, real gradients {args.steps_between} AdamW steps apart, threads {args.threads}")
+    print("| rank | exact SVD s | randomized cold s (× faster) | randomized warm s (× faster) "
+          "| cold energy min / mean | warm energy min / mean | old/new overlap mean |")
+    print("|---|---|---|---|---|---|---|")
+    for r in ranks:
+        totals = {"exact": 0.0, "cold": 0.0, "warm": 0.0}
+        ratios: dict[str, list[float]] = {"cold": [], "warm": []}
+        overlaps = []
+        for g0, g1 in zip(before, after):
+            side = "left" if g1.shape[0] < g1.shape[1] else "right"
+            old, _ = exact_bases(g0, side, [r])
+            exact, seconds = exact_bases(g1, side, [r])
+            totals["exact"] += seconds
+            exact_e = captured(g1, exact[r], side)
+            overlaps.append(subspace_overlap(old[r], exact[r]))
+            cold, seconds = timed(randomized_basis, g1, r, side, previous=None, step=0, group={})
+            totals["cold"] += seconds
+            warm, seconds = timed(randomized_basis, g1, r, side, previous=old[r], step=1, group={})
+            totals["warm"] += seconds
+            ratios["cold"].append(captured(g1, cold, side) / exact_e)
+            ratios["warm"].append(captured(g1, warm, side) / exact_e)
+        ex = totals["exact"]
+        print(
+            f"| {r} | {ex:.2f} | {totals['cold']:.2f} ({ex / totals['cold']:.1f}×) | "
+            f"{totals['warm']:.2f} ({ex / totals['warm']:.1f}×) | "
+            f"{min(ratios['cold']):.4f} / {sum(ratios['cold']) / 56:.4f} | "
+            f"{min(ratios['warm']):.4f} / {sum(ratios['warm']) / 56:.4f} | {sum(overlaps) / 56:.3f} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="512x1376,1024x2752", help="comma-separated m x n (LLaMA: 4096x11008)")
+    parser.add_argument("--ranks", default="128,256", help="comma-separated ranks")
+    parser.add_argument("--drift", type=float, default=0.3, help="relative size of the change between refreshes")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--skip-lowrank", action="store_true", help="do not time torch.svd_lowrank")
+    parser.add_argument("--previous", choices=("exact", "randomized"), default="exact",
+                        help="how the previous refresh's basis (the warm start) is computed")
+    parser.add_argument("--llama60m", action="store_true", help="real gradients of LLaMA-60M's 56 targets instead")
+    parser.add_argument("--steps-between", type=int, default=10, help="--llama60m: AdamW steps between refreshes")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    ranks = [int(r) for r in args.ranks.split(",")]
+    if args.llama60m:
+        llama_table(args, ranks)
+        return
+
+    # first calls pay one-off costs (LAPACK workspace, thread pool): warm every path up
+    warm = synthetic_gradient(64, 96, seed=2)
+    exact_bases(warm, "left", [8])
+    svd_lowrank_basis(warm, 8, "left")
+    randomized_basis(warm, 8, "left", previous=None, step=0, group={})
+
+    rows = []
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with transformers
+        tqdm = None
+    todo = [(m, n) for m, n in shapes]
+    progress = tqdm(total=len(todo) * (1 + len(ranks)), file=sys.stderr) if tqdm else None
+    for m, n in todo:
+        side = "left" if m < n else "right"
+        previous = synthetic_gradient(m, n, seed=0)
+        change = synthetic_gradient(m, n, seed=1)
+        current = previous + args.drift * (previous.norm() / change.norm()) * change
+        usable = [r for r in ranks if r < min(m, n)]
+        if args.previous == "exact":
+            prev_bases, _ = exact_bases(previous, side, usable)
+        else:  # what a run with projector="randomized" holds, at half the exact SVDs of this script
+            prev_bases = {r: randomized_basis(previous, r, side, previous=None, step=0, group={}) for r in usable}
+        bases, exact_s = exact_bases(current, side, usable)
+        if progress:
+            progress.update(1)
+        for r in usable:
+            exact_e = captured(current, bases[r], side)
+            overlap = subspace_overlap(prev_bases[r], bases[r])
+            methods = {}
+            if not args.skip_lowrank:
+                methods["svd_lowrank niter 2"] = timed(svd_lowrank_basis, current, r, side)
+            methods["randomized cold"] = timed(randomized_basis, current, r, side, previous=None, step=0, group={})
+            methods["randomized warm"] = timed(
+                randomized_basis, current, r, side, previous=prev_bases[r], step=1, group={}
+            )
+            row = {"shape": f"{m}×{n}", "rank": r, "overlap": overlap, "exact_s": exact_s, "exact_e": exact_e}
+            for name, (basis, seconds) in methods.items():
+                row[name] = (seconds, captured(current, basis, side) / exact_e)
+            rows.append(row)
+            if progress:
+                progress.update(1)
+    if progress:
+        progress.close()
+
+    names = [k for k in rows[0] if k not in ("shape", "rank", "overlap", "exact_s", "exact_e")] if rows else []
+    header = "| shape | rank | old/new overlap | exact SVD s | " + " | ".join(
+        f"{n} s (× faster, energy)" for n in names
+    ) + " |"
+    print(f"drift {args.drift}, previous basis {args.previous}, threads {args.threads}, "
+          f"torch {torch.__version__}, fp32 CPU")
+    print(header)
+    print("|" + "---|" * (4 + len(names)))
+    for row in rows:
+        cells = [
+            f"{row[n][0]:.3f} ({row['exact_s'] / row[n][0]:.1f}×, {row[n][1]:.4f})" for n in names
+        ]
+        print(f"| {row['shape']} | {row['rank']} | {row['overlap']:.3f} | {row['exact_s']:.2f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""``GaLoreCallback``: proves the Trainer runs an hf_galore optimizer and shows what it does.
+
+Users have lost runs to a silent fallback to plain AdamW and to target
+patterns that matched nothing, so at train start the callback
+
+* raises when a GaLore ``optim`` name was set but the Trainer holds another
+  optimizer (a ``Trainer`` subclass overriding ``create_optimizer``, a stale
+  hook, ...);
+* prints one summary: which weights are low-rank (shapes, rank), which
+  matched weights stayed full-rank and why, and the optimizer-state size
+  against plain AdamW.
+
+Then every training log gets ``galore/refreshes`` (basis refreshes so far,
+one per weight), ``galore/refresh_seconds`` (time spent in them),
+``galore/subspace_overlap`` (mean overlap between each refreshed basis and the
+one it replaced since the previous log: 1 = same subspace; absent when no
+basis was replaced) and ``galore/optimizer_state_mb`` (bytes of all optimizer
+state tensors). ``import hf_galore`` adds the callback to every Trainer; it is
+inert unless an hf_galore optimizer is in use, and several instances on one
+Trainer act as one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from .errors import GaLoreConfigError, UnsupportedSetupError
+from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .optim.adamw8bit import BLOCK_SIZE, MIN_8BIT_SIZE
+from .projectors.geometry import effective_rank, projected_shape, side_size, sides_for
+from .trainer import (
+    EXPLICIT_PATH,
+    config_from_training_args,
+    hook_error,
+    is_galore_optim,
+    optim_name,
+)
+
+_OWNER_ATTR = "_hf_galore_callback"
+_PEERS_ATTR = "_hf_galore_callbacks"
+MB = 2**20
+_SUMMARY_KEYS = ("update_proj_gap", "projector", "proj_type", "quant", "refresh")
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside accelerate's ``AcceleratedOptimizer`` (and similar ``.optimizer`` wrappers)."""
+    for _ in range(8):
+        if is_hf_galore_optimizer(optimizer) or not hasattr(optimizer, "optimizer"):
+            break
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def is_hf_galore_optimizer(optimizer: Any) -> bool:
+    """An optimizer of this package (a GaLore member or the layer-wise wrapper), by its counters and origin."""
+    return hasattr(optimizer, "galore_stats") and type(optimizer).__module__.startswith("hf_galore.")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of every tensor in ``optimizer.state_dict()['state']`` (moments, bases, steps)."""
+    total = 0
+    for per_param in optimizer.state_dict()["state"].values():
+        for value in per_param.values():
+            if isinstance(value, torch.Tensor):
+                total += _nbytes(value)
+    return total
+
+
+# ------------------------------------------------------ state-size estimate
+def _adam_moment_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _adam8bit_moment_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    numel = math.prod(shape)
+    if numel < MIN_8BIT_SIZE:
+        return _adam_moment_bytes(shape, dtype)
+    return 2 * numel + 2 * 4 * -(-numel // BLOCK_SIZE)
+
+
+def _adafactor_moment_bytes(shape: tuple[int, ...], dtype: torch.dtype, beta1: bool) -> int:
+    numel = math.prod(shape)
+    first = 4 * numel if beta1 else 0
+    if len(shape) >= 2:
+        return first + 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
+    return first + 4 * numel
+
+
+def _moment_bytes(optimizer: Any, group: dict, shape: tuple[int, ...], dtype: torch.dtype) -> int | None:
+    if isinstance(optimizer, GaLoreAdamW8bit):
+        return _adam8bit_moment_bytes(shape, dtype)
+    if isinstance(optimizer, GaLoreAdamW):
+        return _adam_moment_bytes(shape, dtype)
+    if isinstance(optimizer, GaLoreAdafactor):
+        return _adafactor_moment_bytes(shape, dtype, group.get("beta1") is not None)
+    return None
+
+
+def estimate_state_bytes(optimizer: Any) -> int | None:
+    """Optimizer-state bytes after the first step, from shapes alone (``None`` for unknown members).
+
+    Exact for dense bases (``quant=None``) with the built-in base updates.
+    """
+    inner = getattr(optimizer, "optimizer", None)
+    if inner is not None and is_hf_galore_optimizer(inner):  # e.g. LayerwiseOptimizer around GaLoreAdamW
+        return estimate_state_bytes(inner)
+    total = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            shape = tuple(p.shape)
+            if "rank" in group and p.dim() >= 2:
+                matrix = (shape[0], math.prod(shape[1:]))
+                sides = sides_for(group["proj_type"], matrix)
+                rank = effective_rank(group["rank"], matrix)
+                low = projected_shape(matrix, rank, sides)
+                moments = _moment_bytes(optimizer, group, low, p.dtype)
+                total += sum(side_size(s, matrix) * rank for s in sides) * p.element_size()
+            else:
+                moments = _moment_bytes(optimizer, group, shape, p.dtype)
+            if moments is None:
+                return None
+            total += moments + 4  # + the float32 step counter
+    return total
+
+
+def adamw_state_bytes(optimizer: Any) -> int:
+    """What ``torch.optim.AdamW`` would hold for the same parameters (two moments + a step each)."""
+    return sum(
+        _adam_moment_bytes(tuple(p.shape), p.dtype) + 4
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.requires_grad
+    )
+
+
+# ------------------------------------------------------------------ summary
+def _pattern(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def _grouped(entries: list[tuple[str, tuple[int, ...], int | None]]) -> list[str]:
+    counts = Counter((_pattern(n), s, r) for n, s, r in entries)
+    lines = []
+    for (pattern, shape, rank), count in counts.items():
+        rank_text = f" rank {rank}" if rank is not None else ""
+        times = f" x{count}" if count > 1 else ""
+        lines.append(f"    {pattern}  {tuple(shape)}{rank_text}{times}")
+    return lines
+
+
+def build_summary(
+    optimizer: Any,
+    model: torch.nn.Module | None,
+    plan: Any = None,
+    name: str | None = None,
+) -> str:
+    """One start-up summary of what the optimizer projects and what its state costs."""
+    names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+    lowrank, full, total_params, lowrank_params = [], 0, 0, 0
+    settings = None
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            total_params += p.numel()
+            if "rank" in group and p.dim() >= 2:
+                shape = tuple(p.shape)
+                matrix = (shape[0], math.prod(shape[1:]))
+                lowrank.append(
+                    (
+                        names.get(id(p), "<unnamed>"),
+                        shape,
+                        effective_rank(group["rank"], matrix),
+                    )
+                )
+                lowrank_params += p.numel()
+                settings = settings or {k: group.get(k) for k in _SUMMARY_KEYS}
+            else:
+                full += 1
+    kind = type(optimizer).__name__
+    inner = getattr(optimizer, "optimizer", None)
+    if inner is not None and is_hf_galore_optimizer(inner):
+        kind += f"({type(inner).__name__})"
+    head = f"hf_galore: {kind}" + (f" (optim={name!r})" if name else "")
+    if settings:
+        head += (
+            f", basis refresh every {settings['update_proj_gap']} steps (projector={settings['projector']!r}, "
+            f"proj_type={settings['proj_type']!r}, quant={settings['quant']!r}, refresh={settings['refresh']!r})"
+        )
+    lines = [
+        head,
+        f"  low-rank: {len(lowrank)} weights, {lowrank_params:,} of {total_params:,} trainable parameters",
+    ]
+    lines += _grouped(lowrank)
+    lines.append(f"  full rank: {full} tensors (embeddings, norms, biases, output head, unmatched modules)")
+    if plan is not None and plan.small:
+        lines.append(f"  matched but full rank (smaller dimension <= rank {plan.rank}): {len(plan.small)} weights")
+        lines += _grouped([(n, s, None) for n, s in plan.small])
+    if plan is not None:
+        lines += [f"  note: {note}" for note in plan.notes]
+    estimate, adamw = estimate_state_bytes(optimizer), adamw_state_bytes(optimizer)
+    if estimate is not None and adamw:
+        lines.append(
+            f"  optimizer state: {estimate / MB:.2f} MB vs {adamw / MB:.2f} MB for AdamW "
+            f"({estimate / adamw:.2f}x, from shapes)"
+        )
+    else:
+        lines.append(f"  optimizer state: AdamW would hold {adamw / MB:.2f} MB")
+    return "\n".join(lines)
+
+
+class GaLoreCallback(TrainerCallback):
+    """Start-up check and summary, and GaLore statistics in the Trainer's logs.
+
+    Args:
+        print_summary: print the start-up summary on the main process.
+        log_stats: add the ``galore/*`` values to every training log.
+    """
+
+    def __init__(self, print_summary: bool = True, log_stats: bool = True) -> None:
+        self.print_summary = print_summary
+        self.log_stats = log_stats
+        self.summary: str | None = None
+        self._optimizer: Any = None
+        self._overlap_seen = (0.0, 0)
+        self._peers: list[GaLoreCallback] | None = None
+
+    #: True for the instance ``import hf_galore`` adds to every Trainer; one passed by the user wins over it.
+    auto_added = False
+
+    # -------------------------------------------------------------- checks
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        """Bad GaLore settings fail at ``Trainer(...)``, before any data is touched."""
+        peers = getattr(state, _PEERS_ATTR, None)
+        if peers is None:
+            peers = []
+            setattr(state, _PEERS_ATTR, peers)
+        peers.append(self)
+        self._peers = peers
+        if len(peers) > 1 or not is_galore_optim(optim_name(args)):
+            return
+        if is_hf_galore_optimizer(unwrap_optimizer(kwargs.get("optimizer"))):
+            return  # built explicitly (`optimizers=`): its own config was checked then
+        from .targets import plan_param_groups
+        from .trainer import check_supported_engine
+
+        check_supported_engine(args)
+        config = config_from_training_args(args)
+        if model is not None:
+            plan_param_groups(model, config)
+
+    def _acts(self, state) -> bool:
+        """Exactly one GaLoreCallback per Trainer acts: the first passed by the user, else the automatic one."""
+        if self._peers:
+            chosen = next((cb for cb in self._peers if not cb.auto_added), self._peers[0])
+            if chosen is not self:
+                return False
+        owner = getattr(state, _OWNER_ATTR, None)  # instances added after Trainer(...) have no peers
+        if owner is not None and owner is not self:
+            return False
+        setattr(state, _OWNER_ATTR, self)
+        return True
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._optimizer = None
+        if not self._acts(state):
+            return
+        name = optim_name(args)
+        inner = unwrap_optimizer(optimizer)
+        ours = is_hf_galore_optimizer(inner)
+        if is_galore_optim(name) and not ours:
+            reason = hook_error()
+            raise UnsupportedSetupError(
+                f"`optim`={name!r} was set but the Trainer holds {type(inner).__name__}, not an hf_galore optimizer"
+                + (f" (hook not installed: {reason})" if reason else "")
+                + f". Training would not be GaLore. Build it explicitly: {EXPLICIT_PATH}"
+            )
+        if not ours:
+            return
+        self._optimizer = inner
+        if args.world_size > 1:  # DDP: every rank uses rank 0's basis, by construction (docs/distributed.md)
+            from .distributed import synchronize_bases
+
+            synchronize_bases(inner)
+        stats = inner.galore_stats
+        self._overlap_seen = (stats.overlap_sum, stats.overlap_count)
+        plan = getattr(inner, "galore_plan", None)
+        if plan is None and is_galore_optim(name) and model is not None:
+            import warnings
+
+            from .targets import plan_param_groups
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # already warned when the optimizer was built
+                try:
+                    plan = plan_param_groups(model, config_from_training_args(args))
+                except GaLoreConfigError:  # an optimizer passed in, built from other settings
+                    plan = None
+        self.summary = build_summary(inner, model, plan, name if is_galore_optim(name) else None)
+        if self.print_summary and state.is_world_process_zero:
+            print(self.summary, flush=True)
+
+    # ---------------------------------------------------------------- logs
+    def stats(self) -> dict[str, float]:
+        """The ``galore/*`` values now (overlap: mean since the previous call)."""
+        optimizer = self._optimizer
+        stats = optimizer.galore_stats
+        out = {
+            "galore/refreshes": stats.refreshes,
+            "galore/refresh_seconds": round(stats.refresh_seconds, 4),
+            "galore/optimizer_state_mb": round(optimizer_state_bytes(optimizer) / MB, 4),
+        }
+        # robustness events (docs/projectors.md), logged once they have happened
+        for key in ("fallbacks", "refresh_failures", "skipped_nonfinite"):
+            if getattr(stats, key):
+                out[f"galore/{key}"] = getattr(stats, key)
+        seen_sum, seen_count = self._overlap_seen
+        if stats.overlap_count > seen_count:
+            out["galore/subspace_overlap"] = round(
+                (stats.overlap_sum - seen_sum) / (stats.overlap_count - seen_count), 6
+            )
+        self._overlap_seen = (stats.overlap_sum, stats.overlap_count)
+        return out
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._optimizer is None or not self.log_stats or logs is None:
+            return
+        if any(k.startswith(("eval_", "test_")) for k in logs) or "train_runtime" in logs:
+            return
+        extra = self.stats()
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+
+class AutoGaLoreCallback(GaLoreCallback):
+    """The instance ``import hf_galore`` adds to every Trainer (inert without an hf_galore optimizer)."""
+
+    auto_added = True
+
+
+__all__ = [
+    "AutoGaLoreCallback",
+    "GaLoreCallback",
+    "adamw_state_bytes",
+    "build_summary",
+    "estimate_state_bytes",
+    "is_hf_galore_optimizer",
+    "optimizer_state_bytes",
+    "unwrap_optimizer",
+]

@@ -1,0 +1,573 @@
+"""Layer-wise updates: each weight is updated inside its gradient hook and its gradient freed at once.
+
+GaLore (arXiv:2403.03507, §4.3 "per-layer weight updates") trains a 7B model
+on a 24 GB card partly because full gradients never coexist: as soon as
+autograd has finished accumulating a weight's gradient, that weight is
+updated and the gradient released, so the live gradient memory is about one
+weight's gradient instead of the whole model's.
+
+:class:`LayerwiseOptimizer` does this around one real GaLore optimizer. Its
+``param_groups``, ``state`` and ``defaults`` *are* the inner optimizer's, so
+
+* an LR scheduler built on it drives every per-weight update (the hook reads
+  ``group["lr"]`` at the moment it runs);
+* ``state_dict()`` / ``load_state_dict()`` hold the full state (bases, moments,
+  per-weight ``step`` tensors) and are interchangeable with the regular
+  optimizer's checkpoints;
+* the per-weight update is :meth:`GaLoreOptimizer.update_params` called with a
+  single parameter, so layer-wise and regular mode share every line of the
+  maths.
+
+``step()`` commits one optimizer step: it updates whatever the hooks did not
+(parameters without a hook, or the remainder of an accumulation window),
+frees those gradients, publishes the step's gradient norm and re-arms the
+hooks. Each weight is updated at most once between two ``step()`` calls, so
+per-weight step counters, refresh schedules and LR schedules advance exactly
+once per optimizer step whatever the number of layers.
+
+NOTE: the reference per-layer implementation (galore-torch's
+``torchrun_main.py --optimizer galore_adamw8bit_per_layer``, copied by
+transformers' ``LayerWiseDummyOptimizer``) keeps one optimizer and one
+scheduler per weight behind a dummy whose ``step``/``state_dict`` are empty;
+its step counters and schedules advance per layer, gradient accumulation is
+refused and resuming loses the optimizer state. See docs/layerwise.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
+
+import torch
+from torch.optim import Optimizer
+
+from ..errors import GaLoreConfigError, UnsupportedSetupError
+from .base import GaLoreOptimizer
+from .validation import check_positive, check_positive_int
+
+#: Added to a gradient norm before dividing, as ``torch.nn.utils.clip_grad_norm_`` does.
+_CLIP_EPS = 1e-6
+
+
+def accelerate_sync_gradients() -> bool:
+    """``True`` on the last micro-batch of an accumulation window, as accelerate and the Trainer see it.
+
+    The Trainer sets ``GradientState.sync_gradients`` before every backward
+    (``_set_sync_gradients(do_sync_step)``), and so does
+    ``accelerator.accumulate(model)``, so a hook can read whether the
+    gradient it sees is final.
+    """
+    from accelerate.state import GradientState
+
+    return bool(GradientState().sync_gradients)
+
+
+def _auto_sync() -> bool:
+    """accelerate's ``sync_gradients`` once accelerate has set it up in this process, else ``True``."""
+    state_module = sys.modules.get("accelerate.state")
+    if state_module is None or not getattr(state_module.GradientState, "_shared_state", None):
+        return True
+    return accelerate_sync_gradients()
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without torch.distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+_TRAINER_SUPPORT = {"installed": False}
+
+#: Attribute naming the LayerwiseOptimizer whose hook updates a parameter: the newest built on it (e.g.
+#: when the Trainer re-creates its optimizer), so an older one's hooks never update it a second time.
+_OWNER_ATTR = "_hf_galore_layerwise_owner"
+
+
+def _owner(param: torch.Tensor) -> LayerwiseOptimizer | None:
+    ref = getattr(param, _OWNER_ATTR, None)
+    return None if ref is None else ref()
+
+
+_DDP_MESSAGE = (
+    "layer-wise mode updates each weight inside its gradient hook, before DDP (or any engine "
+    "that all-reduces gradients after backward) has averaged the gradients across the {world} "
+    "processes, so ranks would diverge. Use the regular optimizer (`layerwise=False`, or "
+    "optim='galore_adamw' instead of 'galore_adamw_layerwise'), or update after the reduction: "
+    "build `LayerwiseOptimizer(..., register_hooks=False)` and pass it to "
+    "`hf_galore.distributed.register_layerwise_ddp_hook(ddp_model, optimizer)` (docs/distributed.md)."
+)
+
+
+# NOTE: subclasses Optimizer so torch's LR schedulers and accelerate accept it, but does not call
+# Optimizer.__init__: the param groups and state live in the wrapped optimizer (same pattern as
+# torchao's CPUOffloadOptimizer, torchao/optim/cpu_offload.py).
+class LayerwiseOptimizer(Optimizer):
+    """Run a GaLore optimizer layer-wise: one weight at a time, inside its gradient hook.
+
+    Args:
+        params: the optimizer doing the maths (``GaLoreAdamW``,
+            ``GaLoreAdamW8bit``, ``GaLoreAdafactor`` or any ``GaLoreOptimizer``),
+            whose param groups, state and hyper-parameters are used as they
+            are; or param groups, with ``optimizer_class`` and its keyword
+            arguments (``**optimizer_kwargs``) to build it — the form the
+            Trainer uses.
+        per_param_max_norm: clip each parameter's gradient to this L2 norm
+            before its update (``None``: no clipping). This is *per-parameter*
+            clipping: global-norm clipping needs every gradient at once, which
+            is exactly what layer-wise mode avoids. ``g ← g·min(1, c/(‖g‖+1e-6))``.
+        accumulation_steps: update each weight on every ``k``-th gradient its
+            hook sees (gradient accumulation in a plain loop); ``step()``
+            applies a shorter final window. Alternatives:
+            :meth:`accumulating` and ``sync``.
+        sync: decides in each hook whether the gradient is final for this
+            optimizer step. ``"auto"`` (default) follows accelerate's
+            ``GradientState.sync_gradients`` once accelerate is in use (the
+            Trainer and ``accelerator.accumulate`` set it per micro-batch) and
+            treats every gradient as final otherwise; ``None`` always treats
+            it as final; or pass a function returning ``bool``. Ignored
+            when ``accumulation_steps > 1``.
+        register_hooks: register ``register_post_accumulate_grad_hook`` on
+            every trainable parameter. An engine that must act between the
+            gradient and the update (e.g. an all-reduce) passes ``False`` and
+            calls :meth:`update_param` itself.
+
+    Gradients of hooked parameters are ``None`` after ``backward()``; read the
+    step's gradient norm from :attr:`last_grad_norm` (after ``step()``) or
+    :meth:`current_grad_norm` (before it).
+    """
+
+    def __init__(
+        self,
+        params: GaLoreOptimizer | Iterable[Any],
+        optimizer_class: type[GaLoreOptimizer] | None = None,
+        *,
+        per_param_max_norm: float | None = None,
+        accumulation_steps: int = 1,
+        sync: Callable[[], bool] | Literal["auto"] | None = "auto",
+        register_hooks: bool = True,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        if isinstance(params, GaLoreOptimizer):
+            if optimizer_class is not None or optimizer_kwargs:
+                raise GaLoreConfigError(
+                    "pass either a built optimizer, or params with `optimizer_class` and its keyword "
+                    f"arguments, not both (got `optimizer_class`={optimizer_class!r}, {sorted(optimizer_kwargs)})"
+                )
+            optimizer = params
+        elif isinstance(params, Optimizer):
+            raise GaLoreConfigError(
+                f"`params` must be a GaLoreOptimizer (GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor), got "
+                f"{type(params).__name__!r}: layer-wise mode calls its per-weight `update_params`"
+            )
+        elif optimizer_class is None:
+            raise GaLoreConfigError(
+                "`optimizer_class` is required when LayerwiseOptimizer gets parameters: e.g. "
+                "LayerwiseOptimizer(param_groups, GaLoreAdamW, lr=1e-3), or LayerwiseOptimizer(GaLoreAdamW(...))"
+            )
+        elif not (isinstance(optimizer_class, type) and issubclass(optimizer_class, GaLoreOptimizer)):
+            raise GaLoreConfigError(
+                f"`optimizer_class` must be a GaLoreOptimizer subclass (GaLoreAdamW, GaLoreAdamW8bit, "
+                f"GaLoreAdafactor), got {optimizer_class!r}: layer-wise mode calls its per-weight `update_params`"
+            )
+        else:
+            optimizer = optimizer_class(params, **optimizer_kwargs)
+        if per_param_max_norm is not None:
+            check_positive("per_param_max_norm", per_param_max_norm)
+        check_positive_int("accumulation_steps", accumulation_steps)
+        if sync == "auto":
+            sync = _auto_sync
+        elif sync is not None and not callable(sync):
+            raise GaLoreConfigError(f"`sync` must be 'auto', None or a function returning bool, got {sync!r}")
+        self.optimizer = optimizer
+        self.per_param_max_norm = per_param_max_norm
+        self.accumulation_steps = accumulation_steps
+        self.sync = sync
+        self.hooks_registered = register_hooks
+        #: L2 norm of the last committed step's full (pre-clip) gradient; ``None`` before the first.
+        self.last_grad_norm: torch.Tensor | None = None
+        # Attributes torch.optim.Optimizer's helpers expect (see Optimizer.__init__).
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+
+        self._group_index: dict[torch.Tensor, int] = {}
+        self._handles: list[Any] = []
+        self._updated: set[torch.Tensor] = set()  # updated since the last step()
+        self._seen: dict[torch.Tensor, int] = {}  # hook calls in the current accumulation window
+        self._norm_sq: torch.Tensor | None = None
+        self._holding = 0
+        for index, group in enumerate(self.optimizer.param_groups):
+            self._track(group["params"], index)
+
+    # ------------------------------------------------------- shared with inner
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
+
+    @property
+    def galore_stats(self):
+        """The inner optimizer's refresh counters (read by ``GaLoreCallback``)."""
+        return self.optimizer.galore_stats
+
+    def __repr__(self) -> str:
+        return f"LayerwiseOptimizer({self.optimizer!r})"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+        index = len(self.optimizer.param_groups) - 1
+        self._track(self.optimizer.param_groups[index]["params"], index)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict: regular and layer-wise checkpoints are interchangeable."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+        self._updated.clear()
+        self._seen.clear()
+        self._norm_sq = None
+
+    # ------------------------------------------------------------------ hooks
+    def _track(self, params: list[torch.Tensor], index: int) -> None:
+        taken_over = 0
+        for p in params:
+            if _is_dtensor(p):
+                raise UnsupportedSetupError(
+                    "layer-wise mode got a DTensor parameter (FSDP2 or tensor parallel): sharded "
+                    "gradients are written by the engine, not accumulated by autograd, so per-weight "
+                    "hooks never fire. Use the regular optimizer (`layerwise=False`); see docs/distributed.md"
+                )
+            self._group_index[p] = index
+            if self.hooks_registered and p.requires_grad:
+                if _owner(p) not in (None, self):
+                    taken_over += 1
+                setattr(p, _OWNER_ATTR, weakref.ref(self))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+        if taken_over:
+            warnings.warn(
+                f"{taken_over} parameters already had the gradient hook of another LayerwiseOptimizer; the "
+                "newest one now updates them and the older one ignores them (call `remove_hooks()` on the "
+                "older optimizer to say this is intended)",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.hooks_registered:
+            self._check_world()
+
+    @staticmethod
+    def _check_world() -> None:
+        world = _world_size()
+        if world > 1:
+            raise UnsupportedSetupError(_DDP_MESSAGE.format(world=world))
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks; ``step()`` then updates every weight, as the regular optimizer does."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for p in self._group_index:
+            if _owner(p) is self:
+                delattr(p, _OWNER_ATTR)
+        self.hooks_registered = False
+
+    def _hook(self, param: torch.Tensor) -> None:
+        if param.grad is None or _owner(param) is not self:
+            return  # a newer LayerwiseOptimizer drives this parameter
+        self._check_world()  # DDP may wrap the model after the optimizer was built
+        if not _TRAINER_SUPPORT["installed"] and "transformers.trainer" in sys.modules:
+            install_trainer_support()  # before the Trainer reads a grad norm the hooks already consumed
+        if self._holding:
+            return
+        if self.accumulation_steps > 1:
+            seen = self._seen.get(param, 0) + 1
+            self._seen[param] = seen
+            if seen < self.accumulation_steps:
+                return
+        elif self.sync is not None and not self.sync():
+            return
+        self.update_param(param)
+
+    @contextlib.contextmanager
+    def accumulating(self) -> Iterator[None]:
+        """Backward passes inside this block only accumulate gradients; the next one outside updates.
+
+        For gradient accumulation in a plain loop::
+
+            for i, batch in enumerate(micro_batches):
+                ctx = opt.accumulating() if i < len(micro_batches) - 1 else contextlib.nullcontext()
+                with ctx:
+                    (loss_fn(model, batch) / len(micro_batches)).backward()
+            opt.step()
+        """
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+
+    # ----------------------------------------------------------------- update
+    @torch.no_grad()
+    def update_param(self, param: torch.Tensor) -> None:
+        """Update one weight with its current gradient (clip, record its norm, step), then free the gradient."""
+        grad = param.grad
+        if grad is None:
+            return
+        if grad.is_sparse:
+            raise UnsupportedSetupError(
+                f"layer-wise mode does not support sparse gradients (parameter of shape "
+                f"{tuple(param.shape)}); use a dense embedding (`sparse=False`)"
+            )
+        if param in self._updated:
+            raise UnsupportedSetupError(
+                f"the parameter of shape {tuple(param.shape)} received a second final gradient before "
+                "`optimizer.step()`: layer-wise mode updates each weight once per optimizer step. Call "
+                "`optimizer.step()` after every update backward, and for gradient accumulation wrap the "
+                "non-final backward passes in `with optimizer.accumulating():` (or build the optimizer "
+                "with `accumulation_steps=k`)"
+            )
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        self._add_norm_sq(norm)
+        if self.per_param_max_norm is not None:
+            coef = torch.clamp(self.per_param_max_norm / (norm + _CLIP_EPS), max=1.0)
+            grad.mul_(coef.to(grad.dtype))
+        group = self.optimizer.param_groups[self._group_index[param]]
+        self.optimizer.update_params(group, [param], [grad])
+        param.grad = None
+        self._updated.add(param)
+        self._seen.pop(param, None)
+
+    def _add_norm_sq(self, norm: torch.Tensor) -> None:
+        sq = norm.square()
+        if self._norm_sq is None:
+            self._norm_sq = sq
+        else:
+            self._norm_sq = self._norm_sq + sq.to(self._norm_sq.device)
+
+    def current_grad_norm(self) -> torch.Tensor:
+        """L2 norm of this step's full gradient so far: weights already updated plus gradients still held.
+
+        Pre-clip, like the value ``torch.nn.utils.clip_grad_norm_`` returns.
+        """
+        total = self._norm_sq.clone() if self._norm_sq is not None else None
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p not in self._updated:
+                    sq = torch.linalg.vector_norm(p.grad, dtype=torch.float32).square()
+                    total = sq if total is None else total + sq.to(total.device)
+        if total is None:
+            return torch.tensor(0.0)
+        return total.sqrt()
+
+    @Optimizer.profile_hook_step  # runs hooks from register_step_pre_hook / register_step_post_hook
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Commit one optimizer step.
+
+        Weights whose hooks already ran are not touched again; any parameter
+        still holding a gradient (no hook, or the end of a shorter
+        accumulation window) is updated now and its gradient freed.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p not in self._updated:
+                    self.update_param(p)
+        self.last_grad_norm = self._norm_sq.sqrt() if self._norm_sq is not None else None
+        self._norm_sq = None
+        self._updated.clear()
+        self._seen.clear()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients still held (mid-window accumulation) and restart the accumulation window."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._seen.clear()
+
+
+def as_layerwise(optimizer: Optimizer) -> LayerwiseOptimizer | None:
+    """The :class:`LayerwiseOptimizer` behind ``optimizer`` (unwrapping accelerate's wrapper), or ``None``."""
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if isinstance(optimizer, LayerwiseOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return None
+
+
+# ----------------------------------------------------------------- Trainer
+def check_trainer_args(optimizer: LayerwiseOptimizer, args: Any, scaler: Any = None) -> None:
+    """Refuse Trainer settings that layer-wise mode cannot honour, saying what to set instead.
+
+    ``args`` is a ``transformers.TrainingArguments``. ``max_grad_norm`` must
+    match the optimizer's per-parameter clip (the ``*_layerwise`` optim names
+    build it that way): global-norm clipping would need every gradient at
+    once, and the Trainer's own clipping sees none (they are already freed).
+    """
+    max_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
+    if max_norm > 0 and optimizer.per_param_max_norm != max_norm:
+        raise UnsupportedSetupError(
+            f"`max_grad_norm`={max_norm!r} asks the Trainer to clip the global gradient norm, which "
+            "layer-wise mode cannot do: each gradient is freed inside its hook. Either set "
+            "`max_grad_norm=0` (no clipping), or clip each weight's gradient separately with "
+            f"`LayerwiseOptimizer(..., per_param_max_norm={max_norm!r})` (the *_layerwise optim names "
+            f"do this); this optimizer has `per_param_max_norm`={optimizer.per_param_max_norm!r}"
+        )
+    if scaler is not None:
+        raise UnsupportedSetupError(
+            "layer-wise mode cannot be combined with fp16 loss scaling: the hooks would update the "
+            "weights with scaled gradients before the scaler unscales or checks them. Use `bf16=True` "
+            "(or fp32), or the regular optimizer (optim='galore_adamw')"
+        )
+    accumulation = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+    if accumulation > 1 and optimizer.sync is None and optimizer.accumulation_steps == 1:
+        raise UnsupportedSetupError(
+            f"`gradient_accumulation_steps`={accumulation!r} but this layer-wise optimizer treats every "
+            "gradient as final (`sync=None`); build it with the default `sync='auto'` so it follows "
+            "the Trainer's accumulation windows"
+        )
+
+
+def install_trainer_support() -> bool:
+    """Teach ``transformers.Trainer`` to clip and log the gradient norm of a layer-wise optimizer.
+
+    The Trainer computes ``grad_norm`` with ``accelerator.clip_grad_norm_``
+    after backward, when a layer-wise optimizer has already freed every
+    gradient, so it would log 0 and clip nothing. We wrap the Trainer's two
+    private helpers (``_clip_grad_norm``, ``_get_grad_norm``): for a
+    :class:`LayerwiseOptimizer` they check the arguments
+    (:func:`check_trainer_args`) and return the norm the hooks recorded
+    (clipping already happened per parameter); every other optimizer goes
+    through the original code. Idempotent; returns ``False`` when the
+    installed transformers has no such helpers (layer-wise training then
+    still works, but the logged ``grad_norm`` is not the real one).
+    """
+    try:
+        from transformers import Trainer
+    except ImportError:
+        return False
+    if getattr(Trainer, "_hf_galore_layerwise", False):
+        _TRAINER_SUPPORT["installed"] = True
+        return True
+    if not (callable(getattr(Trainer, "_clip_grad_norm", None)) and callable(getattr(Trainer, "_get_grad_norm", None))):
+        return False
+    original_clip = Trainer._clip_grad_norm
+    original_get = Trainer._get_grad_norm
+
+    def _layerwise_of(trainer) -> LayerwiseOptimizer | None:
+        optimizer = as_layerwise(trainer.optimizer)
+        if optimizer is not None:
+            check_trainer_args(optimizer, trainer.args, getattr(trainer.accelerator, "scaler", None))
+        return optimizer
+
+    def _clip_grad_norm(self, model):
+        optimizer = _layerwise_of(self)
+        if optimizer is None:
+            return original_clip(self, model)
+        return optimizer.current_grad_norm()
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        optimizer = _layerwise_of(self)
+        if optimizer is None:
+            return original_get(self, model, grad_norm=grad_norm)
+        return optimizer.current_grad_norm() if grad_norm is None else grad_norm
+
+    _clip_grad_norm.__doc__ = original_clip.__doc__
+    _get_grad_norm.__doc__ = original_get.__doc__
+    Trainer._clip_grad_norm = _clip_grad_norm
+    Trainer._get_grad_norm = _get_grad_norm
+    Trainer._hf_galore_layerwise = True
+    _TRAINER_SUPPORT["installed"] = True
+    return True
+
+
+def _layerwise_builder(optimizer_class: type[GaLoreOptimizer], regular_name: str):
+    """A Trainer builder for ``<regular_name>_layerwise``: the regular builder's kwargs, run layer-wise."""
+
+    def build(groups, hp, config):
+        from .. import trainer
+
+        _, kwargs = trainer.TRAINER_OPTIMIZERS[regular_name].build(groups, hp, config)
+        clip = float(getattr(hp, "max_grad_norm", 0.0) or 0.0)
+        if clip > 0:
+            _warn_per_param_clip(clip)
+        install_trainer_support()
+        return LayerwiseOptimizer, {
+            "optimizer_class": optimizer_class,
+            "per_param_max_norm": clip if clip > 0 else None,
+            **kwargs,
+        }
+
+    build.__doc__ = f"``optim='{regular_name}_layerwise'``: {optimizer_class.__name__} updated in gradient hooks."
+    return build
+
+
+_WARNED_CLIP: set[float] = set()
+
+
+def _warn_per_param_clip(clip: float) -> None:
+    if clip not in _WARNED_CLIP:
+        _WARNED_CLIP.add(clip)
+        warnings.warn(
+            f"layer-wise mode: `max_grad_norm`={clip!r} clips each weight's gradient to norm {clip!r} "
+            "separately (the global norm needs every gradient at once, which layer-wise mode never holds); "
+            "the logged grad_norm is still the global pre-clip norm. Set `max_grad_norm=0` to disable clipping.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def register_layerwise_trainer_optimizers() -> None:
+    """Register ``galore_adamw_layerwise``, ``galore_adamw_8bit_layerwise``, ``galore_adafactor_layerwise``."""
+    from .. import trainer
+    from .adafactor import GaLoreAdafactor
+    from .adamw import GaLoreAdamW
+    from .adamw8bit import GaLoreAdamW8bit
+
+    for regular_name, cls in (
+        ("galore_adamw", GaLoreAdamW),
+        ("galore_adamw_8bit", GaLoreAdamW8bit),
+        ("galore_adafactor", GaLoreAdafactor),
+    ):
+        name = f"{regular_name}_layerwise"
+        if name not in trainer.TRAINER_OPTIMIZERS:
+            trainer.register_trainer_optimizer(name, _layerwise_builder(cls, regular_name), layerwise=True)

@@ -1,0 +1,129 @@
+"""Online Subspace Descent: the basis follows the gradients by online PCA (arXiv:2408.12857).
+
+Instead of an SVD every ``T`` steps, OSD moves ``P`` a little at *every*
+step with its own optimizer on the online-PCA objective (paper, Alg. 1):
+
+    L(P) = ‖P Pᵀ G̃ − G̃‖²_F + λ ‖PᵀP − I‖²_F,   G̃ = G / ‖G‖_F
+
+(left side; the right side uses ``Gᵀ``). Choices, against REFERENCES.md §4:
+
+* **loss**: the paper's, *with* the orthogonality penalty (the official code
+  drops it); ``λ = osd_lambda`` defaults to the paper's 0.1.
+* **optimizer of P**: Adam, as the paper recommends, betas (0.9, 0.999),
+  eps 1e-8, no weight decay on ``P`` (the penalty already keeps its columns
+  near unit length; decay would fight it).
+* **lr of P**: ``osd_alpha × lr`` of the weight's group, read at every step so
+  it follows the learning-rate schedule; ``α = 5`` as in every paper run
+  (the code instead uses ``lr_t / (lr_0 · update_proj_gap)``).
+* **first basis**: one exact SVD of the first gradient (as the official
+  code); no SVD after that. A refresh due under the group's ``refresh``
+  policy is just another online step.
+
+``P`` is therefore only approximately orthonormal (the penalty keeps it
+close); projection and back-projection use it as is, like the paper. The
+Adam state of ``P`` (two ``k × r`` float32 tensors per side) triples the
+basis' memory: OSD trades that for never paying an SVD spike. With
+``quant="int8"/"int4"`` the basis is requantized after each step, so moves
+smaller than half a quantization step are lost; prefer ``quant=None`` here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import BasisFinder, Side
+from .svd import top_singular_basis
+
+#: Group keys read here, with their defaults (paper §5.3 / App. A.1).
+ONLINE_PCA_DEFAULTS = {"osd_alpha": 5.0, "osd_lambda": 0.1}
+OSD_BETAS = (0.9, 0.999)
+OSD_EPS = 1e-8
+
+
+def online_pca_loss_grad(a: torch.Tensor, p: torch.Tensor, lam: float) -> tuple[float, torch.Tensor]:
+    """Loss and gradient of ``‖P PᵀÃ − Ã‖² + λ‖PᵀP − I‖²`` with ``Ã = a/‖a‖`` (``a``: ``k × n``).
+
+    Two ``k × n × r`` products, no ``k × n`` temporary besides ``Ã``:
+    with ``R = PᵀÃ`` and ``S = Ã Rᵀ``,
+    ``∇ = 2(P R Rᵀ − 2S + S PᵀP) + 4λ P(PᵀP − I)``.
+    """
+    a = a.float()
+    a = a / a.norm().clamp_min(torch.finfo(a.dtype).tiny)
+    p = p.float()
+    r = p.t() @ a
+    s = a @ r.t()
+    gram = p.t() @ p
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    rrt = r @ r.t()
+    # ‖PR − Ã‖² = tr(Rᵀ PᵀP R) − 2 tr(RᵀR) + ‖Ã‖²  (‖Ã‖ = 1)
+    residual = float((gram * rrt).sum() - 2 * rrt.trace() + 1.0)
+    ortho = gram - eye
+    loss = residual + lam * float(ortho.square().sum())
+    grad = 2.0 * (p @ rrt - 2.0 * s + s @ gram) + (4.0 * lam) * (p @ ortho)
+    return loss, grad
+
+
+def pca_residual(matrix: torch.Tensor, basis: torch.Tensor, side: Side) -> float:
+    """``‖G − P PᵀG‖² / ‖G‖²`` (left) or ``‖G − G P Pᵀ‖² / ‖G‖²`` (right), in [0, 1] for orthonormal ``P``."""
+    a = matrix.float() if side == "left" else matrix.float().t()
+    p = basis.float()
+    return float((a - p @ (p.t() @ a)).square().sum() / a.square().sum())
+
+
+class OnlinePCAFinder(BasisFinder):
+    """Online Subspace Descent: one Adam step on the online-PCA loss per optimizer step.
+
+    Group keys: ``osd_alpha`` (5.0: lr of P = α × lr), ``osd_lambda`` (0.1).
+    """
+
+    name = "online_pca"
+    tracks_every_step = True
+
+    def find(self, matrix, rank, side, *, previous, state, group):
+        if previous is None or previous.shape[1] != rank:
+            basis = top_singular_basis(matrix, rank, side)
+            for suffix in ("exp_avg", "exp_avg_sq", "step"):
+                state.pop(f"osd_{side}_{suffix}", None)
+            return basis
+        return self.track(matrix, previous, side, state=state, group=group)
+
+    def track(self, matrix, basis, side, *, state, group):
+        alpha = float(group.get("osd_alpha", ONLINE_PCA_DEFAULTS["osd_alpha"]))
+        lam = float(group.get("osd_lambda", ONLINE_PCA_DEFAULTS["osd_lambda"]))
+        lr = alpha * float(group["lr"])
+        a = matrix if side == "left" else matrix.t()
+        if not bool(torch.isfinite(a).all()):
+            return basis
+        _, grad = online_pca_loss_grad(a, basis, lam)
+        key = f"osd_{side}"
+        if f"{key}_exp_avg" not in state:
+            state[f"{key}_exp_avg"] = torch.zeros_like(grad)
+            state[f"{key}_exp_avg_sq"] = torch.zeros_like(grad)
+            state[f"{key}_step"] = torch.tensor(0.0, dtype=torch.float32)
+        return adam_step(
+            basis.float(), grad, state[f"{key}_exp_avg"], state[f"{key}_exp_avg_sq"], state[f"{key}_step"], lr=lr
+        )
+
+
+def adam_step(
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    lr: float,
+    betas: tuple[float, float] = OSD_BETAS,
+    eps: float = OSD_EPS,
+) -> torch.Tensor:
+    """One Adam step; moments and ``step`` advanced in place, the new ``p`` returned (``p`` untouched)."""
+    beta1, beta2 = betas
+    step += 1
+    t = float(step)
+    exp_avg.lerp_(grad, 1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = (exp_avg_sq / (1.0 - beta2**t)).sqrt_().add_(eps)
+    return torch.addcdiv(p, exp_avg, denom, value=-lr / (1.0 - beta1**t))
+
+
+__all__ = ["ONLINE_PCA_DEFAULTS", "OnlinePCAFinder", "adam_step", "online_pca_loss_grad", "pca_residual"]

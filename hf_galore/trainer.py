@@ -1,0 +1,449 @@
+"""Trainer integration: ``TrainingArguments(optim="galore_adamw")`` builds hf_galore's optimizers.
+
+``import hf_galore`` installs a post-import hook: when ``transformers.trainer``
+is imported (now, or later — importing it costs seconds, so ``import
+hf_galore`` does not do it) the hook runs (:func:`register_with_transformers`
+runs it on demand) and
+
+* wraps ``Trainer.get_optimizer_cls_and_kwargs`` so the GaLore optim names
+  (galore_adamw, galore_adamw_8bit, galore_adafactor and the ``*_layerwise``
+  ones) build hf_galore optimizers — transformers' own GaLore path, which
+  needs galore-torch, passes only the learning rate and silently drops
+  unknown ``optim_args`` keys, is never reached for these names;
+* puts the same builders into ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS``
+  where that table exists (transformers >= 5), for code that dispatches on it;
+* appends :class:`~hf_galore.callback.GaLoreCallback` to the Trainer's default
+  callbacks (it stays inert unless a GaLore optimizer is in use).
+
+Optimizers are data: ``TRAINER_OPTIMIZERS`` maps an optim name to a builder
+``(param_groups, hyper_params, config) -> (optimizer class, kwargs)``;
+:func:`register_trainer_optimizer` adds one (names must be members of
+transformers' ``OptimizerNames`` to be accepted by ``TrainingArguments``).
+
+Where the hook cannot be installed (a transformers version without
+``Trainer.get_optimizer_cls_and_kwargs``), a warning says so at import of
+``transformers.trainer`` and the explicit path always works::
+
+    Trainer(..., optimizers=(hf_galore.create_optimizer(model, args), None))
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from .config import GaLoreConfig
+from .errors import GaLoreConfigError, UnsupportedSetupError, format_choices
+from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .targets import GaLorePlan, plan_param_groups
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
+EXPLICIT_PATH = "Trainer(..., optimizers=(hf_galore.create_optimizer(model, args), None))"
+
+#: transformers' ``OptimizerNames`` values of the GaLore family: always claimed once the hook is in,
+#: so transformers' galore-torch path is never used by accident.
+TRANSFORMERS_GALORE_NAMES = (
+    "galore_adamw",
+    "galore_adamw_8bit",
+    "galore_adafactor",
+    "galore_adamw_layerwise",
+    "galore_adamw_8bit_layerwise",
+    "galore_adafactor_layerwise",
+)
+
+
+@dataclass
+class _HookState:
+    installed: bool = False
+    error: str | None = None
+    handlers_table: dict | None = None
+
+
+_HOOK = _HookState()
+
+
+@dataclass(frozen=True)
+class HyperParams:
+    """Training hyper-parameters that are not GaLore settings (``TrainingArguments`` names in comments)."""
+
+    lr: float = 1e-3  # learning_rate
+    weight_decay: float = 0.0  # weight_decay (decay groups only, Trainer rule)
+    betas: tuple[float, float] = (0.9, 0.999)  # adam_beta1, adam_beta2
+    eps: float = 1e-8  # adam_epsilon
+    max_grad_norm: float = 0.0  # max_grad_norm (read by the *_layerwise builders: per-parameter clipping)
+
+    @classmethod
+    def from_training_args(cls, args: TrainingArguments) -> HyperParams:
+        return cls(
+            lr=float(args.learning_rate),
+            weight_decay=float(args.weight_decay),
+            betas=(float(args.adam_beta1), float(args.adam_beta2)),
+            eps=float(args.adam_epsilon),
+            max_grad_norm=float(getattr(args, "max_grad_norm", 0.0) or 0.0),
+        )
+
+
+#: ``(param_groups, hyper_params, config) -> (optimizer class, constructor kwargs without params)``.
+OptimizerBuilder = Callable[[list[dict], HyperParams, GaLoreConfig], tuple[type[Optimizer], dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class TrainerOptimizer:
+    name: str
+    build: OptimizerBuilder
+    layerwise: bool = False
+
+
+TRAINER_OPTIMIZERS: dict[str, TrainerOptimizer] = {}
+
+
+def register_trainer_optimizer(name: str, build: OptimizerBuilder, *, layerwise: bool = False) -> TrainerOptimizer:
+    """Make ``optim=name`` build an hf_galore optimizer; names are unique."""
+    if name in TRAINER_OPTIMIZERS:
+        raise GaLoreConfigError(f"Trainer optimizer {name!r} is already registered")
+    entry = TrainerOptimizer(name, build, layerwise)
+    TRAINER_OPTIMIZERS[name] = entry
+    if _HOOK.installed:
+        _install_handlers()
+    return entry
+
+
+def _adam_kwargs(hp: HyperParams) -> dict[str, Any]:
+    return {
+        "lr": hp.lr,
+        "betas": hp.betas,
+        "eps": hp.eps,
+        "weight_decay": hp.weight_decay,
+    }
+
+
+def _build_adamw(groups, hp, config):
+    return GaLoreAdamW, _adam_kwargs(hp)
+
+
+def _build_adamw_8bit(groups, hp, config):
+    return GaLoreAdamW8bit, _adam_kwargs(hp)
+
+
+def _build_adafactor(groups, hp, config):
+    # As transformers' "adafactor": the Trainer's learning rate and schedule, not Adafactor's relative step.
+    return GaLoreAdafactor, {
+        "lr": hp.lr,
+        "relative_step": False,
+        "scale_parameter": False,
+        "warmup_init": False,
+        "weight_decay": hp.weight_decay,
+    }
+
+
+register_trainer_optimizer("galore_adamw", _build_adamw)
+register_trainer_optimizer("galore_adamw_8bit", _build_adamw_8bit)
+register_trainer_optimizer("galore_adafactor", _build_adafactor)
+
+
+# ----------------------------------------------------------------- building
+def optim_name(args: Any) -> str:
+    """``args.optim`` as a plain string (it is an ``OptimizerNames`` member after validation)."""
+    optim = getattr(args, "optim", None)
+    return str(getattr(optim, "value", optim))
+
+
+def is_galore_optim(name: str) -> bool:
+    return name in TRAINER_OPTIMIZERS or name in TRANSFORMERS_GALORE_NAMES
+
+
+def check_supported_engine(args: Any) -> None:
+    """Refuse DeepSpeed and FSDP1: both replace the parameters the optimizer sees.
+
+    ZeRO partitions gradients and optimizer states and runs its own step,
+    and FSDP1 hands the optimizer flattened 1-D parameters, so there is no
+    weight matrix left to project.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":  # set by `accelerate launch`
+        raise UnsupportedSetupError(
+            "GaLore optimizers cannot run under DeepSpeed (ACCELERATE_USE_DEEPSPEED=true): ZeRO partitions "
+            "gradients and optimizer states and steps its own optimizer, so there is no weight matrix to "
+            "project. Use DDP or FSDP2 (`fsdp_version: 2`); see docs/distributed.md"
+        )
+    try:
+        from .distributed import check_supported_engine as check_engine
+    except ImportError:  # pragma: no cover - a build without the distributed module
+        check_engine = _check_engine_fallback
+    check_engine(args)
+
+
+def _check_engine_fallback(args: Any) -> None:
+    instead = "GaLore runs on one device, under DDP and under FSDP2 (`fsdp_config={'version': 2}`)"
+    if getattr(args, "deepspeed", None):
+        raise UnsupportedSetupError(f"GaLore optimizers cannot run under DeepSpeed; remove `deepspeed`. {instead}")
+    if getattr(args, "fsdp", None):
+        fsdp_config = getattr(args, "fsdp_config", None) or {}
+        if int(fsdp_config.get("version", _default_fsdp_version())) == 1:
+            raise UnsupportedSetupError(f"GaLore optimizers cannot run under FSDP1. {instead}")
+
+
+def _default_fsdp_version() -> int:
+    import transformers
+
+    return 2 if int(transformers.__version__.split(".")[0]) >= 5 else 1
+
+
+def config_from_training_args(args: Any) -> GaLoreConfig:
+    """``GaLoreConfig`` from ``optim_args``, ``optim_target_modules`` and the optim name."""
+    name = optim_name(args)
+    overrides: dict[str, Any] = {}
+    targets = getattr(args, "optim_target_modules", None)
+    if targets is not None:
+        overrides["target_modules"] = targets
+    if name.endswith("_layerwise"):
+        overrides["layerwise"] = True
+    return GaLoreConfig.from_optim_args(getattr(args, "optim_args", None), **overrides)
+
+
+def _lookup(name: str, config: GaLoreConfig) -> TrainerOptimizer:
+    if config.layerwise and not name.endswith("_layerwise"):
+        name += "_layerwise"
+    entry = TRAINER_OPTIMIZERS.get(name)
+    if entry is None:
+        raise UnsupportedSetupError(
+            f"`optim`={name!r} is not provided by hf_galore; available: {format_choices(TRAINER_OPTIMIZERS)}"
+        )
+    return entry
+
+
+def build_optimizer_cls_and_kwargs(
+    model: nn.Module, name: str, config: GaLoreConfig, hp: HyperParams
+) -> tuple[type[Optimizer], dict[str, Any], GaLorePlan]:
+    """The optimizer class, its kwargs including ``params`` (param groups), and the plan behind them."""
+    entry = _lookup(name, config)
+    plan = plan_param_groups(model, config, weight_decay=hp.weight_decay)
+    cls, kwargs = entry.build(plan.groups, hp, config)
+    return cls, {"params": plan.groups, **kwargs}, plan
+
+
+def trainer_optimizer_cls_and_kwargs(args: TrainingArguments, model: nn.Module | None) -> tuple[type, dict]:
+    """What ``Trainer.get_optimizer_cls_and_kwargs`` returns for a GaLore optim name."""
+    name = optim_name(args)
+    if model is None:
+        raise GaLoreConfigError(f"`optim`={name!r} needs the model to choose the projected weights; pass `model=`")
+    check_supported_engine(args)
+    config = config_from_training_args(args)
+    cls, kwargs, _ = build_optimizer_cls_and_kwargs(model, name, config, HyperParams.from_training_args(args))
+    return cls, kwargs
+
+
+def create_optimizer(
+    model: nn.Module,
+    args: TrainingArguments | GaLoreConfig | None = None,
+    *,
+    optim: str | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    betas: tuple[float, float] | None = None,
+    eps: float | None = None,
+) -> Optimizer:
+    """Build the hf_galore optimizer for ``model``.
+
+    ``args`` is a ``TrainingArguments`` (its ``optim``, ``optim_args``,
+    ``optim_target_modules``, ``learning_rate``, ``weight_decay``,
+    ``adam_beta1/2``, ``adam_epsilon`` are used; keywords override them) or
+    a ``GaLoreConfig`` (``optim`` defaults to "galore_adamw"). Use it with
+    any transformers version: ``Trainer(..., optimizers=(create_optimizer(model, args), None))``.
+    """
+    if isinstance(args, GaLoreConfig):
+        config, name, hp = args, optim or "galore_adamw", HyperParams()
+    elif args is None:
+        raise GaLoreConfigError("`args` must be a TrainingArguments or a GaLoreConfig, got None")
+    else:
+        name = optim or optim_name(args)
+        if not is_galore_optim(name):
+            raise GaLoreConfigError(
+                f"`optim`={name!r} is not a GaLore optimizer; choose one of {format_choices(TRAINER_OPTIMIZERS)}"
+            )
+        check_supported_engine(args)
+        config, hp = (
+            config_from_training_args(args),
+            HyperParams.from_training_args(args),
+        )
+    changes = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
+    hp = HyperParams(**{**hp.__dict__, **{k: v for k, v in changes.items() if v is not None}})
+    cls, kwargs, plan = build_optimizer_cls_and_kwargs(model, name, config, hp)
+    optimizer = cls(kwargs.pop("params"), **kwargs)
+    optimizer.galore_plan = plan  # read by GaLoreCallback's summary; not part of the state
+    return optimizer
+
+
+# ------------------------------------------------------------------- hooking
+def _wrapped_get_optimizer_cls_and_kwargs(original: Callable) -> Callable:
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        if is_galore_optim(optim_name(args)):
+            return trainer_optimizer_cls_and_kwargs(args, model)
+        return original(args, model)
+
+    get_optimizer_cls_and_kwargs.__doc__ = original.__doc__
+    get_optimizer_cls_and_kwargs.__hf_galore_original__ = original
+    return get_optimizer_cls_and_kwargs
+
+
+def _handler(ctx: Any) -> tuple[type, dict]:
+    """``_OPTIMIZER_HANDLERS`` entry: re-reads ``optim_args`` itself (transformers' parse drops key checks)."""
+    return trainer_optimizer_cls_and_kwargs(ctx.args, ctx.model)
+
+
+def _install_handlers() -> None:
+    table = _HOOK.handlers_table
+    if table is None:
+        return
+    for name in set(TRAINER_OPTIMIZERS) | set(TRANSFORMERS_GALORE_NAMES):
+        table[name] = _handler
+
+
+def _patch_trainer_module(module: ModuleType) -> None:
+    trainer_cls = getattr(module, "Trainer", None)
+    raw = trainer_cls.__dict__.get("get_optimizer_cls_and_kwargs") if trainer_cls is not None else None
+    if not isinstance(raw, staticmethod):
+        raise UnsupportedSetupError(
+            "this transformers version has no static `Trainer.get_optimizer_cls_and_kwargs`, the hook hf_galore "
+            f"uses for `optim='galore_*'`; build the optimizer explicitly: {EXPLICIT_PATH}"
+        )
+    original = raw.__func__
+    if not hasattr(original, "__hf_galore_original__"):
+        trainer_cls.get_optimizer_cls_and_kwargs = staticmethod(_wrapped_get_optimizer_cls_and_kwargs(original))
+    table_module = sys.modules.get("transformers.trainer_optimizer")
+    table = getattr(table_module, "_OPTIMIZER_HANDLERS", None)
+    if isinstance(table, dict):
+        _HOOK.handlers_table = table
+        _install_handlers()
+    from .callback import AutoGaLoreCallback
+
+    defaults = getattr(module, "DEFAULT_CALLBACKS", None)
+    if isinstance(defaults, list) and AutoGaLoreCallback not in defaults:
+        defaults.append(AutoGaLoreCallback)
+    _HOOK.installed = True
+
+
+def register_with_transformers() -> bool:
+    """Install the Trainer hook now (imports ``transformers.trainer``); True on success.
+
+    On failure the reason is kept in :func:`hook_error` and a warning names
+    the explicit alternative; nothing in transformers is left half-patched
+    that would silently pick another optimizer for our names.
+    """
+    if _HOOK.installed:
+        return True
+    try:
+        import transformers.trainer as module
+    except ImportError as exc:
+        _HOOK.error = f"transformers.trainer could not be imported: {exc}"
+        return False
+    return _on_trainer_import(module)
+
+
+def hook_error() -> str | None:
+    """Why the Trainer hook is not installed (``None`` when it is, or not attempted yet)."""
+    return _HOOK.error
+
+
+def _on_trainer_import(module: ModuleType) -> bool:
+    if _HOOK.installed:
+        return True
+    try:
+        _patch_trainer_module(module)
+    # Never break `import transformers.trainer` over our hook; say loudly what to do instead.
+    except Exception as exc:  # noqa: BLE001
+        _HOOK.error = str(exc)
+        warnings.warn(
+            f"hf_galore could not hook into transformers {getattr(sys.modules.get('transformers'), '__version__', '?')}"
+            f" ({exc}); `optim='galore_*'` will NOT use hf_galore. Use {EXPLICIT_PATH}",
+            UserWarning,
+            stacklevel=2,
+        )
+        return False
+    _HOOK.error = None
+    return True
+
+
+class _PostImportLoader(importlib.abc.Loader):
+    """Runs the real loader, then our hook on the fresh module."""
+
+    def __init__(self, loader: importlib.abc.Loader, callback: Callable[[ModuleType], Any]) -> None:
+        self._loader = loader
+        self._callback = callback
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._callback(module)
+
+    def __getattr__(self, name):  # get_source, is_package, ... for tools that ask
+        return getattr(self._loader, name)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    """Calls ``callback(module)`` right after ``fullname`` is first imported, then removes itself."""
+
+    def __init__(self, fullname: str, callback: Callable[[ModuleType], Any]) -> None:
+        self.fullname = fullname
+        self.callback = callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.fullname:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None:
+            return None
+        _remove_finder(self)
+        spec.loader = _PostImportLoader(spec.loader, self.callback)
+        return spec
+
+
+def _remove_finder(finder: object) -> None:
+    try:
+        sys.meta_path.remove(finder)
+    except ValueError:
+        pass
+
+
+def install_import_hook() -> None:
+    """Hook the Trainer as soon as ``transformers.trainer`` is (or already was) imported."""
+    module = sys.modules.get("transformers.trainer")
+    if module is not None:
+        _on_trainer_import(module)
+        return
+    if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportFinder("transformers.trainer", _on_trainer_import))
+
+
+__all__ = [
+    "EXPLICIT_PATH",
+    "TRAINER_OPTIMIZERS",
+    "HyperParams",
+    "TrainerOptimizer",
+    "check_supported_engine",
+    "config_from_training_args",
+    "create_optimizer",
+    "hook_error",
+    "install_import_hook",
+    "register_trainer_optimizer",
+    "register_with_transformers",
+]

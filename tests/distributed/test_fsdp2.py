@@ -1,0 +1,57 @@
+"""FSDP2 (``fully_shard``): shard-local projection equals one process, and the state is sharded."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.distributed
+
+TOLERANCE = 1e-6
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std"])
+def test_fsdp2_equals_one_process(scenario, proj_type):
+    """``std`` and ``reverse_std`` cover left and right bases on tall and wide weights, with uneven shards."""
+    for rank in scenario(f"fsdp2_{proj_type}"):
+        assert rank["max_diff_vs_one_process"] < TOLERANCE
+        assert rank["moments_rel_diff"] < 1e-5
+        assert rank["refreshes"] == rank["ref_refreshes"] == 9
+
+
+@pytest.mark.parametrize("projector", ["randomized", "online_pca"])
+def test_fsdp2_other_projectors_equal_one_process(scenario, projector):
+    """The finder runs on rank 0 with the gathered gradient: its seeds and state match one process."""
+    for rank in scenario(f"fsdp2_{projector}"):
+        assert rank["max_diff_vs_one_process"] < TOLERANCE
+        assert rank["moments_rel_diff"] < 1e-5
+
+
+def test_fsdp2_full_projection_moments_equal_one_process(scenario):
+    for rank in scenario("fsdp2_full"):
+        assert rank["moments_rel_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std"])
+def test_fsdp2_per_rank_state_is_at_most_six_tenths_of_one_process(scenario, proj_type):
+    """Moments, bases and full-rank states are all sharded over the two ranks."""
+    for rank in scenario(f"fsdp2_{proj_type}"):
+        mine, one = rank["state_bytes"], rank["state_bytes_one_process"]
+        assert rank["lowrank_states_local"]
+        assert mine["total"] <= 0.6 * one["total"]
+        for key in ("bases", "lowrank_moments", "full_rank"):
+            assert mine[key] <= 0.6 * one[key], key
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std"])
+def test_fsdp2_checkpoints_hold_every_ranks_shard(scenario, proj_type):
+    """torch.distributed.checkpoint sees the low-rank shards as DTensors (``sharded_state_dict_post_hook``).
+
+    The gathered (``full_state_dict=True``) moments and bases equal one process's, and both a
+    full-state-dict load and a ``dcp.save``/``dcp.load`` round trip restore each rank's shards.
+    """
+    for rank in scenario(f"fsdp2_{proj_type}"):
+        checkpoint = rank["checkpoint"]
+        assert checkpoint["keys"] == 15  # 3 weights x (2 moments + 1 basis) + 3 biases x 2 moments
+        assert checkpoint["rel_diff_vs_one_process"] < 1e-5
+        assert checkpoint["restored_full"]
+        assert checkpoint["restored_dcp"]

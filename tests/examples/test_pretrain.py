@@ -1,0 +1,348 @@
+"""The LLaMA pretraining example (examples/c4_pretrain): schedule, data, every method, bit-exact resume.
+
+Runs on a tiny LLaMA (2 layers, hidden 64) and a small slice of the offline
+stdlib corpus with a 512-token vocabulary, built once per session.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "c4_pretrain"
+sys.path.insert(0, str(EXAMPLE))
+
+import pretrain_data as data
+import run_pretrain
+from pretrain_methods import METHODS, get_method, optimizer_state_bytes
+
+from hf_galore.errors import GaLoreConfigError
+
+TINY_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "vocab_size": 512,
+    "use_cache": False,
+}
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("pretrain")
+    (root / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    return root
+
+
+def tiny_args(workdir: Path, method: str, out: str, **overrides) -> run_pretrain.PretrainArguments:
+    values = {
+        "method": method,
+        "model_config": str(workdir / "tiny.json"),
+        "num_training_steps": 4,
+        "eval_every": 2,
+        "eval_tokens": 256,
+        "max_length": 32,
+        "batch_size": 4,
+        "tokens_per_step": 256,  # 2 micro-batches: gradient accumulation is exercised
+        "rank": 8,
+        "update_proj_gap": 2,
+        "vocab_size": VOCAB,
+        "max_corpus_chars": 200_000,
+        "cache_dir": str(workdir / "cache"),
+        "output_dir": str(workdir / out),
+        "progress": False,
+    }
+    values.update(overrides)
+    return run_pretrain.PretrainArguments(**values)
+
+
+# ------------------------------------------------------------------------------ schedule and batch
+SCHEDULE_CASES = [  # (step, total, warmup, min_ratio, expected lr factor)
+    (0, 100, 10, 0.1, 0.0),
+    (5, 100, 10, 0.1, 0.5),
+    (10, 100, 10, 0.1, 1.0),
+    (55, 100, 10, 0.1, 0.55),  # half-way through the cosine: 0.1 + 0.9 * 0.5
+    (100, 100, 10, 0.1, 0.1),
+    (250, 100, 10, 0.1, 0.1),  # past the end: stays at the floor
+    (0, 10, 0, 0.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("step,total,warmup,min_ratio,expected", SCHEDULE_CASES)
+def test_paper_schedule(step, total, warmup, min_ratio, expected):
+    assert run_pretrain.lr_lambda(step, total, warmup, min_ratio) == pytest.approx(expected, abs=1e-12)
+
+
+ACCUMULATION_CASES = [  # (tokens_per_step, batch, length, world, expected)
+    (None, 8, 256, 1, 1),
+    (131_072, 256, 256, 1, 2),  # the paper's 60M run with micro-batch 256 on one GPU
+    (131_072, 16, 256, 8, 4),  # the 1B recipe: 16 per GPU, 8 GPUs
+    (1024, 4, 32, 2, 4),
+]
+
+
+@pytest.mark.parametrize("tokens,batch,length,world,expected", ACCUMULATION_CASES)
+def test_accumulation_steps(tokens, batch, length, world, expected):
+    assert run_pretrain.accumulation_steps(tokens, batch, length, world) == expected
+
+
+def test_accumulation_refuses_uneven_token_batch():
+    with pytest.raises(ValueError, match=r"`tokens_per_step`=1000 is not a multiple .* = 4 × 32 × 1 = 128"):
+        run_pretrain.accumulation_steps(1000, 4, 32, 1)
+
+
+def test_unknown_method_lists_choices():
+    with pytest.raises(GaLoreConfigError, match=r"`method` must be one of .*'galore'.*'lora'.*got 'sgd'"):
+        get_method("sgd")
+
+
+def test_paper_configs_have_the_published_sizes():
+    """configs/llama_60m.json and llama_1b.json give the parameter counts of REFERENCES §1.2."""
+    from transformers import LlamaForCausalLM
+
+    for name, expected in [("llama_60m", 58_073_600), ("llama_1b", 1_339_082_752)]:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(run_pretrain.load_model_config(name))
+        assert sum(p.numel() for p in model.parameters()) == expected
+
+
+# ------------------------------------------------------------------------------ data
+def test_pack_appends_eos_and_drops_the_tail():
+    blocks = data.pack([[5, 6, 7], [8, 9], [10]], block_size=3)
+    assert blocks.tolist() == [[5, 6, 7], [data.EOS_ID, 8, 9], [data.EOS_ID, 10, data.EOS_ID]]
+    assert data.pack([[5, 6, 7, 8]], block_size=3).tolist() == [[5, 6, 7]]  # tail (8, eos) dropped
+
+
+def test_heldout_split_is_by_file_and_disjoint():
+    train, heldout, fingerprint = data.read_corpus(max_chars=300_000, heldout_percent=20.0)
+    assert train and heldout
+    assert not set(train) & set(heldout)
+    # a fixed share of files, decided per path: the same call gives the same split
+    again = data.read_corpus(max_chars=300_000, heldout_percent=20.0)
+    assert again[2] == fingerprint and len(again[1]) == len(heldout)
+    assert 0.05 < len(heldout) / (len(train) + len(heldout)) < 0.45
+
+
+def test_offline_batches_resume_and_ranks():
+    blocks = torch.arange(40 * 4, dtype=torch.int32).view(40, 4)
+    full = data.offline_batches(blocks, batch_size=3, seed=1, start_step=0, micro_steps=2, rank=0, world=1)
+    seen = [next(full)["input_ids"] for _ in range(10)]
+    resumed = data.offline_batches(blocks, batch_size=3, seed=1, start_step=2, micro_steps=2, rank=0, world=1)
+    for expected in seen[4:]:  # step 2 starts at micro-batch 4
+        assert torch.equal(next(resumed)["input_ids"], expected)
+    ranks = [data.offline_batches(blocks, 3, 1, 0, 1, rank=r, world=2) for r in range(2)]
+    first = [next(it)["input_ids"][:, 0].tolist() for it in ranks]
+    assert not set(first[0]) & set(first[1])  # the two ranks read different blocks
+
+
+# ------------------------------------------------------------------------------ every method
+@pytest.fixture(scope="module")
+def run_method(workdir):
+    """Train each method once per module (4 steps, checkpoints at 2 and 4); later tests reuse the run."""
+    results: dict[str, dict] = {}
+
+    def get(method: str) -> dict:
+        if method not in results:
+            results[method] = run_pretrain.train(tiny_args(workdir, method, f"run-{method}", save_every=2))
+        return results[method]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_trains_offline(workdir, run_method, method):
+    result = run_method(method)
+    # 4 steps from random init: the held-out loss has left log(vocab) (uniform guessing) and is finite
+    assert [h["step"] for h in result["history"]] == [2, 4]
+    assert math.isfinite(result["eval_loss"])
+    assert result["eval_loss"] < math.log(VOCAB)
+    assert result["optimizer_state_bytes"] > 0
+    assert (workdir / f"run-{method}" / "checkpoint-4" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_galore_state_is_smaller_and_layerwise_matches_regular(run_method):
+    """Same seed and data: layer-wise GaLore lands on the regular run's loss; both keep less state than AdamW."""
+    adamw, galore, layerwise = (run_method(m) for m in ("adamw", "galore", "galore_layerwise"))
+    assert layerwise["eval_loss"] == pytest.approx(galore["eval_loss"], abs=1e-5)
+    assert galore["optimizer_state_bytes"] < adamw["optimizer_state_bytes"]
+    assert layerwise["optimizer_state_bytes"] == galore["optimizer_state_bytes"]
+    assert run_method("lora")["trainable_params"] < adamw["trainable_params"]
+
+
+def _tensors(tree, prefix=""):
+    """Flatten nested state (dicts, lists) into {path: tensor-or-scalar}."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_tensors(v, f"{prefix}/{k}"))
+        return out
+    if isinstance(tree, (list, tuple)):
+        out = {}
+        for i, v in enumerate(tree):
+            out.update(_tensors(v, f"{prefix}/{i}"))
+        return out
+    return {prefix: tree}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["galore", "galore_layerwise", "q_galore"])
+def test_resume_is_bit_exact(workdir, run_method, method):
+    """4 steps straight == resume from the step-2 checkpoint for 2 more: same weights and optimizer state."""
+    run_method(method)
+    straight = workdir / f"run-{method}"
+    resumed = workdir / f"resumed-{method}"
+    run_pretrain.train(
+        tiny_args(
+            workdir, method, resumed.name, eval_every=0, resume_from_checkpoint=str(straight / "checkpoint-2")
+        )
+    )
+    a = torch.load(straight / "checkpoint-4" / "model.pt", weights_only=True)
+    b = torch.load(resumed / "checkpoint-4" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    sa = _tensors(torch.load(straight / "checkpoint-4" / "training_state.pt", weights_only=True)["optimizer"])
+    sb = _tensors(torch.load(resumed / "checkpoint-4" / "training_state.pt", weights_only=True)["optimizer"])
+    assert sa.keys() == sb.keys()
+    for key, value in sa.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, sb[key]), key
+        else:
+            assert value == sb[key], key
+    # and the checkpoint really is mid-run: the first half alone gives different weights
+    half = torch.load(straight / "checkpoint-2" / "model.pt", weights_only=True)
+    assert any(not torch.equal(half[k], a[k]) for k in a)
+
+
+def test_optimizer_state_bytes_counts_nested_and_shared_tensors_once():
+    shared = torch.zeros(256)
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p] = {"step": torch.tensor(1.0), "q": {"a": torch.zeros(10, dtype=torch.uint8), "m": shared}}
+    assert optimizer_state_bytes(opt) == 4 + 10 + 256 * 4
+
+
+def _load_convergence_benchmark():
+    import importlib.util
+
+    path = EXAMPLE.parents[1] / "benchmarks" / "convergence.py"
+    spec = importlib.util.spec_from_file_location("convergence_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_result(ppl: float, state: int) -> dict:
+    return {
+        "eval_ppl": ppl,
+        "eval_loss": math.log(ppl),
+        "optimizer_state_bytes": state,
+        "learning_rate": 1e-3,
+        "train_seconds": 10.0,
+        "train_losses": [1.0] * 5,
+        "history": [{"step": 5, "eval_loss": math.log(ppl)}],
+    }
+
+
+CHECK_CASES = [  # (adamw, galore, online_pca, lora) perplexities -> verdicts of the three bars
+    ((100.0, 102.0, 101.0, 110.0), ["met", "met", "met"]),
+    ((100.0, 104.0, 105.0, 104.5), ["MISSED", "MISSED", "MISSED"]),
+]
+
+
+@pytest.mark.parametrize("ppls,verdicts", CHECK_CASES)
+def test_convergence_benchmark_checks_and_table(ppls, verdicts):
+    bench = _load_convergence_benchmark()
+    results = {
+        name: _fake_result(ppl, state)
+        for name, ppl, state in zip(("adamw", "galore", "online_pca", "lora"), ppls, (800, 500, 520, 300))
+    }
+    lines = bench.checks(results)
+    assert [line.rsplit("-> ", 1)[1] for line in lines] == verdicts
+    table = bench.markdown_table(results, {"q_galore": "needs X"})
+    assert "| galore | 0.001 | " in table and f"{100 * (ppls[1] / ppls[0] - 1):+.2f}%" in table
+    assert "| 0.625 |" in table  # GaLore's state relative to AdamW's: 500 / 800
+    assert "| q_galore | unavailable: needs X |" in table
+
+
+def test_c4_batches_truncate_pad_and_mask(monkeypatch, workdir):
+    """The real-data path, fed a local stream in place of allenai/c4: padding never reaches the loss."""
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+
+    docs = ["def f(x):\n    return x + 1\n" * 20, "import os", "x = 1", "class A:\n    pass\n", "y = 2"]
+    calls = []
+
+    def fake_load_dataset(path, name, split, streaming):
+        calls.append((path, name, split, streaming))
+        return datasets.IterableDataset.from_generator(lambda: ({"text": t} for t in docs))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    corpus = data.build_offline_corpus(32, VOCAB, 200_000, cache_dir=workdir / "cache")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(corpus.tokenizer_path), pad_token="<pad>")
+    batches = list(data.c4_batches("validation", tokenizer, 16, 2, seed=0, skip_examples=0, rank=0, world=1))
+    assert calls == [("allenai/c4", "en", "validation", True)]
+    assert len(batches) == 2  # 5 documents in batches of 2; the incomplete last batch is dropped
+    first = batches[0]
+    assert first["input_ids"].shape == (2, 16)  # the long document truncated, "import os" padded
+    pad = first["input_ids"] == data.PAD_ID
+    assert not pad[0].any() and pad[1].any()
+    assert torch.equal(first["labels"] == data.IGNORE_INDEX, pad)
+    assert torch.equal(first["attention_mask"] == 0, pad)
+    # resuming skips the documents already consumed
+    resumed = next(data.c4_batches("validation", tokenizer, 16, 2, seed=0, skip_examples=1, rank=0, world=1))
+    assert torch.equal(resumed["input_ids"][0], first["input_ids"][1])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_two_processes_equal_one_process(workdir, run_method):
+    """torchrun, 2 CPU ranks (gloo): same token batch per step, so the same weights as one process."""
+    import os
+    import signal
+    import socket
+    import subprocess
+
+    single = run_method("galore")  # 1 process: 2 micro-batches of 4 per step
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = workdir / "ddp-galore"
+    args = tiny_args(workdir, "galore", out.name)
+    flags = [f"--{k}={v}" for k, v in vars(args).items() if v is not None and k != "progress"]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={port}", str(EXAMPLE / "run_pretrain.py"), *flags, "--progress=false",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    setup = json.loads(stdout.splitlines()[0])
+    assert (setup["devices"], setup["grad_accumulation"], setup["tokens_per_step"]) == (2, 1, 256)
+    a = torch.load(out / "checkpoint-4" / "model.pt", weights_only=True)
+    b = torch.load(workdir / "run-galore" / "checkpoint-4" / "model.pt", weights_only=True)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+    assert math.isfinite(single["eval_loss"])

@@ -1,0 +1,190 @@
+"""INT8 weights with stochastic rounding (Q-GaLore): unbiasedness, layer maths, optimizer updates."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hf_galore import GaLoreAdamW
+from hf_galore.errors import GaLoreConfigError
+from hf_galore.quant import (
+    Int8Linear,
+    dequantize_rows,
+    int8_add_,
+    int8_weight_bytes,
+    prepare_model_for_int8_weights,
+    quantize_rows,
+)
+
+
+def test_stochastic_rounding_is_unbiased():
+    """Mean of many SR draws equals the input (z-test), while round-to-nearest is biased."""
+    g = torch.Generator().manual_seed(0)
+    row = torch.rand(1, 256, generator=g) * 2 - 1
+    row[0, 0] = 1.0  # fixes the scale of the group: 1/127
+    draws = 4000
+    x = row.expand(draws, 256).contiguous()
+    q, scale = quantize_rows(x, 256, generator=torch.Generator().manual_seed(1))
+    mean = dequantize_rows(q, scale, 256, torch.float32).mean(dim=0)
+    step = 1.0 / 127
+    # each draw is x ± one step: std <= step/2, so the mean's std <= step / (2 sqrt(N))
+    z = (mean - row[0]).abs() / (step / (2 * math.sqrt(draws)))
+    assert float(z.max()) < 5.0
+    q_near, scale_near = quantize_rows(row, 256)
+    bias_near = (dequantize_rows(q_near, scale_near, 256, torch.float32) - row).abs().mean()
+    bias_sr = (mean - row[0]).abs().mean()
+    assert bias_sr < bias_near / 5
+
+
+@pytest.mark.parametrize("in_features,group_size", [(64, 16), (70, 32), (40, 256)])
+def test_int8_linear_matches_its_dequantized_float_layer(in_features, group_size):
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, 12)
+    layer = Int8Linear.from_linear(linear, group_size=group_size)
+    w = layer.dequantize()
+    assert (w - linear.weight).abs().max() <= layer.weight_scale.max() / 2 + 1e-7
+    x = torch.randn(5, 3, in_features, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref_w = w.clone().requires_grad_(True)
+    ref_b = linear.bias.detach().clone().requires_grad_(True)
+    out, ref = layer(x), nn.functional.linear(x_ref, ref_w, ref_b)
+    assert torch.allclose(out, ref, atol=1e-6)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+    assert torch.allclose(layer.weight.grad, ref_w.grad, atol=1e-4)
+    assert torch.allclose(layer.bias.grad, ref_b.grad, atol=1e-4)
+    # the placeholder parameter holds one element, whatever its shape
+    assert layer.weight.untyped_storage().nbytes() == 4
+    assert int8_weight_bytes(nn.Sequential(layer)) == 12 * in_features + layer.weight_scale.numel() * 4
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 48), nn.Tanh(), nn.Linear(48, 8))
+
+
+def test_prepare_model_replaces_targets_and_refuses_no_match():
+    model = make_model()
+    assert prepare_model_for_int8_weights(model, ["0"], group_size=16) == ["0"]
+    assert isinstance(model[0], Int8Linear) and type(model[2]) is nn.Linear
+    with pytest.raises(GaLoreConfigError, match="q_proj"):
+        prepare_model_for_int8_weights(make_model(), ["q_proj"])
+    with pytest.raises(GaLoreConfigError, match="matched no nn.Linear"):
+        prepare_model_for_int8_weights(model, ["0"])  # already INT8
+
+
+def lowrank_groups(model):
+    matrices = [m.weight for m in model if isinstance(m, nn.Linear)]
+    others = [m.bias for m in model if isinstance(m, nn.Linear)]
+    return [{"params": matrices, "rank": 4, "update_proj_gap": 5}, {"params": others}]
+
+
+def test_training_int8_weights_tracks_float_training():
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(64, 8, generator=torch.Generator().manual_seed(2))
+    losses = {}
+    for kind in ("float", "int8"):
+        model = make_model()
+        if kind == "int8":
+            prepare_model_for_int8_weights(model, "all-linear", group_size=16)
+        opt = GaLoreAdamW(lowrank_groups(model), lr=1e-2, weight_decay=0.1)
+        for _ in range(30):
+            opt.zero_grad()
+            loss = (model(x) - y).square().mean()
+            loss.backward()
+            opt.step()
+        losses[kind] = loss.item()
+    start = (make_model()(x) - y).square().mean().item()
+    assert losses["float"] < 0.8 * start
+    assert losses["int8"] == pytest.approx(losses["float"], rel=0.05)
+
+
+def test_updates_below_one_quantization_step_still_move_the_weight_on_average():
+    """Round-to-nearest would drop an update of 0.1 step every time; SR applies it in expectation."""
+    layer = Int8Linear(256, 64, bias=False, group_size=256)
+    layer.store_(torch.rand(64, 256, generator=torch.Generator().manual_seed(3)) * 2 - 1)
+    start = layer.dequantize()
+    delta = 0.1 * float(layer.weight_scale.mean())
+    for _ in range(40):  # the path lowrank.apply_update takes for an INT8 weight
+        assert int8_add_(layer.weight, lambda master: master.add_(delta))
+    drift = layer.dequantize() - start
+    assert float(drift.mean()) == pytest.approx(40 * delta, rel=0.05)
+    assert int(layer.sr_step) == 40
+    # the same updates rounded to nearest are (almost all) lost
+    nearest = start
+    for _ in range(40):
+        nearest = dequantize_rows(*quantize_rows(nearest + delta, 256), 256, torch.float32)
+    assert float((nearest - start).mean()) < 0.25 * float(drift.mean())
+    assert not int8_add_(torch.nn.Parameter(torch.zeros(2, 2)), lambda master: None)
+
+
+def test_model_checkpoint_resumes_the_rounding_stream():
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    model = make_model()
+    prepare_model_for_int8_weights(model, "all-linear", group_size=16)
+    opt = GaLoreAdamW(lowrank_groups(model), lr=1e-2)
+
+    def steps(m, o, n):
+        for _ in range(n):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+
+    steps(model, opt, 2)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    steps(model, opt, 3)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = make_model()
+    prepare_model_for_int8_weights(resumed, "all-linear", group_size=16)
+    resumed.load_state_dict(saved["model"])
+    opt2 = GaLoreAdamW(lowrank_groups(resumed), lr=1e-2)
+    opt2.load_state_dict(saved["opt"])
+    steps(resumed, opt2, 3)
+    for a, b in zip(model, resumed):
+        if isinstance(a, Int8Linear):
+            assert torch.equal(a.weight_int8, b.weight_int8)
+            assert torch.equal(a.weight_scale, b.weight_scale)
+
+
+@pytest.mark.slow
+def test_tiny_llama_trains_with_int8_weights_int4_basis_and_lazy_refresh():
+    """The Q-GaLore recipe end to end: INT8 weights, INT4 basis, lazy refresh, via GaLoreConfig."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_galore import GaLoreConfig, galore_param_groups
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+                         vocab_size=100)
+    model = LlamaForCausalLM(config)
+    names = prepare_model_for_int8_weights(model, ["attn", "mlp"], group_size=32)
+    assert len(names) == 14
+    galore = GaLoreConfig(rank=8, update_proj_gap=5, target_modules=["attn", "mlp"], quant="int4", refresh="lazy")
+    opt = GaLoreAdamW(galore_param_groups(model, galore), lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(0, 100, (4, 32), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+    assert opt.galore_stats.refreshes == 14 * 2  # steps 0 and 5
+    int8_params = [p for g in opt.param_groups if "rank" in g for p in g["params"]]
+    assert len(int8_params) == 14
+    assert all(p.untyped_storage().nbytes() == 4 for p in int8_params)
+
+
+def test_int8_weight_in_a_full_rank_group_is_refused():
+    model = make_model()
+    prepare_model_for_int8_weights(model, ["0"], group_size=16)
+    with pytest.raises(GaLoreConfigError, match="INT8 weight"):
+        GaLoreAdamW([{"params": [model[0].weight]}])

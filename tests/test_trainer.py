@@ -1,0 +1,296 @@
+"""Trainer integration: optim names build hf_galore optimizers, arguments reach them, errors, resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import hf_galore
+from hf_galore import (
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GaLoreConfig,
+    GaLoreConfigError,
+)
+from hf_galore.errors import UnsupportedSetupError
+from hf_galore.trainer import (
+    EXPLICIT_PATH,
+    TRAINER_OPTIMIZERS,
+    _patch_trainer_module,
+    check_supported_engine,
+    create_optimizer,
+    register_trainer_optimizer,
+)
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+VOCAB, SEQ = 160, 16  # vocab x hidden >= 4096: embeddings get real 8-bit states
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+    )
+    return LlamaForCausalLM(config)
+
+
+class TokenData(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32, seed: int = 1) -> None:
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def training_args(tmp_path, **overrides) -> TrainingArguments:
+    kwargs = {
+        "output_dir": str(tmp_path / "out"),
+        "optim": "galore_adamw",
+        "optim_target_modules": ["attn", "mlp"],
+        "optim_args": "rank=4, update_proj_gap=2",
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 2,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+        "data_seed": 0,
+    }
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def make_trainer(tmp_path, model=None, callbacks=None, optimizers=(None, None), **overrides) -> Trainer:
+    return Trainer(
+        model=model or tiny_llama(),
+        args=training_args(tmp_path, **overrides),
+        train_dataset=TokenData(),
+        callbacks=callbacks,
+        optimizers=optimizers,
+    )
+
+
+NAME_CASES = [
+    ("galore_adamw", GaLoreAdamW),
+    ("galore_adamw_8bit", GaLoreAdamW8bit),
+    ("galore_adafactor", GaLoreAdafactor),
+]
+
+
+@pytest.mark.parametrize("name,cls", NAME_CASES)
+def test_optim_name_builds_our_optimizer_with_training_args(tmp_path, name, cls):
+    trainer = make_trainer(
+        tmp_path,
+        optim=name,
+        learning_rate=3e-3,
+        weight_decay=0.05,
+        adam_beta1=0.8,
+        adam_beta2=0.95,
+        adam_epsilon=1e-7,
+        optim_args="rank=4, update_proj_gap=7, scale=0.5",
+    )
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is cls and type(optimizer).__module__.startswith("hf_galore.")
+    lowrank = [g for g in optimizer.param_groups if "rank" in g]
+    assert sum(len(g["params"]) for g in lowrank) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert all((g["rank"], g["update_proj_gap"], g["scale"]) == (4, 7, 0.5) for g in lowrank)
+    decays = sorted({g["weight_decay"] for g in optimizer.param_groups})
+    assert decays == [0.0, 0.05]
+    for group in optimizer.param_groups:
+        assert group["lr"] == 3e-3
+        if cls is GaLoreAdafactor:
+            assert (group["relative_step"], group["scale_parameter"]) == (False, False)
+        else:
+            assert group["betas"] == (0.8, 0.95) and group["eps"] == 1e-7
+
+
+def test_handlers_table_and_default_callbacks_are_hooked():
+    from transformers import trainer as trainer_module
+    from transformers import trainer_optimizer
+
+    from hf_galore.callback import AutoGaLoreCallback
+    from hf_galore.trainer import TRANSFORMERS_GALORE_NAMES, _handler
+
+    assert hf_galore.trainer.hook_error() is None
+    for name in TRANSFORMERS_GALORE_NAMES:
+        assert trainer_optimizer._OPTIMIZER_HANDLERS[name] is _handler
+    assert trainer_module.DEFAULT_CALLBACKS.count(AutoGaLoreCallback) == 1
+    args = SimpleNamespace(
+        optim="galore_adamw",
+        optim_args="rank=2",
+        optim_target_modules=["q_proj"],
+        learning_rate=0.5,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.99,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        deepspeed=None,
+        fsdp=None,
+        fsdp_config=None,
+    )
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, tiny_llama())
+    assert cls is GaLoreAdamW and kwargs["lr"] == 0.5
+    assert next(g.get("rank") for g in kwargs["params"]) == 2
+
+
+def test_import_is_lazy_about_the_trainer():
+    """`import hf_galore` must not pay for importing transformers.trainer (seconds)."""
+    code = "import sys, hf_galore; print('transformers.trainer' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_unsupported_transformers_fails_with_the_explicit_path():
+    fake = types.ModuleType("fake_transformers_trainer")
+    fake.Trainer = type("Trainer", (), {"get_optimizer_cls_and_kwargs": lambda self, args: None})
+    with pytest.raises(UnsupportedSetupError, match=r"no static `Trainer.get_optimizer_cls_and_kwargs`") as info:
+        _patch_trainer_module(fake)
+    assert EXPLICIT_PATH in str(info.value)
+
+
+def test_create_optimizer_explicit_path(tmp_path):
+    model = tiny_llama()
+    args = training_args(tmp_path, optim="galore_adamw_8bit", learning_rate=2e-3, weight_decay=0.1)
+    optimizer = create_optimizer(model, args)
+    assert isinstance(optimizer, GaLoreAdamW8bit) and optimizer.param_groups[0]["lr"] == 2e-3
+    assert optimizer.galore_plan.rank == 4 and len(optimizer.galore_plan.lowrank) == 14
+    config = GaLoreConfig(rank=8, target_modules="all-linear")
+    optimizer = create_optimizer(model, config, optim="galore_adafactor", lr=1e-3)
+    assert isinstance(optimizer, GaLoreAdafactor) and optimizer.param_groups[0]["lr"] == 1e-3
+    assert sum(len(g["params"]) for g in optimizer.param_groups if "rank" in g) == 14
+    with pytest.raises(GaLoreConfigError, match=r"`optim`='adamw_torch' is not a GaLore optimizer"):
+        create_optimizer(model, training_args(tmp_path, optim="adamw_torch"))
+
+
+def test_registry_refuses_duplicates():
+    with pytest.raises(GaLoreConfigError, match="'galore_adamw' is already registered"):
+        register_trainer_optimizer("galore_adamw", TRAINER_OPTIMIZERS["galore_adamw"].build)
+
+
+BAD_TRAINER_INPUTS = [
+    (
+        {"optim_args": "rank=4, rnk=2"},
+        GaLoreConfigError,
+        r"unknown GaLore setting 'rnk'.*Valid keys:",
+    ),
+    (
+        {"optim_args": "rank=four"},
+        GaLoreConfigError,
+        r"`rank` in `optim_args` must be an integer, got 'four'",
+    ),
+    (
+        {"optim_target_modules": ["q_prj"]},
+        GaLoreConfigError,
+        r"entry 'q_prj' matched no module of LlamaForCausalLM.*Closest module names: 'q_proj'",
+    ),
+    ({"optim_target_modules": None}, GaLoreConfigError, r"`target_modules` is not set"),
+    (
+        {"optim_args": "rank=16, small_weights=error"},
+        GaLoreConfigError,
+        r"`rank`=16 is >= the smaller dimension of 4 matched weights.*k_proj",
+    ),
+    (
+        {"optim_args": "rank=64"},
+        GaLoreConfigError,
+        r"smaller dimension of every matched weight",
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides,error,message", BAD_TRAINER_INPUTS)
+def test_bad_input_fails_at_trainer_construction(tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the small-weights warning precedes the rank error
+        make_trainer(tmp_path, **overrides)
+
+
+ENGINE_CASES = [
+    ({"deepspeed": {"zero_optimization": {"stage": 2}}}, r"DeepSpeed.*FSDP2"),
+    ({"fsdp": ["full_shard"], "fsdp_config": {"version": 1}}, r"FSDP1.*FSDP2"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", ENGINE_CASES)
+def test_deepspeed_and_fsdp1_are_refused(overrides, message):
+    args = SimpleNamespace(deepspeed=None, fsdp=None, fsdp_config=None, optim="galore_adamw")
+    args.__dict__.update(overrides)
+    with pytest.raises(UnsupportedSetupError, match=message):
+        check_supported_engine(args)
+
+
+def test_fsdp2_and_plain_runs_pass_the_engine_check(monkeypatch):
+    check_supported_engine(SimpleNamespace(deepspeed=None, fsdp=["full_shard"], fsdp_config={"version": 2}))
+    check_supported_engine(SimpleNamespace(deepspeed=None, fsdp=None, fsdp_config=None))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(UnsupportedSetupError, match="DeepSpeed"):
+        check_supported_engine(SimpleNamespace(deepspeed=None, fsdp=None, fsdp_config=None))
+
+
+def test_decay_rule_matches_the_trainer(tmp_path):
+    from hf_galore.targets import decay_parameter_names
+
+    model = tiny_llama()
+    trainer = make_trainer(tmp_path, model=model)
+    assert decay_parameter_names(model) == set(trainer.get_decay_parameter_names(model))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", ["galore_adamw", "galore_adamw_8bit", "galore_adafactor"])
+def test_resume_is_bit_exact(tmp_path, optim):
+    """Stop at step 3 of 6 (refreshes at 0, 2, 4), resume: same losses and parameters as never stopping."""
+    common = {
+        "optim": optim,
+        "max_steps": 6,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 3,
+        "optim_args": "rank=4,update_proj_gap=2",
+        "weight_decay": 0.01,
+    }
+    full = make_trainer(tmp_path / "a", model=tiny_llama(), **common)
+    full.train()
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-3"
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert any("basis_right" in s or "basis_left" in s for s in state["state"].values())
+    if optim == "galore_adamw_8bit":
+        assert any(s.get("state1", torch.zeros(1)).dtype == torch.uint8 for s in state["state"].values())
+    resumed = make_trainer(tmp_path / "b", model=tiny_llama(seed=5), **common)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    def losses(
+        trainer,
+    ):  # the resumed history also holds steps 1-3, read from the checkpoint
+        return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h and h["step"] > 3}
+
+    assert losses(full) == losses(resumed)
+    assert sorted(losses(resumed)) == [4, 5, 6]
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name

@@ -1,0 +1,214 @@
+"""Layer-wise GaLore in the Trainer: optim="galore_adamw_layerwise" trains, schedules, clips, logs, resumes.
+
+The regular optimizer in the same Trainer is the oracle (same data order,
+seed and schedule), so layer-wise runs must match it step for step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hf_galore import (
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GaLoreConfig,
+    LayerwiseOptimizer,
+    UnsupportedSetupError,
+    create_optimizer,
+)
+from hf_galore.optim import layerwise as layerwise_module
+from hf_galore.optim.layerwise import check_trainer_args
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+VOCAB, SEQ = 64, 16
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+    )
+    return LlamaForCausalLM(config)
+
+
+class TokenData(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32, seed: int = 1) -> None:
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def make_trainer(tmp_path, optimizers=(None, None), name="out", **overrides) -> Trainer:
+    kwargs = {
+        "output_dir": str(tmp_path / name),
+        "optim": "galore_adamw_layerwise",
+        "optim_target_modules": ["attn", "mlp"],
+        "optim_args": "rank=4, update_proj_gap=2",
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "linear",
+        "logging_steps": 1,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+        "data_seed": 0,
+        "max_grad_norm": 0.0,
+    }
+    kwargs.update(overrides)
+    return Trainer(
+        model=tiny_llama(),
+        args=TrainingArguments(**kwargs),
+        train_dataset=TokenData(),
+        optimizers=optimizers,
+    )
+
+
+def _params(trainer: Trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def _logged(trainer: Trainer, key: str) -> list[float]:
+    return [entry[key] for entry in trainer.state.log_history if key in entry and "loss" in entry]
+
+
+NAME_CASES = [
+    ("galore_adamw_layerwise", GaLoreAdamW),
+    ("galore_adamw_8bit_layerwise", GaLoreAdamW8bit),
+    ("galore_adafactor_layerwise", GaLoreAdafactor),
+]
+
+
+@pytest.mark.parametrize("name,cls", NAME_CASES)
+def test_optim_name_builds_one_real_layerwise_optimizer(tmp_path, monkeypatch, name, cls):
+    monkeypatch.setattr(layerwise_module, "_WARNED_CLIP", set())  # the warning is once per process and value
+    trainer = make_trainer(tmp_path, optim=name, weight_decay=0.05, max_grad_norm=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer = trainer.create_optimizer()
+    assert type(optimizer) is LayerwiseOptimizer and type(optimizer.optimizer) is cls
+    assert optimizer.per_param_max_norm == 0.5
+    assert any("clips each weight's gradient" in str(w.message) for w in caught)
+    assert optimizer.param_groups is optimizer.optimizer.param_groups
+    assert sum(len(g["params"]) for g in optimizer.param_groups if "rank" in g) == 14
+    assert sorted({g["weight_decay"] for g in optimizer.param_groups}) == [0.0, 0.05]
+
+
+def test_config_layerwise_flag_builds_it_explicitly():
+    """The explicit path `create_optimizer(model, GaLoreConfig(layerwise=True))` works on any transformers."""
+    optimizer = create_optimizer(tiny_llama(), GaLoreConfig(rank=4, target_modules=["attn", "mlp"], layerwise=True))
+    assert type(optimizer) is LayerwiseOptimizer and type(optimizer.optimizer) is GaLoreAdamW
+    assert optimizer.per_param_max_norm is None and optimizer.hooks_registered
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation,checkpointing", [(1, False), (2, True)])
+def test_matches_regular_trainer_with_schedule_and_grad_norm(tmp_path, accumulation, checkpointing):
+    setup = {"gradient_accumulation_steps": accumulation, "gradient_checkpointing": checkpointing}
+    regular = make_trainer(tmp_path, optim="galore_adamw", name="regular", **setup)
+    layerwise = make_trainer(tmp_path, name="layerwise", **setup)
+    regular.train()
+    layerwise.train()
+    assert isinstance(layerwise.optimizer.optimizer, LayerwiseOptimizer)  # inside accelerate's wrapper
+    assert _max_diff(_params(regular), _params(layerwise)) <= 1e-6
+    assert _max_diff(_params(regular), [p.detach() for p in tiny_llama().parameters()]) > 1e-3
+    lrs = _logged(layerwise, "learning_rate")
+    assert lrs == pytest.approx(_logged(regular, "learning_rate")) and lrs[0] > lrs[-1] > 0
+    norms = _logged(layerwise, "grad_norm")
+    assert len(norms) == 4 and min(norms) > 0
+    assert norms == pytest.approx(_logged(regular, "grad_norm"), rel=1e-4)
+    inner = layerwise.optimizer.optimizer.optimizer
+    assert {float(s["step"]) for s in inner.state.values()} == {4.0}  # one tick per optimizer step
+    assert layerwise.lr_scheduler.last_epoch == 4
+
+
+@pytest.mark.slow
+def test_max_grad_norm_clips_per_parameter_and_logs_the_global_norm(tmp_path):
+    regular = make_trainer(tmp_path, optim="galore_adamw", name="regular", max_steps=1)
+    clipped = make_trainer(tmp_path, name="clipped", max_steps=2, max_grad_norm=0.05)
+    unclipped = make_trainer(tmp_path, name="unclipped", max_steps=2)
+    for trainer in (regular, clipped, unclipped):
+        trainer.train()
+    first = _logged(clipped, "grad_norm")[0]
+    assert first == pytest.approx(_logged(regular, "grad_norm")[0], rel=1e-4) and first > 0.05
+    assert _max_diff(_params(clipped), _params(unclipped)) > 1e-4  # clipping changed the update
+
+
+@pytest.mark.slow
+def test_explicit_optimizer_without_clip_refuses_max_grad_norm(tmp_path):
+    model = tiny_llama()
+    optimizer = LayerwiseOptimizer(GaLoreAdamW([{"params": list(model.parameters())}], lr=1e-2))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        max_grad_norm=1.0,
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=TokenData(), optimizers=(optimizer, None))
+    with pytest.raises(UnsupportedSetupError, match="max_grad_norm=0.*per_param_max_norm=1.0"):
+        trainer.train()
+
+
+BAD_SETUPS = [
+    ({"max_grad_norm": 1.0}, {}, None, "global gradient norm"),
+    ({"max_grad_norm": 0.0}, {}, object(), "fp16 loss scaling.*bf16=True"),
+    (
+        {"max_grad_norm": 0.0, "gradient_accumulation_steps": 4},
+        {"sync": None},
+        None,
+        "sync='auto'",
+    ),
+]
+
+
+@pytest.mark.parametrize("args,kwargs,scaler,message", BAD_SETUPS)
+def test_refused_trainer_setups(args, kwargs, scaler, message):
+    optimizer = LayerwiseOptimizer(GaLoreAdamW(tiny_llama().parameters()), **kwargs)
+    with pytest.raises(UnsupportedSetupError, match=message):
+        check_trainer_args(optimizer, SimpleNamespace(**args), scaler)
+
+
+@pytest.mark.slow
+def test_resume_is_bit_exact(tmp_path):
+    """Stop after step 2 of 4 (refreshes at steps 0 and 2), resume: same losses and parameters as never stopping."""
+    straight = make_trainer(tmp_path, name="straight", save_strategy="steps", save_steps=2)
+    straight.train()
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert any("basis_left" in s or "basis_right" in s for s in state["state"].values())
+    assert {float(s["step"]) for s in state["state"].values()} == {2.0}
+    resumed = make_trainer(tmp_path, name="resumed")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert _max_diff(_params(straight), _params(resumed)) == 0.0
+    later = [(e["step"], e["loss"], e["grad_norm"]) for e in resumed.state.log_history if "loss" in e and e["step"] > 2]
+    assert later == [
+        (e["step"], e["loss"], e["grad_norm"]) for e in straight.state.log_history if "loss" in e and e["step"] > 2
+    ]
+    assert len(later) == 2
