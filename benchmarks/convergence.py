@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
         ax.plot(steps, [h["eval_loss"] for h in r["history"]], marker="o", ms=3, label=f"{name} ({r['eval_ppl']:.1f})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 95), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(title="method (final ppl)", fontsize=8)
     finals = [h["eval_loss"] for r in results.values() for h in r["history"][len(r["history"]) // 3 :]]

@@ -30,15 +30,33 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="llama_60m", help="shipped LLaMA preset (hf_galore.memory.preset_names())")
-    parser.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (default: the preset's)")
+    parser.add_argument(
+        "--preset",
+        default="llama_60m",
+        help="shipped LLaMA preset (hf_galore.memory.preset_names())",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="override num_hidden_layers (default: the preset's)",
+    )
     parser.add_argument("--rank", type=int, default=128, help="GaLore rank")
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps (the basis is found at step 0)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=2,
+        help="optimizer steps (the basis is found at step 0)",
+    )
     parser.add_argument("--batch", type=int, default=2, help="sequences per rank")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--nproc", type=int, default=2, help="ranks to launch")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--json", action="store_true", help="print the raw numbers as JSON after the table")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the raw numbers as JSON after the table",
+    )
     return parser.parse_args(argv)
 
 
@@ -53,7 +71,10 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}",
         "--master_addr=127.0.0.1", f"--master_port={port}", __file__, *argv,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.call(cmd, env=env)
 
@@ -76,13 +97,17 @@ def batches(args: argparse.Namespace, vocab: int):
 
     g = torch.Generator().manual_seed(1)
     for _ in range(args.steps):
-        yield torch.randint(0, vocab, (args.batch * args.nproc, args.seq_len), generator=g)
+        yield torch.randint(
+            0, vocab, (args.batch * args.nproc, args.seq_len), generator=g
+        )
 
 
 def make_optimizer(model, rank: int):
     import hf_galore
 
-    config = hf_galore.GaLoreConfig(rank=rank, update_proj_gap=200, scale=0.25, target_modules=["attn", "mlp"])
+    config = hf_galore.GaLoreConfig(
+        rank=rank, update_proj_gap=200, scale=0.25, target_modules=["attn", "mlp"]
+    )
     return hf_galore.GaLoreAdamW(hf_galore.galore_param_groups(model, config), lr=1e-3)
 
 
@@ -96,7 +121,9 @@ def worker(args: argparse.Namespace) -> None:
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if args.device == "cuda" else "cpu")
+    device = torch.device(
+        f"cuda:{int(os.environ['LOCAL_RANK'])}" if args.device == "cuda" else "cpu"
+    )
     if args.device == "cuda":
         torch.cuda.set_device(device)
     try:
@@ -110,7 +137,11 @@ def worker(args: argparse.Namespace) -> None:
         if rank == 0:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=2 * args.steps, desc="steps (FSDP2, then one process)", file=sys.stderr)
+            progress = tqdm(
+                total=2 * args.steps,
+                desc="steps (FSDP2, then one process)",
+                file=sys.stderr,
+            )
         started = time.perf_counter()
         for ids in data:
             local = ids[rank * args.batch : (rank + 1) * args.batch].to(device)
@@ -137,18 +168,36 @@ def worker(args: argparse.Namespace) -> None:
                 progress.update()
             one_seconds = (time.perf_counter() - started) / args.steps
             progress.close()
-            diff = max((full[n] - p).abs().max().item() for n, p in ref.named_parameters())
-            report(args, gathered, optimizer_state_bytes(ref_opt), diff, sharded_seconds, one_seconds)
+            diff = max(
+                (full[n] - p).abs().max().item() for n, p in ref.named_parameters()
+            )
+            report(
+                args,
+                gathered,
+                optimizer_state_bytes(ref_opt),
+                diff,
+                sharded_seconds,
+                one_seconds,
+            )
     finally:
         dist.destroy_process_group()
 
 
-def report(args, per_rank: list[dict], one: dict, diff: float, sharded_s: float, one_s: float) -> None:
+def report(
+    args, per_rank: list[dict], one: dict, diff: float, sharded_s: float, one_s: float
+) -> None:
     mib = 1024**2
 
     def row(name: str, b: dict) -> str:
-        cells = [f"{b[k] / mib:.2f}" for k in ("bases", "lowrank_moments", "full_rank", "total")]
-        return f"| {name} | " + " | ".join(cells) + f" | {b['total'] / one['total']:.3f}× |"
+        cells = [
+            f"{b[k] / mib:.2f}"
+            for k in ("bases", "lowrank_moments", "full_rank", "total")
+        ]
+        return (
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {b['total'] / one['total']:.3f}× |"
+        )
 
     print(
         f"\nGaLoreAdamW, {args.preset}"
@@ -156,15 +205,25 @@ def report(args, per_rank: list[dict], one: dict, diff: float, sharded_s: float,
         + f", rank {args.rank}, attn+mlp projected, fp32, {args.nproc} ranks ({args.device}), "
         f"{args.steps} steps, batch {args.batch}×{args.seq_len} per rank\n"
     )
-    print("| run | bases MiB | low-rank moments MiB | full-rank states MiB | total MiB | vs one process |")
+    print(
+        "| run | bases MiB | low-rank moments MiB | full-rank states MiB | total MiB | vs one process |"
+    )
     print("|---|---|---|---|---|---|")
     print(row("one process", one))
     for r, b in enumerate(per_rank):
         print(row(f"FSDP2 rank {r}", b))
-    print(f"\nmax |param difference| FSDP2 vs one process after {args.steps} steps: {diff:.2e}")
-    print(f"step time: FSDP2 {sharded_s:.3f} s/step, one process {one_s:.3f} s/step (same hardware, shared cores)")
+    print(
+        f"\nmax |param difference| FSDP2 vs one process after {args.steps} steps: {diff:.2e}"
+    )
+    print(
+        f"step time: FSDP2 {sharded_s:.3f} s/step, one process {one_s:.3f} s/step (same hardware, shared cores)"
+    )
     if args.json:
-        print(json.dumps({"one_process": one, "per_rank": per_rank, "max_param_diff": diff}))
+        print(
+            json.dumps(
+                {"one_process": one, "per_rank": per_rank, "max_param_diff": diff}
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

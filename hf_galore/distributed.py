@@ -47,22 +47,22 @@ import torch
 
 from .errors import UnsupportedSetupError
 from .optim import lowrank
+from .optim.schedules import get_refresh_policy
 from .projectors import get_projector
 from .projectors.geometry import effective_rank, sides_for, subspace_overlap
 from .projectors.storage import get_codec
-from .optim.schedules import get_refresh_policy
 
 __all__ = [
     "BroadcastBasisSync",
+    "apply_sharded_update",
     "check_supported_engine",
     "is_sharded_tensor",
-    "synchronize_bases",
-    "register_layerwise_ddp_hook",
-    "project_sharded_gradient",
-    "apply_sharded_update",
     "optimizer_state_bytes",
-    "sharded_state_dict_post_hook",
+    "project_sharded_gradient",
+    "register_layerwise_ddp_hook",
     "sharded_load_state_dict_pre_hook",
+    "sharded_state_dict_post_hook",
+    "synchronize_bases",
 ]
 
 
@@ -102,32 +102,54 @@ def check_supported_engine(obj: Any) -> None:
     left to project, and ZeRO also replaces the optimizer's step.
     """
     state = getattr(obj, "state", None)
-    distributed_type = getattr(obj, "distributed_type", None) or getattr(state, "distributed_type", None)
+    distributed_type = getattr(obj, "distributed_type", None) or getattr(
+        state, "distributed_type", None
+    )
     if distributed_type is not None:  # Accelerator / AcceleratorState / PartialState
         name = str(getattr(distributed_type, "value", distributed_type)).upper()
         if name == "DEEPSPEED":
-            _refuse("DeepSpeed", "ZeRO partitions flattened parameters and owns the optimizer step")
+            _refuse(
+                "DeepSpeed",
+                "ZeRO partitions flattened parameters and owns the optimizer step",
+            )
         if name == "FSDP":
-            plugin = getattr(obj, "fsdp_plugin", None) or getattr(state, "fsdp_plugin", None)
+            plugin = getattr(obj, "fsdp_plugin", None) or getattr(
+                state, "fsdp_plugin", None
+            )
             if int(getattr(plugin, "fsdp_version", 1) or 1) < 2:
-                _refuse("FSDP1 (`fsdp_version: 1`)", "it flattens each wrapped module's weights into one FlatParameter")
+                _refuse(
+                    "FSDP1 (`fsdp_version: 1`)",
+                    "it flattens each wrapped module's weights into one FlatParameter",
+                )
         return
     if hasattr(obj, "fsdp_config") and hasattr(obj, "deepspeed"):  # TrainingArguments
         if obj.deepspeed:
-            _refuse(f"DeepSpeed (`deepspeed`={obj.deepspeed!r})", "ZeRO partitions flattened parameters and owns the optimizer step")
+            _refuse(
+                f"DeepSpeed (`deepspeed`={obj.deepspeed!r})",
+                "ZeRO partitions flattened parameters and owns the optimizer step",
+            )
         fsdp = obj.fsdp
         if fsdp and fsdp not in ("", []):
             version = int((obj.fsdp_config or {}).get("version", 2))
             if version < 2:
-                _refuse("FSDP1 (`fsdp_config['version']`=1)", "it flattens each wrapped module's weights into one FlatParameter")
+                _refuse(
+                    "FSDP1 (`fsdp_config['version']`=1)",
+                    "it flattens each wrapped module's weights into one FlatParameter",
+                )
         return
     if isinstance(obj, torch.nn.Module):
         for module in obj.modules():
             cls = type(module).__name__
             if cls == "FullyShardedDataParallel":
-                _refuse("FSDP1 (`FullyShardedDataParallel`)", "it flattens each wrapped module's weights into one FlatParameter")
+                _refuse(
+                    "FSDP1 (`FullyShardedDataParallel`)",
+                    "it flattens each wrapped module's weights into one FlatParameter",
+                )
             if cls in ("DeepSpeedEngine", "PipelineEngine"):
-                _refuse("DeepSpeed", "ZeRO partitions flattened parameters and owns the optimizer step")
+                _refuse(
+                    "DeepSpeed",
+                    "ZeRO partitions flattened parameters and owns the optimizer step",
+                )
         params: Iterable[Any] = obj.parameters()
     elif isinstance(obj, torch.optim.Optimizer):
         params = [p for g in obj.param_groups for p in g["params"]]
@@ -145,9 +167,15 @@ def check_supported_engine(obj: Any) -> None:
 
 def _check_param(p: Any) -> None:
     if getattr(p, "_is_flat_param", False) or type(p).__name__ == "FlatParameter":
-        _refuse("FSDP1 (`FlatParameter`)", "it flattens each wrapped module's weights into one FlatParameter")
+        _refuse(
+            "FSDP1 (`FlatParameter`)",
+            "it flattens each wrapped module's weights into one FlatParameter",
+        )
     if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
-        _refuse("DeepSpeed ZeRO-3", "it partitions flattened parameters and owns the optimizer step")
+        _refuse(
+            "DeepSpeed ZeRO-3",
+            "it partitions flattened parameters and owns the optimizer step",
+        )
 
 
 # --------------------------------------------------------------------------- DDP
@@ -171,7 +199,9 @@ class BroadcastBasisSync:
         return basis
 
 
-def synchronize_bases(optimizer: torch.optim.Optimizer, process_group: Any = None, src: int = 0) -> torch.optim.Optimizer:
+def synchronize_bases(
+    optimizer: torch.optim.Optimizer, process_group: Any = None, src: int = 0
+) -> torch.optim.Optimizer:
     """Make every data-parallel rank use the same basis, by broadcasting it from ``src``.
 
     Call once after building the optimizer under DDP (the Trainer integration
@@ -289,7 +319,9 @@ def register_layerwise_ddp_hook(
 
 
 def _as_step_param(step_param: Any) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    if hasattr(step_param, "update_param") and hasattr(step_param, "param_groups"):  # LayerwiseOptimizer
+    if hasattr(step_param, "update_param") and hasattr(
+        step_param, "param_groups"
+    ):  # LayerwiseOptimizer
         layerwise = step_param
 
         def step(param: torch.Tensor, grad: torch.Tensor) -> None:
@@ -329,15 +361,21 @@ def is_sharded_tensor(tensor: Any) -> bool:
 class _Rows:
     """Where this rank's row shard of a ``Shard(0)`` DTensor lies, and the group it is sharded over."""
 
-    __slots__ = ("group", "rank", "world", "mesh", "mesh_dim")
+    __slots__ = ("group", "mesh", "mesh_dim", "rank", "world")
 
     def __init__(self, tensor: Any) -> None:
         from torch.distributed.tensor import Replicate, Shard
 
         mesh = tensor.device_mesh
-        shard_dims = [i for i, pl in enumerate(tensor.placements) if isinstance(pl, Shard)]
+        shard_dims = [
+            i for i, pl in enumerate(tensor.placements) if isinstance(pl, Shard)
+        ]
         ok = len(shard_dims) == 1 and tensor.placements[shard_dims[0]].dim == 0
-        ok = ok and all(isinstance(pl, Replicate) for i, pl in enumerate(tensor.placements) if i != shard_dims[0])
+        ok = ok and all(
+            isinstance(pl, Replicate)
+            for i, pl in enumerate(tensor.placements)
+            if i != shard_dims[0]
+        )
         if not ok:
             raise UnsupportedSetupError(
                 f"GaLore under DTensor supports row sharding (FSDP2's `Shard(0)`, optionally with `Replicate()` "
@@ -364,7 +402,14 @@ class _Rows:
         placements = [Replicate()] * self.mesh.ndim
         placements[self.mesh_dim] = Shard(dim)
         stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
-        return DTensor.from_local(local, self.mesh, placements, run_check=False, shape=torch.Size(shape), stride=stride)
+        return DTensor.from_local(
+            local,
+            self.mesh,
+            placements,
+            run_check=False,
+            shape=torch.Size(shape),
+            stride=stride,
+        )
 
     def chunk(self, size: int) -> int:
         return math.ceil(size / self.world) if size else 0
@@ -386,7 +431,11 @@ class _Rows:
     def gather_rows(self, local: torch.Tensor, size: int) -> torch.Tensor | None:
         """The full tensor on rank 0 of the group, ``None`` elsewhere."""
         rows = self.chunk(size)
-        parts = [local.new_empty((rows, *local.shape[1:])) for _ in range(self.world)] if self.rank == 0 else None
+        parts = (
+            [local.new_empty((rows, *local.shape[1:])) for _ in range(self.world)]
+            if self.rank == 0
+            else None
+        )
         _dist().gather(self._padded(local, rows), parts, group=self.group, group_dst=0)
         return torch.cat(parts)[:size] if parts is not None else None
 
@@ -416,7 +465,9 @@ class _Rows:
         out = full.new_empty((full.shape[0], cols))
         _dist().reduce_scatter(out, parts, group=self.group)
         a, b = self.bounds(n)
-        return out[:, : b - a].contiguous()  # base updates may assume dense moments-shaped gradients
+        return out[
+            :, : b - a
+        ].contiguous()  # base updates may assume dense moments-shaped gradients
 
 
 def _global_matrix_shape(tensor: Any) -> tuple[int, int]:
@@ -434,13 +485,69 @@ def _basis_shard(rows: _Rows, full: torch.Tensor) -> torch.Tensor:
     return full[a:b].clone(memory_format=torch.contiguous_format)
 
 
-def _on_owner(rows: _Rows, compute: Callable[[], list[torch.Tensor] | None], shapes: list[tuple[int, int]]):
-    """Run ``compute`` on rank 0 and broadcast its float32 results; ``None`` on every rank if it failed."""
+def _version(value: Any) -> Any:
+    return (
+        (id(value), value._version)
+        if isinstance(value, torch.Tensor)
+        else ("value", repr(value))
+    )
+
+
+def _share_state(rows: _Rows, state: dict, before: dict[str, Any] | None) -> None:
+    """Copy every ``state`` entry rank 0's finder added or changed to the other ranks.
+
+    Finders may keep per-weight state (an online-PCA optimizer's moments, a
+    generator's position). It is computed on rank 0 only; replicating it keeps
+    every rank's state dict alike, which checkpointing (and a later owner)
+    relies on.
+    """
+    dist = _dist()
+    meta = None
+    if rows.rank == 0:
+        meta = []
+        for key, value in state.items():
+            if before is not None and before.get(key) == _version(value):
+                continue
+            if isinstance(value, torch.Tensor):
+                meta.append((key, tuple(value.shape), value.dtype))
+            else:
+                meta.append((key, None, value))
+    box = [meta]
+    dist.broadcast_object_list(box, group=rows.group, group_src=0)
+    for key, shape, info in box[0]:
+        if shape is None:
+            state[key] = info
+            continue
+        tensor = (
+            state[key].contiguous()
+            if rows.rank == 0
+            else torch.empty(shape, dtype=info)
+        )
+        wire = tensor.view(torch.uint8) if tensor.dtype == torch.bool else tensor
+        dist.broadcast(wire, group=rows.group, group_src=0)
+        if rows.rank != 0:
+            state[key] = tensor
+
+
+def _on_owner(
+    rows: _Rows,
+    compute: Callable[[], list[torch.Tensor] | None],
+    shapes: list[tuple[int, int]],
+    state: dict,
+):
+    """Run ``compute`` on rank 0 and broadcast its float32 results; ``None`` on every rank if it failed.
+
+    Whatever the finder wrote into ``state`` on rank 0 is replicated too.
+    """
     results = None
     if rows.rank == 0:
+        before = {key: _version(value) for key, value in state.items()}
         results = compute()
-        if results is not None and not all(bool(torch.isfinite(r).all()) for r in results):
+        if results is not None and not all(
+            bool(torch.isfinite(r).all()) for r in results
+        ):
             results = None
+    _share_state(rows, state, before if rows.rank == 0 else None)
     if not rows.all_true(results is not None or rows.rank != 0):
         return None
     if rows.rank != 0:
@@ -457,7 +564,10 @@ def _refresh_sharded(rows, local, shape, state, group, step, stats, dtype) -> No
     """
     if not rows.all_true(bool(torch.isfinite(local).all())):
         stats.skipped_nonfinite += 1
-        stats.warn_once("nonfinite", "GaLore: non-finite gradient at a refresh step; kept the previous basis")
+        stats.warn_once(
+            "nonfinite",
+            "GaLore: non-finite gradient at a refresh step; kept the previous basis",
+        )
         return
     finder = get_projector(group["projector"])
     codec = get_codec(group["quant"])
@@ -468,36 +578,54 @@ def _refresh_sharded(rows, local, shape, state, group, step, stats, dtype) -> No
     olds = []
     for side in sides:
         old = codec.decode(state, lowrank.basis_key(side))
-        olds.append(None if old is None else rows.all_gather_rows(old.float(), _side_size(side, shape)))
-    full = rows.gather_rows(local.float(), shape[0])  # one full gradient, on rank 0 only
+        olds.append(
+            None
+            if old is None
+            else rows.all_gather_rows(old.float(), _side_size(side, shape))
+        )
+    full = rows.gather_rows(
+        local.float(), shape[0]
+    )  # one full gradient, on rank 0 only
 
     def compute():
         news = []
         for side, old in zip(sides, olds):
             try:
-                new = finder.find(full, rank, side, previous=old, state=state, group=group)
+                new = finder.find(
+                    full, rank, side, previous=old, state=state, group=group
+                )
                 if not bool(torch.isfinite(new).all()):
                     raise FloatingPointError("the new basis is not finite")
             except (RuntimeError, FloatingPointError) as exc:
-                new = lowrank._fallback_basis(full, rank, side, old, step, group, stats, exc)
+                new = lowrank._fallback_basis(
+                    full, rank, side, old, step, group, stats, exc
+                )
                 if new is None:
                     return None
             news.append(new)
         return news
 
-    news = _on_owner(rows, compute, [(_side_size(side, shape), rank) for side in sides])
-    del full
+    news = _on_owner(
+        rows, compute, [(_side_size(side, shape), rank) for side in sides], state
+    )
+    full = None  # release the gathered gradient before storing
     if news is None:
         if rows.rank != 0:
             stats.refresh_failures += 1
         return
     if group.get("rotate_moments") and all(old is not None for old in olds):
-        lowrank.rotate_moments_(state, [(side, new.t() @ old) for side, old, new in zip(sides, olds, news)], stats)
+        lowrank.rotate_moments_(
+            state,
+            [(side, new.t() @ old) for side, old, new in zip(sides, olds, news)],
+            stats,
+        )
     for side, old, new in zip(sides, olds, news):
         if old is not None:
             stats.record_overlap(subspace_overlap(old, new))
         policy.after_refresh(state, group, step, old, new)
-        codec.encode(state, lowrank.basis_key(side), _basis_shard(rows, new), dtype, group=group)
+        codec.encode(
+            state, lowrank.basis_key(side), _basis_shard(rows, new), dtype, group=group
+        )
     stats.refreshes += 1
     stats.refresh_seconds += time.perf_counter() - started
 
@@ -514,17 +642,26 @@ def _track_sharded(rows, local, shape, state, group, dtype) -> None:
     bases = []
     for side in sides:
         size = shape[0] if side == "left" else shape[1]
-        bases.append(rows.all_gather_rows(codec.decode(state, lowrank.basis_key(side)).float(), size))
+        bases.append(
+            rows.all_gather_rows(
+                codec.decode(state, lowrank.basis_key(side)).float(), size
+            )
+        )
     full = rows.gather_rows(local.float(), shape[0])
 
     def compute():
-        return [finder.track(full, b, side, state=state, group=group) for side, b in zip(sides, bases)]
+        return [
+            finder.track(full, b, side, state=state, group=group)
+            for side, b in zip(sides, bases)
+        ]
 
-    moved = _on_owner(rows, compute, [tuple(b.shape) for b in bases])
+    moved = _on_owner(rows, compute, [tuple(b.shape) for b in bases], state)
     if moved is None:
         return
     for side, new in zip(sides, moved):
-        codec.encode(state, lowrank.basis_key(side), _basis_shard(rows, new), dtype, group=group)
+        codec.encode(
+            state, lowrank.basis_key(side), _basis_shard(rows, new), dtype, group=group
+        )
 
 
 def project_sharded_gradient(
@@ -569,7 +706,9 @@ def project_sharded_gradient(
     return low, used
 
 
-def apply_sharded_update(param: Any, update: torch.Tensor, bases: list[torch.Tensor], group: dict) -> None:
+def apply_sharded_update(
+    param: Any, update: torch.Tensor, bases: list[torch.Tensor], group: dict
+) -> None:
     """``W_i −= scale · back(update)_i`` on this rank's rows of a DTensor weight, in place."""
     rows = _Rows(param)
     shape = _global_matrix_shape(param)
@@ -588,7 +727,9 @@ def apply_sharded_update(param: Any, update: torch.Tensor, bases: list[torch.Ten
 
 
 # ------------------------------------------------------------------ checkpoints
-def _sharded_state_layouts(param: Any, group: dict) -> tuple[_Rows, dict[str, tuple[tuple[int, int], int]]]:
+def _sharded_state_layouts(
+    param: Any, group: dict
+) -> tuple[_Rows, dict[str, tuple[tuple[int, int], int]]]:
     """Global shape and split dimension of each low-rank state key this module keeps as a local shard."""
     rows = _Rows(param)
     m, n = _global_matrix_shape(param)
@@ -610,7 +751,9 @@ def _sharded_state_layouts(param: Any, group: dict) -> tuple[_Rows, dict[str, tu
     return rows, layouts
 
 
-def sharded_state_dict_post_hook(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+def sharded_state_dict_post_hook(
+    optimizer: torch.optim.Optimizer, state_dict: dict
+) -> dict:
     """``Optimizer.state_dict`` post-hook: show FSDP2 low-rank shards as ``DTensor`` s.
 
     The low-rank moments and bases of a ``Shard(0)`` weight are plain local
@@ -634,7 +777,11 @@ def sharded_state_dict_post_hook(optimizer: torch.optim.Optimizer, state_dict: d
             entry = dict(packed[pid])
             for key, (shape, dim) in layouts.items():
                 value = entry.get(key)
-                if not isinstance(value, torch.Tensor) or is_sharded_tensor(value) or value.dim() != 2:
+                if (
+                    not isinstance(value, torch.Tensor)
+                    or is_sharded_tensor(value)
+                    or value.dim() != 2
+                ):
                     continue
                 a, b = rows.bounds(shape[dim])
                 expected = (b - a, shape[1]) if dim == 0 else (shape[0], b - a)
@@ -644,7 +791,9 @@ def sharded_state_dict_post_hook(optimizer: torch.optim.Optimizer, state_dict: d
     return state_dict
 
 
-def sharded_load_state_dict_pre_hook(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+def sharded_load_state_dict_pre_hook(
+    optimizer: torch.optim.Optimizer, state_dict: dict
+) -> dict:
     """``Optimizer.load_state_dict`` pre-hook: back to this rank's local shards (inverse of the post-hook)."""
     packed = state_dict["state"]
     for saved in state_dict["param_groups"]:
@@ -654,7 +803,10 @@ def sharded_load_state_dict_pre_hook(optimizer: torch.optim.Optimizer, state_dic
             entry = packed.get(pid)
             if not entry or not any(is_sharded_tensor(v) for v in entry.values()):
                 continue
-            packed[pid] = {k: (v.to_local() if is_sharded_tensor(v) else v) for k, v in entry.items()}
+            packed[pid] = {
+                k: (v.to_local() if is_sharded_tensor(v) else v)
+                for k, v in entry.items()
+            }
     return state_dict
 
 

@@ -100,7 +100,7 @@ class PretrainArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (paper §5.1: 0.05)"})
     # --- schedule and batch
     num_training_steps: int = field(default=200, metadata={"help": "optimizer steps (paper: 10K at 60M)"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "linear warm-up share of the steps (paper: 10%)"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "linear warm-up share of the steps (paper: 10%%)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this share of the peak (0.1)"})
     max_length: int = field(default=256, metadata={"help": "sequence length (paper: 256)"})
     batch_size: int = field(default=8, metadata={"help": "sequences per device per micro-batch"})
@@ -141,7 +141,7 @@ def resolve_defaults(args: PretrainArguments) -> PretrainArguments:
     return args
 
 
-def load_model_config(name_or_path: str, vocab_size: int | None = None):
+def load_model_config(name_or_path: str, vocab_size: int | None = None) -> Any:
     """A ``LlamaConfig`` from ``configs/<name>.json`` or a path; ``vocab_size`` overrides (offline tokenizer)."""
     from transformers import LlamaConfig
 

@@ -36,8 +36,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import run_glue  # noqa: E402
-from offline_glue import GLUE_TASKS  # noqa: E402
+import run_glue
+from offline_glue import GLUE_TASKS
 
 MB = 2**20
 METHOD_LABELS = {"full": "Full FT (AdamW)", "galore": "GaLore", "lora": "LoRA"}
@@ -55,7 +55,7 @@ def _child(conn, fn: Callable, args: tuple, log_path: str | None) -> None:
             # Python-level streams too: they may be replaced objects (pytest, Jupyter) not writing to fd 1/2.
             sys.stdout = sys.stderr = os.fdopen(fd, "w", buffering=1)
         conn.send(("ok", fn(*args)))
-    except BaseException:  # report everything, including SystemExit from argument parsing
+    except BaseException:  # noqa: BLE001 - report everything to the parent, SystemExit from argparse too
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
@@ -130,7 +130,7 @@ def hardware() -> str:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    return f"CPU {model}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}"
+    return f"CPU {model}, {os.cpu_count()} cores visible"
 
 
 def markdown_table(summary: dict[str, dict[str, Any]], runs: list[dict[str, Any]]) -> str:
@@ -138,8 +138,8 @@ def markdown_table(summary: dict[str, dict[str, Any]], runs: list[dict[str, Any]
     metric = first["main_metric"]
     peak_kind = "CUDA allocated" if first["peak_memory_kind"] == "cuda_allocated" else "RSS growth"
     lines = [
-        f"| method | {first['task']} {metric} (mean ± std) | trainable params | optimizer state MB "
-        f"| weights+grads+states MB | peak memory MB ({peak_kind}) | train time s |",
+        (f"| method | {first['task']} {metric} (mean ± std) | trainable params | optimizer state MB "
+         f"| weights+grads+states MB | peak memory MB ({peak_kind}) | train time s |"),
         "|---|---|---|---|---|---|---|",
     ]
     for method, s in summary.items():
@@ -202,10 +202,14 @@ def plot(summary: dict[str, dict[str, Any]], runs: list[dict[str, Any]], path: P
 
 
 # ------------------------------------------------------------------------------- driver
-def _prepare_offline(cache_dir: str | None) -> str:
-    from offline_model import ensure_offline_model
+def _prepare_offline(cache_dir: str | None, pretrain_steps: int | None) -> str:
+    import torch
+    from offline_model import OfflineModelSpec, ensure_offline_model
 
-    return str(ensure_offline_model(cache_dir))
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # as run_glue does for the offline default
+    spec = OfflineModelSpec() if pretrain_steps is None else OfflineModelSpec(pretrain_steps=pretrain_steps)
+    return str(ensure_offline_model(cache_dir, spec))
 
 
 def run_comparison(
@@ -231,13 +235,20 @@ def run_comparison(
     out = Path(output_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
 
-    cache = None
-    if "--offline_cache_dir" in extra:
-        cache = extra[extra.index("--offline_cache_dir") + 1]
-    if source == "offline" or (source == "auto" and run_glue._hub_offline_env() is not None):
+    # Decide hub vs offline once for all runs (the same choice for every method and seed).
+    if source == "auto":
+        reachable, why = run_glue.probe_hub()
+        source = "hub" if reachable else "offline"
+    else:
+        why = f"requested with --source {source}"
+    print(f"Data and model: {'Hugging Face Hub' if source == 'hub' else 'offline default'} ({why})", flush=True)
+    if source == "offline":
         # Build the small pre-trained model once, before the timed runs (cached on disk).
-        print("Preparing the offline default model (cached after the first run) ...", flush=True)
-        path = run_isolated(_prepare_offline, (cache,), isolate=isolate, log_path=str(out / "prepare.log") if isolate else None)
+        cache = extra[extra.index("--offline_cache_dir") + 1] if "--offline_cache_dir" in extra else None
+        steps = int(extra[extra.index("--offline_pretrain_steps") + 1]) if "--offline_pretrain_steps" in extra else None
+        print("Preparing the offline default model (built once, then cached) ...", flush=True)
+        path = run_isolated(_prepare_offline, (cache, steps), isolate=isolate,
+                            log_path=str(out / "prepare.log") if isolate else None)
         print(f"  {path}", flush=True)
 
     runs: list[dict[str, Any]] = []
@@ -260,11 +271,12 @@ def run_comparison(
     summary = summarize(runs, list(methods))
     first = runs[0]
     settings = (
-        f"Task {task} ({first['source']}: {first['source_reason']}); model {first['model']}; "
+        f"Task {task} ({source}: {why}); model {first['model']}; "
         f"seeds {list(seeds)}; rank {rank}; " + "; ".join(
             f"{m}: lr {next(r for r in runs if r['method'] == m)['hparams']['learning_rate']:g}" for m in summary)
         + f"; batch {first['hparams']['batch_size']}; max_steps {first['hparams']['max_steps']} "
-        f"(epochs {first['hparams']['num_train_epochs']:g} if max_steps <= 0); {hardware()}; "
+        f"(epochs {first['hparams']['num_train_epochs']:g} if max_steps <= 0); {hardware()}, "
+        f"torch threads per run {first.get('torch_threads', '?')}; torch {__import__('torch').__version__}; "
         f"total wall time {time.perf_counter() - start:.0f} s."
     )
     table = markdown_table(summary, runs)

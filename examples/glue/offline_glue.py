@@ -17,7 +17,7 @@ on one machine. See README.md for the real-data path.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import datasets
 
@@ -306,7 +306,7 @@ def _rte(rng: random.Random, split: str) -> tuple:
 
 def _qnli(rng: random.Random, split: str) -> tuple:
     fact = _fact(rng)
-    s, v, o, a, p = fact
+    s, v, o, _, _ = fact
     kind = rng.randrange(3)
     question = [f"who {v} the {o} ?", f"where did the {s} {VERB_BASE[v]} the {o} ?", f"what did the {s} {VERB_BASE[v]} ?"][kind]
     label = rng.randrange(2)  # 0 entailment: the sentence answers the question

@@ -20,10 +20,12 @@ from .validation import check_beta, check_non_negative
 GALORE_GROUP_DOC = """
     Param groups with the key ``rank`` are projected (GaLore, arXiv:2403.03507);
     their optional keys are ``update_proj_gap`` (200), ``scale`` (0.25),
-    ``proj_type`` ("std"), ``projector`` ("svd"), ``quant`` (None) and
-    ``refresh`` ("fixed"). Groups without ``rank`` are updated at full rank.
-    Weights with more than two dimensions are projected as their
-    ``(shape[0], prod(shape[1:]))`` matrix.
+    ``proj_type`` ("std"), ``projector`` ("svd" | "randomized" | "online_pca"),
+    ``quant`` (None | "int8" | "int4"), ``refresh`` ("fixed" | "staggered" |
+    "lazy"), ``rotate_moments`` (False) and the member options listed in
+    docs/optimizers.md (``oversample``, ``power_iters``, ``osd_alpha``, ...).
+    Groups without ``rank`` are updated at full rank. Weights with more than
+    two dimensions are projected as their ``(shape[0], prod(shape[1:]))`` matrix.
 """
 
 
@@ -70,7 +72,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         hp = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": group["eps"]}
         updates: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
         for indices in _by_device_and_dtype(grads):
-            g = [grads[i] for i in indices]
+            g = [grads[i].contiguous() for i in indices]  # the fused kernel reads raw memory
             m = [states[i]["exp_avg"] for i in indices]
             v = [states[i]["exp_avg_sq"] for i in indices]
             if fused_adamw_supports(g + m + v):
@@ -92,7 +94,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         }
         for indices in _by_device_and_dtype(params):
             p = [params[i] for i in indices]
-            g = [grads[i] for i in indices]
+            g = [grads[i].contiguous() for i in indices]  # the fused kernel reads raw memory
             m = [states[i]["exp_avg"] for i in indices]
             v = [states[i]["exp_avg_sq"] for i in indices]
             if fused_adamw_supports(p + g + m + v):

@@ -37,7 +37,10 @@ class GaLoreOptimizer(Optimizer):
         super().__init__(params, defaults)
         # FSDP2: low-rank shards appear as DTensors in state_dict() so that
         # torch.distributed.checkpoint saves every rank's part (no-ops otherwise)
-        from ..distributed import sharded_load_state_dict_pre_hook, sharded_state_dict_post_hook
+        from ..distributed import (
+            sharded_load_state_dict_pre_hook,
+            sharded_state_dict_post_hook,
+        )
 
         self.register_state_dict_post_hook(sharded_state_dict_post_hook)
         self.register_load_state_dict_pre_hook(sharded_load_state_dict_pre_hook)

@@ -43,7 +43,10 @@ _FUSED_DEVICES = ("cpu", "cuda")
 
 
 def fused_adamw_supports(tensors: list[torch.Tensor]) -> bool:
-    """Whether torch's fused AdamW kernel can run on ``tensors`` (one device, float dtype).
+    """Whether torch's fused AdamW kernel can run on ``tensors`` (one device, float dtype, contiguous).
+
+    The kernel walks raw memory, so a strided view (e.g. a column slice)
+    would be read wrongly: such tensors take the multi-tensor path.
 
     The fused kernel makes one pass over memory instead of about seven: on CPU
     it is ~7x faster than the multi-tensor path for large tensors.
@@ -54,7 +57,7 @@ def fused_adamw_supports(tensors: list[torch.Tensor]) -> bool:
     return (
         first.device.type in _FUSED_DEVICES
         and first.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-        and all(t.device == first.device and t.dtype == first.dtype for t in tensors)
+        and all(t.device == first.device and t.dtype == first.dtype and t.is_contiguous() for t in tensors)
     )
 
 

@@ -31,6 +31,7 @@ from ..quant.int8 import int8_add_, int8_scale_
 from .schedules import get_refresh_policy
 from .stats import RefreshStats
 
+
 def _distributed():
     """``hf_galore.distributed``, imported on use (it imports this module)."""
     from .. import distributed

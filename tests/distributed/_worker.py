@@ -9,7 +9,7 @@ tests assert on.
 
 from __future__ import annotations
 
-import copy
+import datetime
 import json
 import os
 import sys
@@ -34,6 +34,7 @@ DIMS = (30, 45, 21, 7)  # odd sizes: uneven FSDP shards on both sides
 GLOBAL_BATCH = 16
 STEPS = 7
 LOWRANK = {"rank": 4, "update_proj_gap": 3, "scale": 0.25}
+COLLECTIVE_TIMEOUT = 120  # seconds
 
 
 class RankSkewedSVD(SVDFinder):
@@ -52,7 +53,9 @@ register_projector(RankSkewedSVD())
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(GLOBAL_BATCH, DIMS[0], generator=g), torch.randn(GLOBAL_BATCH, DIMS[-1], generator=g)
+    return torch.randn(GLOBAL_BATCH, DIMS[0], generator=g), torch.randn(
+        GLOBAL_BATCH, DIMS[-1], generator=g
+    )
 
 
 def local_rows(t: torch.Tensor) -> torch.Tensor:
@@ -65,7 +68,9 @@ def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (model(x) - y).square().mean() * 10.0
 
 
-def reference(lowrank: dict, steps: int = STEPS) -> tuple[nn.Module, torch.optim.Optimizer]:
+def reference(
+    lowrank: dict, steps: int = STEPS
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     """One process, whole global batch."""
     model = tiny_mlp(0, DIMS)
     opt = hf_galore.GaLoreAdamW(split_groups(model, **lowrank), lr=1e-2)
@@ -82,7 +87,11 @@ def fingerprint(model: nn.Module, opt: torch.optim.Optimizer) -> torch.Tensor:
     parts = [p.detach().reshape(-1) for p in model.parameters()]
     for group in opt.param_groups:
         for p in group["params"]:
-            parts += [v.reshape(-1).float() for k, v in opt.state[p].items() if k.startswith("basis_")]
+            parts += [
+                v.reshape(-1).float()
+                for k, v in opt.state[p].items()
+                if k.startswith("basis_")
+            ]
     return torch.cat(parts)
 
 
@@ -144,7 +153,9 @@ def ddp_layerwise() -> dict:
         before = [p.detach().clone() for p in model.parameters()]
         with ddp.no_sync():
             (loss_fn(ddp, x[:half], y[:half]) / 2).backward()
-        moved_early = any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+        moved_early = any(
+            not torch.equal(b, p) for b, p in zip(before, model.parameters())
+        )
         (loss_fn(ddp, x[half:], y[half:]) / 2).backward()
         grads_freed &= all(p.grad is None for p in model.parameters())
         updated_in_backward &= not moved_early and all(
@@ -162,7 +173,9 @@ def ddp_layerwise() -> dict:
     }
 
 
-def fsdp2(proj_type: str, steps: int = STEPS, projector: str = "svd") -> dict:
+def fsdp2(
+    proj_type: str, steps: int = STEPS, projector: str = "svd", checkpoint: bool = False
+) -> dict:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -189,7 +202,9 @@ def fsdp2(proj_type: str, steps: int = STEPS, projector: str = "svd") -> dict:
     return {
         "max_diff_vs_one_process": max_diff(model, ref),
         "moments_rel_diff": moments_rel_diff(model, opt, ref, ref_opt),
-        "checkpoint": checkpoint_round_trip(model, opt, ref, ref_opt) if proj_type != "full" else None,
+        "checkpoint": checkpoint_round_trip(model, opt, ref, ref_opt)
+        if checkpoint
+        else None,
         "state_bytes": optimizer_state_bytes(opt),
         "state_bytes_one_process": optimizer_state_bytes(ref_opt),
         "lowrank_states_local": lowrank_states_local,
@@ -216,7 +231,9 @@ def trainer_ddp() -> dict:
     from transformers import Trainer, TrainingArguments
 
     x, y = batch(0)
-    data = [{"x": x[i], "labels": y[i]} for i in range(GLOBAL_BATCH)]  # one step = the whole set
+    data = [
+        {"x": x[i], "labels": y[i]} for i in range(GLOBAL_BATCH)
+    ]  # one step = the whole set
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp,
@@ -241,10 +258,17 @@ def trainer_ddp() -> dict:
         model = Regressor()
         trainer = Trainer(model=model, args=args, train_dataset=data)
         trainer.train()
-        inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+        inner = (
+            trainer.optimizer.optimizer
+            if hasattr(trainer.optimizer, "optimizer")
+            else trainer.optimizer
+        )
         ref = Regressor()
         ref_opt = hf_galore.create_optimizer(ref, args)
-        xs, ys = torch.stack([d["x"] for d in data]), torch.stack([d["labels"] for d in data])
+        xs, ys = (
+            torch.stack([d["x"] for d in data]),
+            torch.stack([d["labels"] for d in data]),
+        )
         for _ in range(5):
             ref_opt.zero_grad()
             ref(xs, ys)["loss"].backward()
@@ -266,22 +290,41 @@ def checkpoint_round_trip(model, opt, ref, ref_opt) -> dict:
         set_optimizer_state_dict,
     )
 
-    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    full = get_optimizer_state_dict(
+        model, opt, options=StateDictOptions(full_state_dict=True)
+    )
+    # plain (replicated) entries share storage with the live state: copy before scribbling on it
+    full = torch.utils._pytree.tree_map(
+        lambda v: v.clone() if isinstance(v, torch.Tensor) else v, full
+    )
     ref_state = {name: ref_opt.state[p] for name, p in ref.named_parameters()}
     worst, keys = 0.0, 0
     for name, entry in full["state"].items():
         for key, value in entry.items():
-            if key.startswith("exp_avg") or key.startswith("basis_"):
+            if key.startswith(("exp_avg", "basis_")):
                 theirs = ref_state[name][key]
-                worst = max(worst, ((value - theirs).abs().max() / theirs.abs().max()).item())
+                worst = max(
+                    worst, ((value - theirs).abs().max() / theirs.abs().max()).item()
+                )
                 keys += 1
-    before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()}
+    before = {
+        id(p): {k: v.clone() for k, v in opt.state[p].items()}
+        for p in model.parameters()
+    }
     sharded = get_optimizer_state_dict(model, opt)
-    for entry in sharded["state"].values():  # scribble, then restore from the checkpoint
+    for entry in sharded[
+        "state"
+    ].values():  # scribble, then restore from the checkpoint
         for value in entry.values():
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and value.dim()
+            ):
                 (value.to_local() if hasattr(value, "to_local") else value).zero_()
-    set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        model, opt, full, options=StateDictOptions(full_state_dict=True)
+    )
 
     def restored() -> bool:
         return all(
@@ -301,7 +344,11 @@ def checkpoint_round_trip(model, opt, ref, ref_opt) -> dict:
     dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=where[0])
     for state in opt.state.values():
         for value in state.values():
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim():
+            if (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and value.dim()
+            ):
                 (value.to_local() if hasattr(value, "to_local") else value).zero_()
     target = {"optim": get_optimizer_state_dict(model, opt)}
     dcp.load(target, checkpoint_id=where[0])
@@ -312,7 +359,12 @@ def checkpoint_round_trip(model, opt, ref, ref_opt) -> dict:
         import shutil
 
         shutil.rmtree(where[0], ignore_errors=True)
-    return {"rel_diff_vs_one_process": worst, "keys": keys, "restored_full": from_full, "restored_dcp": from_dcp}
+    return {
+        "rel_diff_vs_one_process": worst,
+        "keys": keys,
+        "restored_full": from_full,
+        "restored_dcp": from_dcp,
+    }
 
 
 def moments_rel_diff(model, opt, ref, ref_opt) -> float:
@@ -340,10 +392,10 @@ SCENARIOS = {
     "ddp_skewed_unsynced": lambda: ddp_skewed(False),
     "ddp_layerwise": ddp_layerwise,
     "trainer_ddp": trainer_ddp,
-    "fsdp2_std": lambda: fsdp2("std"),
-    "fsdp2_reverse_std": lambda: fsdp2("reverse_std"),
-    "fsdp2_randomized": lambda: fsdp2("std", projector="randomized"),
-    "fsdp2_online_pca": lambda: fsdp2("std", projector="online_pca"),
+    "fsdp2_std": lambda: fsdp2("std", checkpoint=True),
+    "fsdp2_reverse_std": lambda: fsdp2("reverse_std", checkpoint=True),
+    "fsdp2_randomized": lambda: fsdp2("std", projector="randomized", checkpoint=True),
+    "fsdp2_online_pca": lambda: fsdp2("std", projector="online_pca", checkpoint=True),
     # Pᵀ G Q with G's own singular vectors is diagonal up to rounding, and Adam turns those
     # rounding-level entries into ±lr steps: only the first step's moments are comparable.
     "fsdp2_full": lambda: fsdp2("full", steps=1),
@@ -353,13 +405,16 @@ SCENARIOS = {
 def main(argv: list[str]) -> None:
     out_dir, names = argv[0], argv[1:]
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    # a collective that never completes (a bug) fails after this instead of hanging
+    dist.init_process_group(
+        "gloo", timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT)
+    )
     rank = dist.get_rank()
     try:
         for name in names:
             try:
                 result = SCENARIOS[name]()
-            except Exception:  # reported to the test, which fails with the traceback
+            except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
                 result = {"error": traceback.format_exc()}
             with open(os.path.join(out_dir, f"{name}.rank{rank}.json"), "w") as f:
                 json.dump(result, f)

@@ -18,7 +18,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
-LAUNCH_TIMEOUT = 300  # seconds, for every scenario together (about 60 s on 2 idle cores)
+LAUNCH_TIMEOUT = (
+    300  # seconds, for every scenario together (about 60 s on 2 idle cores)
+)
 SCENARIOS = (
     "ddp",
     "ddp_skewed_synced",
@@ -39,7 +41,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out_dir: Path, scenarios: tuple[str, ...] = SCENARIOS) -> dict[str, list[dict]]:
+def launch(
+    out_dir: Path, scenarios: tuple[str, ...] = SCENARIOS
+) -> dict[str, list[dict]]:
     """Run the scenarios under torchrun; return ``{scenario: [rank0 result, rank1 result]}``."""
     env = {
         **os.environ,
@@ -61,11 +65,22 @@ def launch(out_dir: Path, scenarios: tuple[str, ...] = SCENARIOS) -> dict[str, l
     ]
     # A session of its own, so a hung launch is killed with all its workers.
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         _, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
     except subprocess.TimeoutExpired:
+        # torchrun starts each worker in a session of its own: kill the whole tree
+        import psutil
+
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
         os.killpg(proc.pid, signal.SIGKILL)
         _, stderr = proc.communicate()
         stderr = f"timed out after {LAUNCH_TIMEOUT} s\n{stderr}"
@@ -73,7 +88,9 @@ def launch(out_dir: Path, scenarios: tuple[str, ...] = SCENARIOS) -> dict[str, l
     for name in scenarios:
         files = [out_dir / f"{name}.rank{rank}.json" for rank in range(WORLD)]
         if not all(f.exists() for f in files):
-            raise AssertionError(f"scenario {name!r} wrote no result (rc={proc.returncode}):\n{stderr[-4000:]}")
+            raise AssertionError(
+                f"scenario {name!r} wrote no result (rc={proc.returncode}):\n{stderr[-4000:]}"
+            )
         results[name] = [json.loads(f.read_text()) for f in files]
     return results
 
@@ -88,7 +105,9 @@ def scenario(two_process_results):
     def get(name: str) -> list[dict]:
         ranks = two_process_results[name]
         for rank, result in enumerate(ranks):
-            assert "error" not in result, f"rank {rank} of {name!r} failed:\n{result['error']}"
+            assert "error" not in result, (
+                f"rank {rank} of {name!r} failed:\n{result['error']}"
+            )
         return ranks
 
     return get

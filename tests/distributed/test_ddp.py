@@ -20,7 +20,9 @@ def test_ddp_ranks_hold_identical_parameters_and_bases(scenario):
     assert all(rank["ranks_identical"] for rank in scenario("ddp"))
 
 
-def test_basis_broadcast_keeps_ranks_identical_even_with_a_rank_dependent_finder(scenario):
+def test_basis_broadcast_keeps_ranks_identical_even_with_a_rank_dependent_finder(
+    scenario,
+):
     """By construction: a finder returning a different basis on every rank cannot split the ranks."""
     assert all(rank["ranks_identical"] for rank in scenario("ddp_skewed_synced"))
     # the same finder without the broadcast does split them, so the check above can fail
@@ -32,9 +34,13 @@ def test_layerwise_under_ddp_updates_with_reduced_gradients(scenario):
     for rank in scenario("ddp_layerwise"):
         assert rank["max_diff_vs_one_process"] < TOLERANCE
         assert rank["ranks_identical"]
-        assert rank["updated_in_backward"]  # during the synchronizing backward, not on no_sync ones
+        assert rank[
+            "updated_in_backward"
+        ]  # during the synchronizing backward, not on no_sync ones
         assert rank["grads_freed"]
-        assert rank["steps"] == [7] * 6  # one step per optimizer step, not per micro-batch
+        assert (
+            rank["steps"] == [7] * 6
+        )  # one step per optimizer step, not per micro-batch
 
 
 def test_trainer_under_ddp_equals_a_one_process_loop(scenario):

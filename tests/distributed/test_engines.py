@@ -7,7 +7,12 @@ import types
 import pytest
 import torch
 
-from hf_galore.distributed import check_supported_engine, is_sharded_tensor, optimizer_state_bytes, synchronize_bases
+from hf_galore.distributed import (
+    check_supported_engine,
+    is_sharded_tensor,
+    optimizer_state_bytes,
+    synchronize_bases,
+)
 from hf_galore.errors import UnsupportedSetupError
 from tests.helpers import split_groups, tiny_mlp
 
@@ -15,8 +20,14 @@ from tests.helpers import split_groups, tiny_mlp
 def _accelerator(kind: str, fsdp_version: int | None = None):
     from accelerate.utils import DistributedType
 
-    plugin = None if fsdp_version is None else types.SimpleNamespace(fsdp_version=fsdp_version)
-    return types.SimpleNamespace(distributed_type=DistributedType[kind], fsdp_plugin=plugin)
+    plugin = (
+        None
+        if fsdp_version is None
+        else types.SimpleNamespace(fsdp_version=fsdp_version)
+    )
+    return types.SimpleNamespace(
+        distributed_type=DistributedType[kind], fsdp_plugin=plugin
+    )
 
 
 def _training_args(**kwargs):
@@ -24,7 +35,9 @@ def _training_args(**kwargs):
     return types.SimpleNamespace(**{**defaults, **kwargs})
 
 
-class FullyShardedDataParallel(torch.nn.Module):  # stands in for FSDP1's wrapper (matched by name)
+class FullyShardedDataParallel(
+    torch.nn.Module
+):  # stands in for FSDP1's wrapper (matched by name)
     pass
 
 
@@ -36,10 +49,18 @@ REFUSED = [
     ("accelerate deepspeed", lambda: _accelerator("DEEPSPEED"), "DeepSpeed"),
     ("accelerate fsdp1", lambda: _accelerator("FSDP", fsdp_version=1), "FSDP1"),
     ("args deepspeed", lambda: _training_args(deepspeed="ds_config.json"), "DeepSpeed"),
-    ("args fsdp1", lambda: _training_args(fsdp=["full_shard"], fsdp_config={"version": 1}), "FSDP1"),
+    (
+        "args fsdp1",
+        lambda: _training_args(fsdp=["full_shard"], fsdp_config={"version": 1}),
+        "FSDP1",
+    ),
     ("fsdp1 module", lambda: torch.nn.Sequential(FullyShardedDataParallel()), "FSDP1"),
     ("deepspeed engine", lambda: DeepSpeedEngine(), "DeepSpeed"),
-    ("flat param", lambda: [types.SimpleNamespace(_is_flat_param=True)], "FlatParameter"),
+    (
+        "flat param",
+        lambda: [types.SimpleNamespace(_is_flat_param=True)],
+        "FlatParameter",
+    ),
     ("zero-3 param", lambda: [{"params": [types.SimpleNamespace(ds_id=3)]}], "ZeRO-3"),
 ]
 
@@ -48,7 +69,10 @@ ACCEPTED = [
     ("accelerate cpu", lambda: _accelerator("MULTI_CPU")),
     ("accelerate fsdp2", lambda: _accelerator("FSDP", fsdp_version=2)),
     ("args plain", lambda: _training_args()),
-    ("args fsdp2", lambda: _training_args(fsdp=["full_shard"], fsdp_config={"version": 2})),
+    (
+        "args fsdp2",
+        lambda: _training_args(fsdp=["full_shard"], fsdp_config={"version": 2}),
+    ),
     ("plain model", lambda: tiny_mlp()),
     ("something else", lambda: 3),
 ]
@@ -60,7 +84,9 @@ def test_flattening_engines_are_refused_with_the_alternative(name, make, engine)
         check_supported_engine(make())
     message = str(info.value)
     assert engine in message
-    assert "fully_shard" in message and "fsdp_version: 2" in message  # what to use instead
+    assert (
+        "fully_shard" in message and "fsdp_version: 2" in message
+    )  # what to use instead
 
 
 @pytest.mark.parametrize("name,make", ACCEPTED, ids=[c[0] for c in ACCEPTED])

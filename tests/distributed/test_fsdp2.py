@@ -24,6 +24,10 @@ def test_fsdp2_other_projectors_equal_one_process(scenario, projector):
     for rank in scenario(f"fsdp2_{projector}"):
         assert rank["max_diff_vs_one_process"] < TOLERANCE
         assert rank["moments_rel_diff"] < 1e-5
+        # the finder's own state (online PCA's moments) is replicated from rank 0: checkpoints restore it
+        assert (
+            rank["checkpoint"]["restored_full"] and rank["checkpoint"]["restored_dcp"]
+        )
 
 
 def test_fsdp2_full_projection_moments_equal_one_process(scenario):
@@ -51,7 +55,9 @@ def test_fsdp2_checkpoints_hold_every_ranks_shard(scenario, proj_type):
     """
     for rank in scenario(f"fsdp2_{proj_type}"):
         checkpoint = rank["checkpoint"]
-        assert checkpoint["keys"] == 15  # 3 weights x (2 moments + 1 basis) + 3 biases x 2 moments
+        assert (
+            checkpoint["keys"] == 15
+        )  # 3 weights x (2 moments + 1 basis) + 3 biases x 2 moments
         assert checkpoint["rel_diff_vs_one_process"] < 1e-5
         assert checkpoint["restored_full"]
         assert checkpoint["restored_dcp"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -90,8 +89,6 @@ def test_notebook_executes(cache_dir, tmp_path):
         'TASK = "sst2"\nMETHODS = ["full", "galore", "lora"]\nSEEDS = [0]\nRANK = 8\nSOURCE = "offline"\n'
         f"OUTPUT_DIR = {str(tmp_path / 'out')!r}\nEXTRA_ARGS = {['--offline_cache_dir', cache_dir, *TINY]!r}\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    os.environ.update(env)
     nbclient.NotebookClient(nb, timeout=150, kernel_name="python3",
                             resources={"metadata": {"path": str(GLUE_DIR)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))

@@ -46,21 +46,28 @@ def test_each_method_trains_and_reports(sst2_runs, tmp_path):
     n_layers_targets = LAYERS * 2  # query and value in every layer
     head = HIDDEN * HIDDEN + HIDDEN + HIDDEN * 2 + 2  # classifier.dense + classifier.out_proj
     full, galore, lora = sst2_runs["full"], sst2_runs["galore"], sst2_runs["lora"]
+    from transformers import AutoConfig
+
+    emb = AutoConfig.from_pretrained(full["model"]).vocab_size * HIDDEN  # word embeddings train offline
     for r in sst2_runs.values():
         assert r["source"] == "offline" and r["source_reason"] == "requested with --source offline"
         assert r["train_steps"] == 6 and r["train_loss"] == pytest.approx(r["train_loss"])  # finite
         assert 0.0 <= r["metrics"]["accuracy"] <= 1.0 and r["main_metric"] == "accuracy"
         assert r["peak_memory_kind"] == "cpu_rss_growth" and r["peak_memory_bytes"] >= 0
-    # trainable sets: everything; the target weights + head; the adapters + head
+    # trainable sets: everything; the target weights + head + embeddings; the adapters + head + embeddings
     assert full["trainable_params"] == full["total_params"]
-    assert galore["trainable_params"] == n_layers_targets * HIDDEN * HIDDEN + head
-    assert lora["trainable_params"] == n_layers_targets * 2 * RANK * HIDDEN + head
+    assert galore["trainable_params"] == n_layers_targets * HIDDEN * HIDDEN + head + emb
+    assert lora["trainable_params"] == n_layers_targets * 2 * RANK * HIDDEN + head + emb
+    assert galore["hparams"]["train_embeddings"] and lora["hparams"]["train_embeddings"]
     # AdamW keeps two fp32 moments per trainable value plus one fp32 step tensor per parameter tensor
     n_tensors = sum(1 for _ in run_glue.load_model(full["model"], "sst2").parameters())
     assert full["optimizer_state_bytes"] == 8 * full["trainable_params"] + 4 * n_tensors
-    # GaLore: low-rank moments + basis for the targets; within 2x of LoRA's state, far below full AdamW's
-    assert galore["optimizer_state_bytes"] < 2 * lora["optimizer_state_bytes"]
-    assert galore["optimizer_state_bytes"] < full["optimizer_state_bytes"] / 10
+    assert lora["optimizer_state_bytes"] == 8 * lora["trainable_params"] + 4 * (5 + 2 * n_layers_targets)
+    # GaLore: per 64x64 target two low-rank moments and the basis, each 64 x rank fp32; AdamW for head and
+    # embeddings (5 tensors); one fp32 step per tensor
+    low_rank = n_layers_targets * 3 * HIDDEN * RANK * 4
+    assert galore["optimizer_state_bytes"] == low_rank + 8 * (head + emb) + 4 * (n_layers_targets + 5)
+    assert galore["optimizer_state_bytes"] < 2 * lora["optimizer_state_bytes"]  # the bar
     assert galore["hparams"]["galore_scale"] == 2.0 and galore["hparams"]["update_proj_gap"] == run_glue.OFFLINE_GAP
 
 
@@ -72,7 +79,9 @@ def test_each_method_trains_and_reports(sst2_runs, tmp_path):
     ("cola", {"matthews_correlation"}),
 ])
 def test_task_metrics(cache_dir, tmp_path, task, keys):
-    r = run_glue.main(_args(cache_dir, tmp_path, task, "galore", "--max_steps", "2"))
+    # --source auto under the suite's HF_HUB_OFFLINE=1 picks the offline default and says why
+    r = run_glue.main(_args(cache_dir, tmp_path, task, "galore", "--max_steps", "2", "--source", "auto"))
+    assert r["source"] == "offline" and r["source_reason"] == "HF_HUB_OFFLINE is set, so the hub is not contacted"
     assert set(r["metrics"]) == keys
     assert r["main_metric"] == run_glue.MAIN_METRIC[task]
     saved = json.loads((tmp_path / "glue_results.json").read_text())
@@ -89,8 +98,8 @@ def _tiny_classifier():
 
 
 @pytest.mark.parametrize("argv,pattern", [
-    (["--task_name", "squad"], r"`task_name`='squad' is not supported; choose one of cola, sst2, mrpc, stsb, qqp, "
-                               r"mnli, qnli, rte, wnli"),
+    (["--task_name", "squad"], (r"`task_name`='squad' is not supported; choose one of cola, sst2, mrpc, stsb, "
+                                r"qqp, mnli, qnli, rte, wnli")),
     (["--method", "adapter"], r"`method`='adapter' is not supported; choose one of full, galore, lora"),
 ])
 def test_unknown_task_or_method_lists_valid_ones(argv, pattern, tmp_path):
@@ -136,3 +145,39 @@ def test_trainable_sets_match_between_lora_and_galore():
         *[f"base_model.model.roberta.encoder.layer.0.attention.self.{m}.lora_{ab}.default.weight"
           for m in ("query", "value") for ab in ("A", "B")],
     ]
+
+
+# (method, rank, task) -> the paper recipe's learning rate and batch (GaLore Table 7; Hu et al. Table 9)
+PAPER_RECIPE_CASES = [
+    ("galore", 4, "mrpc", 3e-5, 16), ("galore", 4, "cola", 3e-5, 32), ("galore", 8, "stsb", 3e-5, 16),
+    ("galore", 8, "cola", 1e-5, 32), ("galore", 8, "mnli", 1e-5, 16), ("lora", 8, "sst2", 5e-4, 16),
+    ("lora", 8, "mrpc", 4e-4, 16), ("full", 8, "rte", 2e-5, 16),
+]
+
+
+@pytest.mark.parametrize("method,rank,task,lr,batch", PAPER_RECIPE_CASES)
+def test_paper_recipe(method, rank, task, lr, batch):
+    args = run_glue.GlueArguments(task_name=task, method=method, rank=rank)
+    values = run_glue.recipe_values(args, "paper")
+    assert values["learning_rate"] == lr and values["per_device_train_batch_size"] == batch
+    assert values["num_train_epochs"] == 30
+    assert run_glue.galore_scale(args) == {4: 4.0, 8: 2.0}[rank]
+
+
+def test_explicit_flags_win_over_the_recipe():
+    assert run_glue.explicit_flags(["--learning_rate", "1e-3", "--max-steps=5", "sst2"]) == {"learning_rate", "max_steps"}
+
+
+def test_probe_hub_reports_why(monkeypatch):
+    import huggingface_hub
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def unreachable(self, *args, **kwargs):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", unreachable)
+    assert run_glue.probe_hub() == (False, "the hub was unreachable (ConnectionError: Name or service not known)")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert run_glue.probe_hub() == (False, "HF_HUB_OFFLINE is set, so the hub is not contacted")

@@ -110,6 +110,11 @@ def test_unknown_method_lists_choices():
         get_method("sgd")
 
 
+def test_unknown_model_config_lists_the_shipped_ones():
+    with pytest.raises(ValueError, match=r"`model_config`='llama_9t' is neither a file nor one of .*'llama_60m'"):
+        run_pretrain.load_model_config("llama_9t")
+
+
 def test_paper_configs_have_the_published_sizes():
     """configs/llama_60m.json and llama_1b.json give the parameter counts of REFERENCES §1.2."""
     from transformers import LlamaForCausalLM
@@ -346,3 +351,12 @@ def test_torchrun_two_processes_equal_one_process(workdir, run_method):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
     assert math.isfinite(single["eval_loss"])
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_pretrain.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--method", "--tokens_per_step", "--bf16", "--activation_checkpointing", "--resume_from_checkpoint"):
+        assert flag in text

@@ -362,3 +362,18 @@ def test_load_restores_float32_basis_for_bf16_weights():
     opt2.load_state_dict(sd)
     assert opt2.state[w]["extra_fp32"].dtype == torch.float32  # torch alone would cast it to bf16
     assert math.isclose(float(opt2.state[w]["step"]), 1.0)
+
+
+def test_strided_gradients_take_a_correct_path():
+    """Regression: the fused kernel reads raw memory, so a column-sliced gradient must not reach it."""
+    torch.manual_seed(0)
+    base = torch.randn(4, 46)
+    strided = base[:, :23]
+    assert not strided.is_contiguous()
+    w_strided = torch.nn.Parameter(torch.zeros(4, 23))
+    w_dense = torch.nn.Parameter(torch.zeros(4, 23))
+    opts = [GaLoreAdamW([w], lr=0.1) for w in (w_strided, w_dense)]
+    w_strided.grad, w_dense.grad = strided, strided.contiguous()
+    for opt in opts:
+        opt.step()
+    assert torch.equal(w_strided.detach(), w_dense.detach())
