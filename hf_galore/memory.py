@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .errors import GaLoreConfigError, UnsupportedSetupError, format_choices
+from .registry import Registry
 from .projectors.geometry import (
     PROJ_TYPES,
     as_matrix,
@@ -232,15 +233,8 @@ class MethodSpec:
     summary: str = ""
 
 
-METHODS: dict[str, MethodSpec] = {}
-
-
-def register_method(spec: MethodSpec) -> MethodSpec:
-    """Make ``spec`` available as ``method=spec.name``; names are unique."""
-    if spec.name in METHODS:
-        raise GaLoreConfigError(f"memory method {spec.name!r} is already registered")
-    METHODS[spec.name] = spec
-    return spec
+METHODS: Registry[MethodSpec] = Registry("method", "memory method")
+register_method = METHODS.register
 
 
 _BASE_METHODS = (

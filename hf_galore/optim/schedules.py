@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import GaLoreConfigError, format_choices
+from ..registry import Registry
 
 
 class RefreshPolicy:
@@ -120,24 +120,9 @@ class LazyRefresh(RefreshPolicy):
         state["lazy_next"] = step + gap
 
 
-REFRESH_POLICIES: dict[str, RefreshPolicy] = {}
-
-
-def register_refresh_policy(policy: RefreshPolicy) -> RefreshPolicy:
-    """Make ``policy`` selectable as ``refresh=policy.name``; names are unique."""
-    if policy.name in REFRESH_POLICIES:
-        raise GaLoreConfigError(f"refresh policy {policy.name!r} is already registered")
-    REFRESH_POLICIES[policy.name] = policy
-    return policy
-
-
-def get_refresh_policy(name: str) -> RefreshPolicy:
-    try:
-        return REFRESH_POLICIES[name]
-    except KeyError:
-        raise GaLoreConfigError(
-            f"`refresh` must be one of {format_choices(REFRESH_POLICIES)}, got {name!r}"
-        ) from None
+REFRESH_POLICIES: Registry[RefreshPolicy] = Registry("refresh", "refresh policy")
+register_refresh_policy = REFRESH_POLICIES.register
+get_refresh_policy = REFRESH_POLICIES.lookup
 
 
 register_refresh_policy(FixedGap())

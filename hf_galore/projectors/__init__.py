@@ -6,7 +6,7 @@ Adding a member is one file with a :class:`BasisFinder` subclass plus one
 
 from __future__ import annotations
 
-from ..errors import GaLoreConfigError, format_choices
+from ..registry import Registry
 from .base import BasisFinder, Side
 from .online_pca import OnlinePCAFinder
 from .quantized import Int4Codec, Int8Codec
@@ -14,25 +14,9 @@ from .randomized import RandomizedFinder
 from .storage import register_codec
 from .svd import SVDFinder, top_singular_basis
 
-PROJECTORS: dict[str, BasisFinder] = {}
-
-
-def register_projector(finder: BasisFinder) -> BasisFinder:
-    """Make ``finder`` selectable as ``projector=finder.name``; names are unique."""
-    if finder.name in PROJECTORS:
-        raise GaLoreConfigError(f"projector {finder.name!r} is already registered")
-    PROJECTORS[finder.name] = finder
-    return finder
-
-
-def get_projector(name: str) -> BasisFinder:
-    """Look up a registered finder, with the valid names in the error."""
-    try:
-        return PROJECTORS[name]
-    except KeyError:
-        raise GaLoreConfigError(
-            f"`projector` must be one of {format_choices(PROJECTORS)}, got {name!r}"
-        ) from None
+PROJECTORS: Registry[BasisFinder] = Registry("projector", "projector")
+register_projector = PROJECTORS.register
+get_projector = PROJECTORS.lookup
 
 
 register_projector(SVDFinder())

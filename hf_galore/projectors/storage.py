@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import GaLoreConfigError, format_choices
+from ..registry import Registry
 
 
 class BasisCodec(ABC):
@@ -46,22 +46,9 @@ class DenseCodec(BasisCodec):
         return state.get(key)
 
 
-CODECS: dict[str | None, BasisCodec] = {}
-
-
-def register_codec(codec: BasisCodec) -> BasisCodec:
-    """Make ``codec`` selectable as ``quant=codec.name``; names are unique."""
-    if codec.name in CODECS:
-        raise GaLoreConfigError(f"quant codec {codec.name!r} is already registered")
-    CODECS[codec.name] = codec
-    return codec
-
-
-def get_codec(name: str | None) -> BasisCodec:
-    try:
-        return CODECS[name]
-    except KeyError:
-        raise GaLoreConfigError(f"`quant` must be one of {format_choices(CODECS)}, got {name!r}") from None
+CODECS: Registry[BasisCodec] = Registry("quant", "quant codec")
+register_codec = CODECS.register
+get_codec = CODECS.lookup
 
 
 register_codec(DenseCodec())
