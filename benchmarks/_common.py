@@ -9,10 +9,15 @@ from collections.abc import Iterable
 import torch
 
 #: The GaLore paper's LLaMA "60M" shape (Table 5 / configs/llama_60m.json).
-LLAMA_60M = dict(
-    hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8, vocab_size=32000,
-    max_position_embeddings=1024, tie_word_embeddings=False,
-)
+LLAMA_60M = {
+    "hidden_size": 512,
+    "intermediate_size": 1376,
+    "num_attention_heads": 8,
+    "num_hidden_layers": 8,
+    "vocab_size": 32000,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": False,
+}
 
 
 def build_llama(seed: int = 0, **overrides) -> torch.nn.Module:

@@ -67,9 +67,9 @@ def _config(args: argparse.Namespace):
 
 def _build(method: str, config, dtype: torch.dtype, rank: int):
     """(model, optimizer, optimizer whose .state holds the tensors) through the public API."""
-    import hf_galore
-
     from transformers import AutoModelForCausalLM
+
+    import hf_galore
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
@@ -178,9 +178,9 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
 
 def main(argv=None) -> None:
     args = _parse(argv)
-    import hf_galore
-
     from tqdm import tqdm
+
+    import hf_galore
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = []

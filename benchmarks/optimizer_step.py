@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import build_llama, environment_line, galore_targets, median, state_bytes  # noqa: E402
+from _common import build_llama, environment_line, galore_targets, median, state_bytes
 
 
 def _groups(model, targets, rank, gap, extra=None):
@@ -145,12 +145,14 @@ def render(rows: list[dict]) -> str:
         "| optimizer | logical MiB | retained MiB | step ms (median) | × torch AdamW | × galore-torch AdamW | refresh step ms | first step ms |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    def ratio(value: float, base: float | None) -> str:
+        return f"{value / base:.2f}" if base else "–"
+
     for r in rows:
-        ratio = lambda base: f"{r['step_ms'] / base:.2f}" if base else "–"  # noqa: E731
         refresh = f"{r['refresh_ms']:.0f}" if r["refresh_ms"] == r["refresh_ms"] else "–"
         lines.append(
             f"| {r['optimizer']} | {r['logical_mib']:.2f} | {r['retained_mib']:.2f} | {r['step_ms']:.1f} | "
-            f"{ratio(adamw)} | {ratio(peer)} | {refresh} | {r['first_ms']:.0f} |"
+            f"{ratio(r['step_ms'], adamw)} | {ratio(r['step_ms'], peer)} | {refresh} | {r['first_ms']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -8,16 +8,20 @@ Trainer hook is installed when ``transformers.trainer`` is imported (see
 
 from __future__ import annotations
 
+from .config import GaLoreConfig
+from .distributed import check_supported_engine, register_layerwise_ddp_hook, synchronize_bases
 from .errors import GaLoreConfigError, HfGaloreError, UnsupportedSetupError
 from .memory import MemoryEstimate, estimate_memory
 from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreOptimizer, RefreshStats
+from .optim.layerwise import LayerwiseOptimizer, register_layerwise_trainer_optimizers
 from .quant import Int8Linear, prepare_model_for_int8_weights
-from .config import GaLoreConfig
 from .targets import TargetModulesError, galore_param_groups
 from .trainer import create_optimizer, install_import_hook, register_trainer_optimizer, register_with_transformers
-from .optim.layerwise import LayerwiseOptimizer, register_layerwise_trainer_optimizers
-from .distributed import check_supported_engine, register_layerwise_ddp_hook, synchronize_bases
 
+__version__ = "0.1.0"
+
+# `optim="galore_*_layerwise"` names, then the hook that registers every
+# `galore_*` name once transformers' Trainer module is imported.
 register_layerwise_trainer_optimizers()
 install_import_hook()
 
@@ -33,7 +37,6 @@ def __getattr__(name: str):
         return GaLoreCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__version__ = "0.1.0"
 
 __all__ = [
     "GaLoreAdafactor",

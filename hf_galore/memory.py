@@ -47,7 +47,6 @@ import torch
 from torch import nn
 
 from .errors import GaLoreConfigError, UnsupportedSetupError, format_choices
-from .registry import Registry
 from .projectors.geometry import (
     PROJ_TYPES,
     as_matrix,
@@ -56,6 +55,7 @@ from .projectors.geometry import (
     side_size,
     sides_for,
 )
+from .registry import Registry
 
 #: bitsandbytes keeps tensors smaller than this in 16/32-bit states (its ``min_8bit_size``).
 MIN_8BIT_SIZE = 4096

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -10,7 +12,7 @@ def tiny_mlp(seed: int = 0, dims=(32, 48, 24, 8)) -> nn.Sequential:
     """An MLP whose weights have both m > n and m < n shapes."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
         layers.append(nn.Linear(a, b))
         if i < len(dims) - 2:
             layers.append(nn.Tanh())

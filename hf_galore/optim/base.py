@@ -111,7 +111,7 @@ class GaLoreOptimizer(Optimizer):
 
     # -------------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - documented by torch.optim.Optimizer
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -26,4 +26,4 @@ register_projector(OnlinePCAFinder())
 register_codec(Int8Codec())
 register_codec(Int4Codec())
 
-__all__ = ["BasisFinder", "PROJECTORS", "Side", "get_projector", "register_projector", "top_singular_basis"]
+__all__ = ["PROJECTORS", "BasisFinder", "Side", "get_projector", "register_projector", "top_singular_basis"]
