@@ -155,7 +155,7 @@ class GaLoreOptimizer(Optimizer):
         return params, grads
 
     def _step_lowrank(self, group: dict[str, Any], params, grads) -> None:
-        todo_params, todo_lowrank, todo_bases, todo_states = [], [], [], []
+        stepped_params, stepped_lowrank, stepped_bases, stepped_states = [], [], [], []
         for p, g in zip(params, grads):
             state = self._state_for(p)
             projected = lowrank.project_gradient(p, g, state, group, self.galore_stats, sync=self.basis_sync)
@@ -164,15 +164,15 @@ class GaLoreOptimizer(Optimizer):
             low, bases = projected
             self._init_moments(state, low, group)
             state["step"] += 1
-            todo_params.append(p)
-            todo_lowrank.append(low)
-            todo_bases.append(bases)
-            todo_states.append(state)
-        if not todo_params:
+            stepped_params.append(p)
+            stepped_lowrank.append(low)
+            stepped_bases.append(bases)
+            stepped_states.append(state)
+        if not stepped_params:
             return
-        updates, decay_lrs = self._lowrank_updates(group, todo_params, todo_lowrank, todo_states)
+        updates, decay_lrs = self._lowrank_updates(group, stepped_params, stepped_lowrank, stepped_states)
         wd = group["weight_decay"]
-        for p, update, bases, decay_lr in zip(todo_params, updates, todo_bases, decay_lrs):
+        for p, update, bases, decay_lr in zip(stepped_params, updates, stepped_bases, decay_lrs):
             if wd:
                 lowrank.decay_weight_(p, 1.0 - decay_lr * wd)
             lowrank.apply_update(p, update, bases, group)
