@@ -44,3 +44,33 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, loss_s
 
 def max_param_diff(a: nn.Module, b: nn.Module) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def tiny_llama(seed: int = 0, vocab: int = 64, seq: int = 16):
+    """A 2-layer LLaMA small enough for Trainer tests (built in code, no hub)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=seq,
+    )
+    return LlamaForCausalLM(config)
+
+
+class TokenData(torch.utils.data.Dataset):
+    """``n`` seeded random token sequences, labels = inputs (causal LM)."""
+
+    def __init__(self, vocab: int, seq: int, n: int = 32, seed: int = 1) -> None:
+        self.ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}

@@ -30,34 +30,20 @@ from hf_galore.trainer import (
 )
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+
+from tests import helpers
 
 VOCAB, SEQ = 160, 16  # vocab x hidden >= 4096: embeddings get real 8-bit states
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=SEQ,
-    )
-    return LlamaForCausalLM(config)
+    return helpers.tiny_llama(seed, vocab=VOCAB, seq=SEQ)
 
 
-class TokenData(torch.utils.data.Dataset):
+class TokenData(helpers.TokenData):
     def __init__(self, n: int = 32, seed: int = 1) -> None:
-        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+        super().__init__(VOCAB, SEQ, n, seed)
 
 
 def training_args(tmp_path, **overrides) -> TrainingArguments:

@@ -18,7 +18,7 @@ matrix products instead:
 
 ``A`` is the gradient for the left side and its transpose for the right side.
 The random test matrix comes from a generator seeded by the weight's step, the
-matrix shape and the group key ``seed``: results are reproducible, resumable
+matrix shape and the group key ``proj_seed``: results are reproducible, resumable
 from a checkpoint without any stored RNG state, and identical on all DDP ranks
 (whose gradients are already all-reduced). Two weights of the same shape share
 ``Ω`` at the same step, which is harmless: the range finder's guarantee holds
