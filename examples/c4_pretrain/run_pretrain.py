@@ -38,6 +38,8 @@ from typing import Any, Literal
 
 import torch
 
+import hf_galore
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pretrain_data import (
@@ -51,6 +53,12 @@ from pretrain_data import (
 from pretrain_methods import METHODS, get_method, optimizer_state_bytes
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def _is_galore(optimizer: torch.optim.Optimizer) -> bool:
+    """A GaLore optimizer, or the layer-wise wrapper of one."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return isinstance(inner, hf_galore.GaLoreOptimizer)
 
 #: Per-size recipe of the paper (GaLore Table 5 and the repository's ``scripts/benchmark_c4``):
 #: rank, steps, warm-up, gap, per-GPU batch on A100s, GPUs. lr is per method (``pretrain_methods.py``);
@@ -292,10 +300,20 @@ def train(args: PretrainArguments) -> dict[str, Any]:
         vocab_size = None  # the config's 32,000, as in the paper
         eval_tokens = args.eval_tokens if args.eval_tokens is not None else 10_000_000
 
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        # The optimizer is built on the unsharded parameters before `prepare`;
+        # under FSDP it would update tensors the sharded model no longer uses.
+        raise ValueError(
+            f"run_pretrain.py supports one device and DDP (torchrun / accelerate's multi-GPU config), not "
+            f"{accelerator.distributed_type.name}; see docs/distributed.md for GaLore under FSDP2"
+        )
     model = _build_model(args, vocab_size)
     model, optimizer = method.build(model, args)
     model.train()
     model = accelerator.prepare(model)
+    if world > 1 and _is_galore(optimizer):
+        # every rank uses rank 0's basis by construction, not by relying on identical SVDs
+        hf_galore.synchronize_bases(optimizer)
     warmup = int(args.warmup_ratio * args.num_training_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, args.num_training_steps, warmup, args.min_lr_ratio)
