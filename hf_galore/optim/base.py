@@ -91,6 +91,9 @@ class GaLoreOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
         for group, saved_group in zip(self.param_groups, saved_groups):
+            if "rank" in group:  # checkpoints from before a group key existed
+                for key, value in LOWRANK_DEFAULTS.items():
+                    group.setdefault(key, value)
             for param, param_id in zip(group["params"], saved_group["params"]):
                 saved = state_dict["state"].get(param_id)
                 if saved is None:
@@ -99,9 +102,6 @@ class GaLoreOptimizer(Optimizer):
                 for key, value in saved.items():
                     if isinstance(value, torch.Tensor) and live[key].dtype != value.dtype:
                         live[key] = value.to(device=param.device if key != "step" else value.device, copy=True)
-                for key, value in LOWRANK_DEFAULTS.items():
-                    if "rank" in group:
-                        group.setdefault(key, value)
 
     def _state_for(self, param: torch.Tensor) -> dict[str, Any]:
         state = self.state[param]

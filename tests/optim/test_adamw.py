@@ -377,3 +377,22 @@ def test_strided_gradients_take_a_correct_path():
     for opt in opts:
         opt.step()
     assert torch.equal(w_strided.detach(), w_dense.detach())
+
+
+def test_checkpoint_without_newer_group_keys_loads_with_their_defaults():
+    """A rank group saved before `refresh`/`rotate_moments` existed, even one with no state yet."""
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    idle = torch.nn.Parameter(torch.randn(8, 4))  # never gets a gradient: no saved state
+    opt = GaLoreAdamW([{"params": [w], "rank": 2}, {"params": [idle], "rank": 2}])
+    w.grad = torch.randn(8, 4)
+    opt.step()
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["param_groups"]:
+        del group["refresh"], group["rotate_moments"]
+    fresh = GaLoreAdamW([{"params": [w], "rank": 2}, {"params": [idle], "rank": 2}])
+    fresh.load_state_dict(old)
+    for group in fresh.param_groups:
+        assert group["refresh"] == "fixed" and group["rotate_moments"] is False
+    w.grad, idle.grad = torch.randn(8, 4), torch.randn(8, 4)
+    fresh.step()
+    assert int(fresh.state[w]["step"]) == 2 and int(fresh.state[idle]["step"]) == 1
