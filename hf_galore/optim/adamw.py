@@ -9,6 +9,7 @@ import torch
 
 from .base import GaLoreOptimizer
 from .functional import (
+    restored_where,
     adam_steps,
     adam_steps_fused,
     adamw_full_rank_,
@@ -43,6 +44,9 @@ class GaLoreAdamW(GaLoreOptimizer):
         + GALORE_GROUP_DOC
     )
 
+    # torch's fused AdamW kernel skips a flagged step in place; other buckets are snapshot and restored
+    _native_found_inf = True
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -66,7 +70,7 @@ class GaLoreAdamW(GaLoreOptimizer):
             state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
 
-    def _lowrank_updates(self, group, params, grads, states):
+    def _lowrank_updates(self, group, params, grads, states, found_inf=None):
         beta1, beta2 = group["betas"]
         lr = float(group["lr"])
         hp = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": group["eps"]}
@@ -76,14 +80,15 @@ class GaLoreAdamW(GaLoreOptimizer):
             m = [states[i]["exp_avg"] for i in indices]
             v = [states[i]["exp_avg_sq"] for i in indices]
             if fused_adamw_supports(g + m + v):
-                out = adam_steps_fused(g, m, v, [states[i]["step"] for i in indices], **hp)
+                out = adam_steps_fused(g, m, v, [states[i]["step"] for i in indices], found_inf=found_inf, **hp)
             else:
-                out = adam_steps(g, m, v, [float(states[i]["step"]) for i in indices], **hp)
+                with restored_where(found_inf, m + v):
+                    out = adam_steps(g, m, v, [float(states[i]["step"]) for i in indices], **hp)
             for i, u in zip(indices, out):
                 updates[i] = u
         return updates, [lr] * len(updates)
 
-    def _step_full_rank(self, group, params, grads, states):
+    def _step_full_rank(self, group, params, grads, states, found_inf=None):
         beta1, beta2 = group["betas"]
         hp = {
             "lr": float(group["lr"]),
@@ -98,9 +103,10 @@ class GaLoreAdamW(GaLoreOptimizer):
             m = [states[i]["exp_avg"] for i in indices]
             v = [states[i]["exp_avg_sq"] for i in indices]
             if fused_adamw_supports(p + g + m + v):
-                adamw_full_rank_fused_(p, g, m, v, [states[i]["step"] for i in indices], **hp)
+                adamw_full_rank_fused_(p, g, m, v, [states[i]["step"] for i in indices], found_inf=found_inf, **hp)
             else:
-                adamw_full_rank_(p, g, m, v, [float(states[i]["step"]) for i in indices], **hp)
+                with restored_where(found_inf, p + m + v):
+                    adamw_full_rank_(p, g, m, v, [float(states[i]["step"]) for i in indices], **hp)
 
 
 def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[int]]:

@@ -39,6 +39,10 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         + GALORE_GROUP_DOC
     )
 
+    # bitsandbytes' kernel has no found_inf: a guarded step snapshots the 8-bit states (and, for a
+    # full-rank group, the weight) and puts them back with torch.where when the step is skipped
+    _native_found_inf = False
+
     def __init__(
         self,
         params: Iterable[Any],

@@ -8,10 +8,17 @@ three methods: :meth:`_init_moments`, :meth:`_lowrank_updates` and
 Low-rank step for weight ``W`` with gradient ``G`` (2-D view, see
 ``as_matrix``):  ``R = project(G)``; ``U, lr_wd = base_update(R)``;
 ``W ← W·(1 − lr_wd·wd)``; ``W ← W − scale·back(U)``.
+
+Non-finite gradients (group key ``skip_nonfinite``, on by default): a step
+whose gradients hold a NaN/Inf leaves weights and every state tensor as they
+were, GradScaler-style. The decision is a found-inf flag *tensor*, applied
+with ``found_inf`` of torch's fused AdamW kernel or ``torch.where`` selection,
+so the normal path never reads it on the host (see :func:`nonfinite_flag`).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,9 +27,63 @@ from torch.optim import Optimizer
 
 from ..errors import GaLoreConfigError, UnsupportedSetupError
 from ..quant.int8 import int8_owner
+from ..projectors import get_projector
 from . import lowrank
+from .functional import restored_where
 from .stats import RefreshStats
-from .validation import LOWRANK_DEFAULTS, check_lowrank_keys, check_non_negative
+from .validation import GROUP_DEFAULTS, LOWRANK_DEFAULTS, check_choice, check_lowrank_keys, check_non_negative
+
+#: Attribute naming, on each parameter, the optimizer that last took it (a ``weakref.ref``): a
+#: layer-wise optimizer's gradient hooks act only while it is the owner, so a newer optimizer on the
+#: same model (or a dropped one) never has the old hooks update its weights.
+OWNER_ATTR = "_hf_galore_owner"
+
+
+def param_owner(param: torch.Tensor) -> Any:
+    """The optimizer that last took ``param`` (``None`` when none did, or it was garbage-collected)."""
+    ref = getattr(param, OWNER_ATTR, None)
+    return None if ref is None else ref()
+
+
+def claim_params(params: Iterable[torch.Tensor], owner: Any) -> None:
+    """Record ``owner`` as the optimizer now driving ``params`` (held weakly)."""
+    ref = weakref.ref(owner)
+    for p in params:
+        setattr(p, OWNER_ATTR, ref)
+
+
+def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """A float32 0-dim tensor, 1.0 when any of ``tensors`` holds a NaN or an Inf (``None`` for no tensors).
+
+    One ``_foreach_norm(ord=inf)`` pass per device: the max-abs of a tensor is
+    NaN or Inf exactly when one of its entries is (a sum of squares could
+    overflow on finite values). Nothing is read on the host.
+    """
+    flag = None
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    sharded = False
+    for t in tensors:
+        if type(t) is not torch.Tensor and hasattr(t, "to_local"):  # FSDP2 DTensor: check this rank's shard
+            t, sharded = t.to_local(), True
+        by_device.setdefault(t.device, []).append(t)
+    for group in by_device.values():
+        found = torch.stack(torch._foreach_norm(group, float("inf"))).isfinite().all().logical_not()
+        flag = found if flag is None else flag.logical_or(found.to(flag.device))
+    if flag is None:
+        return None
+    flag = flag.float()
+    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank skips together
+    return flag
+
+
+def _host_flag(found_inf: torch.Tensor) -> torch.Tensor:
+    """The flag on the CPU, where the step counters live (a device-to-host read off the CPU)."""
+    return found_inf if found_inf.device.type == "cpu" else found_inf.to("cpu")
+
+
+def _state_tensors(state: dict[str, Any], skip: tuple[str, ...] = ("step",)) -> list[str]:
+    return [k for k, v in state.items() if isinstance(v, torch.Tensor) and k not in skip]
 
 
 class GaLoreOptimizer(Optimizer):
@@ -31,6 +92,14 @@ class GaLoreOptimizer(Optimizer):
     #: ``basis -> basis`` applied to every new basis before it is stored; set by
     #: ``hf_galore.distributed.synchronize_bases`` so data-parallel ranks share one basis
     basis_sync = None
+
+    #: ``torch.amp.GradScaler`` then hands ``step()`` its ``grad_scale`` and ``found_inf`` (as
+    #: attributes, as for torch's fused AdamW) instead of reading ``found_inf`` on the host itself
+    _step_supports_amp_scaling = True
+
+    #: the member's base updates take ``found_inf=`` themselves (torch's fused AdamW kernel skips in
+    #: place); otherwise their state tensors are snapshot and restored with ``torch.where``
+    _native_found_inf = False
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self.galore_stats = RefreshStats()
@@ -49,6 +118,9 @@ class GaLoreOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        for key, value in GROUP_DEFAULTS.items():
+            group.setdefault(key, value)
+        check_choice("skip_nonfinite", group["skip_nonfinite"], (True, False))
         self._validate_group(group)
         if "rank" in group:
             for key, value in LOWRANK_DEFAULTS.items():
@@ -91,6 +163,8 @@ class GaLoreOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
         for group, saved_group in zip(self.param_groups, saved_groups):
+            for key, value in GROUP_DEFAULTS.items():
+                group.setdefault(key, value)
             if "rank" in group:  # checkpoints from before a group key existed
                 for key, value in LOWRANK_DEFAULTS.items():
                     group.setdefault(key, value)
@@ -116,29 +190,78 @@ class GaLoreOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params, grads = self._params_with_grad(group)
-            self.update_params(group, params, grads)
+        work = [(group, *self._params_with_grad(group)) for group in self.param_groups]
+        found_inf = self._step_found_inf(work)
+        for group, params, grads in work:
+            guarded = found_inf is not None and (group["skip_nonfinite"] or getattr(self, "found_inf", None) is not None)
+            self._update(group, params, grads, found_inf if guarded else None)
+        if found_inf is not None:
+            self.galore_stats.record_skip(found_inf)
         return loss
 
+    def _step_found_inf(self, work: list[tuple[dict, list, list]]) -> torch.Tensor | None:
+        """One flag for the whole step (GradScaler's semantics: one bad gradient skips every weight).
+
+        Under ``torch.amp.GradScaler`` the scaler has already checked the
+        gradients (``self.found_inf``) and may pass the scale to divide them
+        by (``self.grad_scale``); both are device tensors, never read here.
+        """
+        scaler_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            grads = [g for _, _, gs in work for g in gs]
+            inverse = grad_scale.double().reciprocal().float()
+            for device_grads in _by_device(grads):
+                torch._foreach_mul_(device_grads, inverse.to(device_grads[0].device))
+        if scaler_inf is not None:
+            return (scaler_inf > 0).float()
+        return nonfinite_flag([g for group, _, gs in work if group["skip_nonfinite"] for g in gs])
+
     @torch.no_grad()
-    def update_params(self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    def update_params(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> torch.Tensor | None:
         """Update ``params`` (all from ``group``) with ``grads``: one optimizer step for each.
 
-        ``step()`` calls it once per group; layer-wise mode calls it from a
-        gradient hook with a single parameter, so both paths share every line
-        of the update.
+        ``step()`` updates whole groups under one found-inf flag; layer-wise mode
+        calls this from a gradient hook with a single parameter, so both paths
+        share every line of the update, and a weight whose gradient is not
+        finite is skipped on its own (``skip_nonfinite``). Returns the flag
+        applied (``None`` with the guard off).
         """
+        if not params:
+            return None
+        found_inf = nonfinite_flag(grads) if group["skip_nonfinite"] else None
+        self._update(group, params, grads, found_inf)
+        if found_inf is not None:
+            self.galore_stats.record_skip(found_inf)
+        return found_inf
+
+    def _update(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        found_inf: torch.Tensor | None,
+    ) -> None:
         if not params:
             return
         if "rank" in group:
-            self._step_lowrank(group, params, grads)
-        else:
-            states = [self._state_for(p) for p in params]
-            for g, s in zip(grads, states):
-                self._init_moments(s, g, group)
-                s["step"] += 1
+            self._step_lowrank(group, params, grads, found_inf)
+            return
+        states = [self._state_for(p) for p in params]
+        for g, s in zip(grads, states):
+            self._init_moments(s, g, group)
+            s["step"] += 1
+        if found_inf is None:
             self._step_full_rank(group, params, grads, states)
+            return
+        if self._native_found_inf:
+            self._step_full_rank(group, params, grads, states, found_inf=found_inf)
+        else:
+            with restored_where(found_inf, list(params) + [s[k] for s in states for k in _state_tensors(s)]):
+                self._step_full_rank(group, params, grads, states)
+        _unstep(states, found_inf)
 
     def _params_with_grad(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         params, grads = [], []
@@ -154,11 +277,19 @@ class GaLoreOptimizer(Optimizer):
             grads.append(p.grad)
         return params, grads
 
-    def _step_lowrank(self, group: dict[str, Any], params, grads) -> None:
+    def _step_lowrank(self, group: dict[str, Any], params, grads, found_inf: torch.Tensor | None = None) -> None:
         stepped_params, stepped_lowrank, stepped_bases, stepped_states = [], [], [], []
+        # Under the guard, state the step could change is saved first: the base update's state
+        # (unless its kernel skips by itself) and, for a basis tracked every step, the whole state.
+        saved: list[tuple[dict, dict[str, torch.Tensor]]] = []
+        tracking = found_inf is not None and get_projector(group["projector"]).tracks_every_step
         for p, g in zip(params, grads):
             state = self._state_for(p)
-            projected = lowrank.project_gradient(p, g, state, group, self.galore_stats, sync=self.basis_sync)
+            if tracking:
+                saved.append((state, {k: state[k].clone() for k in _state_tensors(state)}))
+            projected = lowrank.project_gradient(
+                p, g, state, group, self.galore_stats, sync=self.basis_sync, found_inf=found_inf
+            )
             if projected is None:
                 continue
             low, bases = projected
@@ -168,14 +299,44 @@ class GaLoreOptimizer(Optimizer):
             stepped_lowrank.append(low)
             stepped_bases.append(bases)
             stepped_states.append(state)
-        if not stepped_params:
+        if stepped_params:
+            updates, decay_lrs = self._guarded_updates(group, stepped_params, stepped_lowrank, stepped_states, found_inf)
+            wd = group["weight_decay"]
+            for p, update, bases, decay_lr in zip(stepped_params, updates, stepped_bases, decay_lrs):
+                if wd:
+                    factor = 1.0 - decay_lr * wd
+                    if found_inf is not None:  # multiplying by exactly 1.0 leaves the weight bit-identical
+                        factor = torch.where(found_inf.bool(), 1.0, torch.tensor(factor, dtype=torch.float32))
+                        factor = factor.to(p.device)
+                    lowrank.decay_weight_(p, factor)
+                lowrank.apply_update(p, update, bases, group)
+        if found_inf is None:
             return
-        updates, decay_lrs = self._lowrank_updates(group, stepped_params, stepped_lowrank, stepped_states)
-        wd = group["weight_decay"]
-        for p, update, bases, decay_lr in zip(stepped_params, updates, stepped_bases, decay_lrs):
-            if wd:
-                lowrank.decay_weight_(p, 1.0 - decay_lr * wd)
-            lowrank.apply_update(p, update, bases, group)
+        keep = found_inf.bool()
+        for state, old in saved:  # the tracked basis and its optimizer state (basis keys are re-assigned)
+            for key, value in old.items():
+                if state[key].shape == value.shape:
+                    state[key] = torch.where(keep.to(value.device), value, state[key])
+        _unstep(stepped_states, found_inf)
+
+    def _guarded_updates(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[dict],
+        found_inf: torch.Tensor | None,
+    ) -> tuple[list[torch.Tensor], list[float]]:
+        """:meth:`_lowrank_updates` whose steps are zero and state unchanged where ``found_inf`` is set."""
+        if found_inf is None:
+            return self._lowrank_updates(group, params, grads, states)
+        if self._native_found_inf:
+            updates, lrs = self._lowrank_updates(group, params, grads, states, found_inf=found_inf)
+        else:
+            with restored_where(found_inf, [s[k] for s in states for k in _state_tensors(s, _NOT_MOMENTS)]):
+                updates, lrs = self._lowrank_updates(group, params, grads, states)
+        keep = found_inf.bool()
+        return [torch.where(keep.to(u.device), torch.zeros((), dtype=u.dtype, device=u.device), u) for u in updates], lrs
 
     # ---------------------------------------------------------- member hooks
     def _init_moments(self, state: dict[str, Any], like: torch.Tensor, group: dict[str, Any]) -> None:
@@ -207,3 +368,22 @@ class GaLoreOptimizer(Optimizer):
             if wd:
                 p.mul_(1.0 - decay_lr * wd)
             p.sub_(update.to(p.dtype))
+
+
+#: State keys the base update never writes (the basis and the refresh policy's state).
+_NOT_MOMENTS = ("step", "basis_left", "basis_right", "lazy_cos")
+
+
+def _unstep(states: list[dict], found_inf: torch.Tensor) -> None:
+    """Take back the step-counter increment of a skipped step (the counters are CPU tensors)."""
+    if states:
+        host = _host_flag(found_inf)
+        for s in states:
+            s["step"].sub_(host)
+
+
+def _by_device(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        buckets.setdefault((t.device, t.dtype), []).append(t)
+    return list(buckets.values())

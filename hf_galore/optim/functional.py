@@ -8,7 +8,9 @@ otherwise through a multi-tensor version that follows the operation order of
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -39,6 +41,24 @@ def adam_moments_(
     return denom, bias_correction1
 
 
+@contextlib.contextmanager
+def restored_where(found_inf: torch.Tensor | None, tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Where ``found_inf`` is 1, put ``tensors`` back as they were before the block (no host read).
+
+    For updates whose kernel has no ``found_inf`` argument (bitsandbytes'
+    8-bit Adam, Adafactor, the multi-tensor Adam): costs one copy of each
+    tensor and one ``torch.where`` pass over it per step.
+    """
+    if found_inf is None or not tensors:
+        yield
+        return
+    saved = [t.clone() for t in tensors]
+    yield
+    keep = found_inf.bool()
+    for t, old in zip(tensors, saved):
+        t.copy_(torch.where(keep.to(t.device), old, t))
+
+
 _FUSED_DEVICES = ("cpu", "cuda")
 
 
@@ -61,7 +81,10 @@ def fused_adamw_supports(tensors: list[torch.Tensor]) -> bool:
     )
 
 
-def _fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step_tensors, *, lr, beta1, beta2, eps, weight_decay):
+def _fused_adamw_(
+    params, grads, exp_avgs, exp_avg_sqs, step_tensors, *, lr, beta1, beta2, eps, weight_decay, found_inf=None
+):
+    """torch's fused AdamW kernel; where ``found_inf`` is 1 it writes nothing (GradScaler's skipped step)."""
     torch._fused_adamw_(
         params,
         grads,
@@ -77,7 +100,7 @@ def _fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, step_tensors, *, lr, bet
         eps=eps,
         maximize=False,
         grad_scale=None,
-        found_inf=None,
+        found_inf=found_inf,
     )
 
 
@@ -91,15 +114,18 @@ def adam_steps_fused(
     beta1: float,
     beta2: float,
     eps: float,
+    found_inf: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """:func:`adam_steps` through torch's fused AdamW kernel (see :func:`fused_adamw_supports`).
 
     The kernel updates a "parameter" in place; starting from zeros it leaves
-    ``−lr·m̂/(√v̂ + eps)``, which we negate.
+    ``−lr·m̂/(√v̂ + eps)``, which we negate. With ``found_inf`` set the moments
+    are untouched and the steps stay zero.
     """
     buffers = [torch.zeros_like(g, memory_format=torch.contiguous_format) for g in grads]
     _fused_adamw_(
-        buffers, grads, exp_avgs, exp_avg_sqs, step_tensors, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=0.0
+        buffers, grads, exp_avgs, exp_avg_sqs, step_tensors,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=0.0, found_inf=found_inf,
     )
     torch._foreach_neg_(buffers)
     return buffers
@@ -159,11 +185,15 @@ def adamw_full_rank_fused_(
     beta2: float,
     eps: float,
     weight_decay: float,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
-    """``torch.optim.AdamW(fused=True)`` on full-rank tensors, in place (steps already incremented)."""
+    """``torch.optim.AdamW(fused=True)`` on full-rank tensors, in place (steps already incremented).
+
+    Where ``found_inf`` is 1 nothing is written (the caller takes the step increment back).
+    """
     _fused_adamw_(
         params, grads, exp_avgs, exp_avg_sqs, step_tensors,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, found_inf=found_inf,
     )
 
 

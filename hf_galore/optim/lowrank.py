@@ -169,6 +169,7 @@ def project_gradient(
     group: dict,
     stats: RefreshStats,
     sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
     """Low-rank gradient ``R`` of ``param`` and the bases used; refreshes or tracks first.
 
@@ -177,6 +178,9 @@ def project_gradient(
     basis exists yet (the very first gradient was non-finite): the weight is
     then left untouched for this step. A sharded (FSDP2 ``DTensor``)
     gradient is projected shard by shard in ``hf_galore.distributed``.
+
+    ``found_inf`` (the step's found-inf flag, see ``GaLoreOptimizer.step``) is
+    read on the host only when a refresh is due: a skipped step keeps the basis.
     """
     if type(grad) is not torch.Tensor and _distributed().is_sharded_tensor(grad):
         return _distributed().project_sharded_gradient(param, grad, state, group, stats)
@@ -188,7 +192,9 @@ def project_gradient(
     if bases is None:
         policy.setup(state, group, param)
     if bases is None or policy.due(state, group, step):
-        refresh_basis(matrix, state, group, step, stats, dtype=param.dtype, sync=sync)
+        # skipped for another weight's gradient: keep the basis (this one's own is counted by refresh_basis)
+        if found_inf is None or not bool(found_inf) or not bool(torch.isfinite(matrix).all()):
+            refresh_basis(matrix, state, group, step, stats, dtype=param.dtype, sync=sync)
         bases = load_bases(state, group, sides)
         if bases is None:
             return None
@@ -222,7 +228,7 @@ def apply_update(param: torch.Tensor, update: torch.Tensor, bases: list[torch.Te
     project_back_add_(as_matrix(param), update, bases, sides, alpha=alpha)
 
 
-def decay_weight_(param: torch.Tensor, factor: float) -> None:
+def decay_weight_(param: torch.Tensor, factor: float | torch.Tensor) -> None:
     """``W ← factor · W`` (decoupled weight decay); an INT8 weight scales its scales instead."""
     if not int8_scale_(param, factor):
         param.mul_(factor)

@@ -34,6 +34,13 @@ LOWRANK_DEFAULTS: dict[str, object] = {
 }
 
 
+#: Keys every param group gets, low-rank or not.
+GROUP_DEFAULTS: dict[str, object] = {
+    # a step whose gradients hold a NaN/Inf leaves weights and state untouched (False: as torch AdamW)
+    "skip_nonfinite": True,
+}
+
+
 def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise GaLoreConfigError(f"`{name}` must be a positive integer (>= 1), got {value!r}")
