@@ -33,6 +33,8 @@ from transformers import TrainerCallback
 from .errors import GaLoreConfigError, UnsupportedSetupError
 from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .optim.adamw8bit import BLOCK_SIZE, MIN_8BIT_SIZE
+from .optim.base import claim_params, param_owner
+from .optim.layerwise import LayerwiseOptimizer
 from .projectors.geometry import effective_rank, projected_shape, side_size, sides_for
 from .trainer import (
     EXPLICIT_PATH,
@@ -44,6 +46,8 @@ from .trainer import (
 
 _OWNER_ATTR = "_hf_galore_callback"
 _PEERS_ATTR = "_hf_galore_callbacks"
+#: set on a LayerwiseOptimizer whose hooks ``on_train_end`` removed: the next ``train()`` re-arms them
+_REARM_ATTR = "_hf_galore_rearm_hooks"
 MB = 2**20
 _SUMMARY_KEYS = ("update_proj_gap", "projector", "proj_type", "quant", "refresh")
 
@@ -74,6 +78,23 @@ def optimizer_state_bytes(optimizer: Any) -> int:
             if isinstance(value, torch.Tensor):
                 total += _nbytes(value)
     return total
+
+
+def _release_stale_hooks(model: torch.nn.Module, optimizer: Any) -> None:
+    """Make ``optimizer`` (any kind) the owner of weights an older layer-wise optimizer still hooks.
+
+    The older hooks then ignore every gradient (see ``LayerwiseOptimizer``),
+    whether or not that optimizer is still referenced somewhere.
+    """
+    if optimizer is None:
+        return
+    stale = [
+        p
+        for p in model.parameters()
+        if isinstance(param_owner(p), LayerwiseOptimizer) and param_owner(p) is not optimizer
+    ]
+    if stale:
+        claim_params(stale, optimizer)
 
 
 # ------------------------------------------------------ state-size estimate
@@ -280,6 +301,11 @@ class GaLoreCallback(TrainerCallback):
         name = optim_name(args)
         inner = unwrap_optimizer(optimizer)
         ours = is_hf_galore_optimizer(inner)
+        if model is not None:
+            _release_stale_hooks(model, inner)
+        if isinstance(inner, LayerwiseOptimizer) and getattr(inner, _REARM_ATTR, False):
+            inner.register_hooks()  # removed when this Trainer's previous train() ended
+            setattr(inner, _REARM_ATTR, False)
         if is_galore_optim(name) and not ours:
             reason = hook_error()
             raise UnsupportedSetupError(
@@ -312,6 +338,18 @@ class GaLoreCallback(TrainerCallback):
         if self.print_summary and state.is_world_process_zero:
             print(self.summary, flush=True)
 
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        """A layer-wise optimizer's gradient hooks end with the training that uses them.
+
+        The model often outlives its Trainer (a notebook comparing optimizers
+        on one model): hooks left on its weights would keep updating it in the
+        next run's backward passes.
+        """
+        inner = self._optimizer if self._optimizer is not None else unwrap_optimizer(optimizer)
+        if isinstance(inner, LayerwiseOptimizer) and inner.hooks_registered:
+            inner.remove_hooks()
+            setattr(inner, _REARM_ATTR, True)
+
     # ---------------------------------------------------------------- logs
     def stats(self) -> dict[str, float]:
         """The ``galore/*`` values now (overlap: mean since the previous call)."""
@@ -321,6 +359,8 @@ class GaLoreCallback(TrainerCallback):
             "galore/refreshes": stats.refreshes,
             "galore/refresh_seconds": round(stats.refresh_seconds, 4),
             "galore/optimizer_state_mb": round(optimizer_state_bytes(optimizer) / MB, 4),
+            # steps skipped for a NaN/Inf gradient (per weight in layer-wise mode); docs/optimizers.md
+            "galore/skipped_steps": stats.skipped_steps,
         }
         # robustness events (docs/projectors.md), logged once they have happened
         for key in ("fallbacks", "refresh_failures", "skipped_nonfinite"):

@@ -47,7 +47,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..errors import GaLoreConfigError, UnsupportedSetupError
-from .base import GaLoreOptimizer
+from .base import OWNER_ATTR, GaLoreOptimizer, claim_params, param_owner
 from .validation import check_positive, check_positive_int
 
 #: Added to a gradient norm before dividing, as ``torch.nn.utils.clip_grad_norm_`` does.
@@ -91,14 +91,32 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 _TRAINER_SUPPORT = {"installed": False}
 
-#: Attribute naming the LayerwiseOptimizer whose hook updates a parameter: the newest built on it (e.g.
-#: when the Trainer re-creates its optimizer), so an older one's hooks never update it a second time.
-_OWNER_ATTR = "_hf_galore_layerwise_owner"
+#: Attribute naming (weakly) the LayerwiseOptimizer whose gradient hook is on a parameter. A hook acts
+#: only while its optimizer also owns the parameter (``base.param_owner``): a newer optimizer of any
+#: kind built on the same weights, regular or layer-wise, silences it.
+_HOOKED_ATTR = "_hf_galore_hooked"
 
 
-def _owner(param: torch.Tensor) -> LayerwiseOptimizer | None:
-    ref = getattr(param, _OWNER_ATTR, None)
+def _hooked_by(param: torch.Tensor) -> LayerwiseOptimizer | None:
+    ref = getattr(param, _HOOKED_ATTR, None)
     return None if ref is None else ref()
+
+
+def _weak_hook(ref: weakref.ref) -> Callable[[torch.Tensor], None]:
+    """A gradient hook holding its optimizer weakly: a dropped optimizer cannot act on the model."""
+
+    def hook(param: torch.Tensor) -> None:
+        optimizer = ref()
+        if optimizer is not None:
+            optimizer._hook(param)
+
+    return hook
+
+
+def _remove_handles(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 _DDP_MESSAGE = (
@@ -212,6 +230,8 @@ class LayerwiseOptimizer(Optimizer):
         self._seen: dict[torch.Tensor, int] = {}  # hook calls in the current accumulation window
         self._norm_sq: torch.Tensor | None = None
         self._holding = 0
+        # the hooks go when this optimizer is garbage-collected (they hold it weakly)
+        weakref.finalize(self, _remove_handles, self._handles)
         for index, group in enumerate(self.optimizer.param_groups):
             self._track(group["params"], index)
 
@@ -265,7 +285,6 @@ class LayerwiseOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ hooks
     def _track(self, params: list[torch.Tensor], index: int) -> None:
-        taken_over = 0
         for p in params:
             if _is_dtensor(p):
                 raise UnsupportedSetupError(
@@ -274,21 +293,30 @@ class LayerwiseOptimizer(Optimizer):
                     "hooks never fire. Use the regular optimizer (`layerwise=False`); see docs/distributed.md"
                 )
             self._group_index[p] = index
-            if self.hooks_registered and p.requires_grad:
-                if _owner(p) not in (None, self):
-                    taken_over += 1
-                setattr(p, _OWNER_ATTR, weakref.ref(self))
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+        if self.hooks_registered:
+            self._hook_params(params)
+
+    def _hook_params(self, params: list[torch.Tensor]) -> None:
+        taken_over = 0
+        ref = weakref.ref(self)
+        for p in params:
+            if not p.requires_grad:
+                continue
+            previous = _hooked_by(p)
+            if previous is not None and previous is not self and previous.hooks_registered:
+                taken_over += 1
+            setattr(p, _HOOKED_ATTR, ref)
+            claim_params([p], self)
+            self._handles.append(p.register_post_accumulate_grad_hook(_weak_hook(ref)))
         if taken_over:
             warnings.warn(
                 f"{taken_over} parameters already had the gradient hook of another LayerwiseOptimizer; the "
                 "newest one now updates them and the older one ignores them (call `remove_hooks()` on the "
                 "older optimizer to say this is intended)",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        if self.hooks_registered:
-            self._check_world()
+        self._check_world()
 
     @staticmethod
     def _check_world() -> None:
@@ -297,18 +325,30 @@ class LayerwiseOptimizer(Optimizer):
             raise UnsupportedSetupError(_DDP_MESSAGE.format(world=world))
 
     def remove_hooks(self) -> None:
-        """Detach the gradient hooks; ``step()`` then updates every weight, as the regular optimizer does."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Detach the gradient hooks; ``step()`` then updates every weight, as the regular optimizer does.
+
+        ``GaLoreCallback`` calls it when the Trainer's training ends, so a model
+        outliving its Trainer carries no hooks (and re-arms them with
+        :meth:`register_hooks` if the same Trainer trains again).
+        """
+        _remove_handles(self._handles)
         for p in self._group_index:
-            if _owner(p) is self:
-                delattr(p, _OWNER_ATTR)
+            if param_owner(p) is self:
+                delattr(p, OWNER_ATTR)
+            if _hooked_by(p) is self:
+                delattr(p, _HOOKED_ATTR)
         self.hooks_registered = False
 
+    def register_hooks(self) -> None:
+        """Attach the gradient hooks again after :meth:`remove_hooks` (no-op while attached)."""
+        if self.hooks_registered:
+            return
+        self.hooks_registered = True
+        self._hook_params(list(self._group_index))
+
     def _hook(self, param: torch.Tensor) -> None:
-        if param.grad is None or _owner(param) is not self:
-            return  # a newer LayerwiseOptimizer drives this parameter
+        if param.grad is None or param_owner(param) is not self:
+            return  # a newer optimizer drives this parameter
         self._check_world()  # DDP may wrap the model after the optimizer was built
         if not _TRAINER_SUPPORT["installed"] and "transformers.trainer" in sys.modules:
             install_trainer_support()  # before the Trainer reads a grad norm the hooks already consumed
@@ -418,9 +458,16 @@ class LayerwiseOptimizer(Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear gradients still held (mid-window accumulation) and restart the accumulation window."""
+        """Clear gradients still held (mid-window accumulation) and restart the accumulation window.
+
+        Also forgets which weights this step already updated: after a backward
+        that raised half-way, ``zero_grad()`` lets the next backward update
+        every weight again instead of refusing a "second final gradient".
+        """
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._seen.clear()
+        self._updated.clear()
+        self._norm_sq = None
 
 
 def as_layerwise(optimizer: Optimizer) -> LayerwiseOptimizer | None:
