@@ -103,6 +103,10 @@ class GaLoreConfig:
         exclude_modules: Modules never projected, same rules; excludes win.
         layerwise: Update each weight inside its gradient hook (the
             ``*_layerwise`` optim names set this).
+        skip_nonfinite: A step whose gradients hold a NaN or an Inf is
+            skipped: weights and all optimizer state stay as they were, the
+            skip is counted (``galore/skipped_steps``). ``False`` updates
+            anyway, exactly as ``torch.optim.AdamW``. Set on every param group.
         small_weights: A matched weight whose smaller dimension is <= ``rank``
             gains nothing from projection: "full_rank" trains it at full rank
             (warned once, listed in the start-up summary), "error" refuses.
@@ -152,6 +156,13 @@ class GaLoreConfig:
     layerwise: bool = field(
         default=False,
         metadata={"help": "Update each weight in its gradient hook (layer-wise mode)."},
+    )
+    skip_nonfinite: bool = field(
+        default=True,
+        metadata={
+            "help": "Skip an optimizer step whose gradients hold NaN/Inf, keeping weights and state (False: "
+            "update anyway, as torch AdamW). Applies to every param group.",
+        },
     )
     small_weights: Literal["full_rank", "error"] = field(
         default="full_rank",

@@ -352,6 +352,8 @@ def plan_param_groups(model: nn.Module, config: GaLoreConfig, *, weight_decay: f
         group: dict[str, Any] = {"params": params}
         if is_target:
             group.update(options)
+        elif not options["skip_nonfinite"]:  # the guard is a setting of every group
+            group["skip_nonfinite"] = False
         if not decays:
             group["weight_decay"] = 0.0
         elif weight_decay is not None:

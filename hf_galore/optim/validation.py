@@ -33,12 +33,12 @@ LOWRANK_DEFAULTS: dict[str, object] = {
     "lazy_queue": 5,
 }
 
-
 #: Keys every param group gets, low-rank or not.
 GROUP_DEFAULTS: dict[str, object] = {
     # a step whose gradients hold a NaN/Inf leaves weights and state untouched (False: as torch AdamW)
     "skip_nonfinite": True,
 }
+LOWRANK_DEFAULTS.update(GROUP_DEFAULTS)
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -92,6 +92,7 @@ def check_lowrank_keys(group: dict) -> None:
     check_choice("quant", group["quant"], CODECS)
     check_choice("refresh", group["refresh"], REFRESH_POLICIES)
     check_choice("rotate_moments", group["rotate_moments"], (False, True))
+    check_choice("skip_nonfinite", group["skip_nonfinite"], (False, True))
     check_positive_int("quant_group_size", group["quant_group_size"])
     check_non_negative_int("oversample", group["oversample"])
     check_non_negative_int("power_iters", group["power_iters"])
