@@ -6,6 +6,7 @@ seed and schedule), so layer-wise runs must match it step for step.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from types import SimpleNamespace
 
@@ -198,3 +199,53 @@ def test_resume_is_bit_exact(tmp_path):
         (e["step"], e["loss"], e["grad_norm"]) for e in straight.state.log_history if "loss" in e and e["step"] > 2
     ]
     assert len(later) == 2
+
+
+def _train(tmp_path, model, name, optim, **overrides) -> Trainer:
+    kwargs = {
+        "output_dir": str(tmp_path / name),
+        "optim": optim,
+        "optim_target_modules": ["attn", "mlp"],
+        "optim_args": "rank=4, update_proj_gap=2",
+        "max_steps": 2,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+        "data_seed": 0,
+        "max_grad_norm": 0.0,
+        **overrides,
+    }
+    trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=TokenData())
+    trainer.train()
+    return trainer
+
+
+def test_a_model_reused_after_a_layerwise_run_trains_like_a_fresh_copy(tmp_path):
+    """The notebook pattern: compare optimizers on one model object, one Trainer after the other."""
+    model = tiny_llama()
+    first = _train(tmp_path, model, "first", "galore_adamw_layerwise")
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())  # removed at train end
+    fresh = copy.deepcopy(model)
+    _train(tmp_path, model, "reused", "galore_adamw")  # raised "received a second final gradient"
+    _train(tmp_path, fresh, "fresh", "galore_adamw")
+    assert _max_diff([p.detach() for p in model.parameters()], [p.detach() for p in fresh.parameters()]) == 0.0
+    # the same Trainer trains again layer-wise: its hooks are re-armed for the run, removed after it
+    from transformers import TrainerCallback
+
+    armed = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            armed.append(optimizer.optimizer.hooks_registered)
+
+    first.add_callback(Probe())
+    first.args.max_steps = 3
+    first.train()
+    assert armed == [True, True, True]
+    assert first.optimizer.optimizer.hooks_registered is False
+    inner = first.optimizer.optimizer.optimizer
+    assert {float(s["step"]) for s in inner.state.values()} == {5.0}  # 2 + 3 steps, one tick each

@@ -144,6 +144,7 @@ class GaLoreOptimizer(Optimizer):
                 "without `rank`; its updates are applied with stochastic rounding by the low-rank path only. "
                 "Put it in a low-rank group, or lower `rank` below its smaller dimension"
             )
+        claim_params(group["params"], self)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Per-member hyper-parameter checks; the base checks what all share."""

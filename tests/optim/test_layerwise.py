@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import math
 
@@ -301,6 +302,69 @@ def test_a_newer_optimizer_takes_over_the_hooks():
     x, y = regression_batch()
     _loss(model, x, y).backward()
     assert all(p.grad is not None for p in model.parameters())  # nobody hooks them any more
+
+
+def test_a_regular_optimizer_taking_the_parameters_silences_the_old_hooks():
+    """A model reused after layer-wise training trains exactly like a fresh copy of it."""
+    _, _, model, old = _pair()
+    _run(model, old, 2)
+    fresh = copy.deepcopy(model)  # same weights, no hooks (deepcopy drops them)
+    reused_opt = GaLoreAdamW(split_groups(model, **LOWRANK), lr=1e-2)  # `old` still alive, hooks attached
+    fresh_opt = GaLoreAdamW(split_groups(fresh, **LOWRANK), lr=1e-2)
+    _run(model, reused_opt, 3)
+    _run(fresh, fresh_opt, 3)
+    assert max_param_diff(model, fresh) == 0.0
+    assert sum(len(s) for s in old.state.values()) > 0 and all(int(s["step"]) == 2 for s in old.state.values())
+
+
+def test_a_dropped_optimizer_cannot_act_on_the_model():
+    _, _, model, layerwise = _pair()
+    _run(model, layerwise, 1)
+    hooks = [p._post_accumulate_grad_hooks for p in model.parameters()]
+    assert all(h for h in hooks)
+    del layerwise
+    gc.collect()
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # removed with it
+    x, y = regression_batch()
+    _loss(model, x, y).backward()
+    assert all(p.grad is not None for p in model.parameters())  # nobody consumed the gradients
+
+
+def test_remove_and_register_hooks_again():
+    regular_model, regular, model, layerwise = _pair()
+    _run(regular_model, regular, 4)
+    _run(model, layerwise, 2)
+    layerwise.remove_hooks()
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+    layerwise.register_hooks()
+    layerwise.register_hooks()  # no-op while attached
+    assert all(len(p._post_accumulate_grad_hooks) == 1 for p in model.parameters())
+    x, y = regression_batch()
+    _loss(model, x, y).backward()
+    assert all(p.grad is None for p in model.parameters())  # updated in the hooks
+    layerwise.step()
+    _run(model, layerwise, 1)
+    assert max_param_diff(regular_model, model) <= 1e-6
+
+
+def test_zero_grad_after_a_backward_that_raised_rearms_every_weight():
+    _, _, model, layerwise = _pair()
+    x, y = regression_batch()
+    hidden = {}
+
+    def fail(grad):
+        raise RuntimeError("boom in the middle of backward")
+
+    h = model[0].register_forward_hook(lambda m, i, out: hidden.update(handle=out.register_hook(fail)))
+    with pytest.raises(RuntimeError, match="boom"):
+        _loss(model, x, y).backward()  # the last layer's weights were updated before the error
+    assert layerwise._updated
+    h.remove()
+    layerwise.zero_grad()
+    _loss(model, x, y).backward()  # was: "received a second final gradient"
+    layerwise.step()
+    assert layerwise.last_grad_norm is not None and torch.isfinite(layerwise.last_grad_norm)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_as_layerwise_unwraps():
