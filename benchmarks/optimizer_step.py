@@ -2,6 +2,7 @@
 
     python benchmarks/optimizer_step.py                 # 30 steps x 2 rounds, gap 25
     python benchmarks/optimizer_step.py --steps 10 --rounds 1 --only ours_adamw galore_torch_adamw
+    python benchmarks/optimizer_step.py --guard-off --only ours_adamw ours_adamw_guard_off   # NaN guard cost
 
 Gradients are random (seeded) and assigned directly, so only ``optimizer.step()``
 is timed. Each round runs every optimizer once, interleaved, from the same
@@ -9,7 +10,9 @@ initial weights; the step at ``--gap`` is a refresh step for GaLore optimizers
 (all 56 projected weights refresh there), the others are plain steps. Prints a
 markdown table: logical and retained state MiB, median plain-step ms (and its
 ratio to torch AdamW and to galore-torch's GaLoreAdamW), refresh-step ms and
-first-step ms.
+first-step ms. ``--guard-off`` adds ``ours_*_guard_off``: the same optimizer
+with ``skip_nonfinite=False`` on every group (no found-inf check, exact torch
+AdamW behaviour on a NaN), so one run measures what the guard costs.
 """
 
 from __future__ import annotations
@@ -27,14 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import build_llama, environment_line, galore_targets, median, state_bytes
 
 
-def _groups(model, targets, rank, gap, extra=None):
+def _groups(model, targets, rank, gap, extra=None, full_extra=None):
     target_ids = {id(p) for p in targets}
     others = [p for p in model.parameters() if id(p) not in target_ids]
     lowrank = {"params": targets, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std", **(extra or {})}
-    return [{"params": others}, lowrank]
+    return [{"params": others, **(full_extra or {})}, lowrank]
 
 
-def _factories(rank: int, gap: int):
+_GUARD_OFF = {"skip_nonfinite": False}
+
+
+def _factories(rank: int, gap: int, with_guard_off: bool = False):
     """name -> (model, targets) -> optimizer. Peers are imported lazily and skipped if absent."""
 
     def torch_adamw(model, targets):
@@ -72,9 +78,29 @@ def _factories(rank: int, gap: int):
             _groups(model, targets, rank, gap), lr=1e-3, relative_step=False, scale_parameter=False
         )
 
-    return {f.__name__: f for f in (
+    def ours_adamw_guard_off(model, targets):
+        import hf_galore
+
+        return hf_galore.GaLoreAdamW(_groups(model, targets, rank, gap, _GUARD_OFF, _GUARD_OFF), lr=1e-3)
+
+    def ours_adamw8bit_guard_off(model, targets):
+        import hf_galore
+
+        return hf_galore.GaLoreAdamW8bit(_groups(model, targets, rank, gap, _GUARD_OFF, _GUARD_OFF), lr=1e-3)
+
+    def ours_adafactor_guard_off(model, targets):
+        import hf_galore
+
+        return hf_galore.GaLoreAdafactor(
+            _groups(model, targets, rank, gap, _GUARD_OFF, _GUARD_OFF),
+            lr=1e-3, relative_step=False, scale_parameter=False,
+        )
+
+    regular = (
         torch_adamw, bnb_adamw8bit, galore_torch_adamw, galore_torch_adamw8bit, ours_adamw, ours_adamw8bit, ours_adafactor
-    )}
+    )
+    guard_off = (ours_adamw_guard_off, ours_adamw8bit_guard_off, ours_adafactor_guard_off)
+    return {f.__name__: f for f in regular + (guard_off if with_guard_off else ())}
 
 
 @contextlib.contextmanager
@@ -96,7 +122,7 @@ def run(args) -> list[dict]:
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(0)
     grad_sets = [[torch.randn(p.shape, generator=gen) * 1e-2 for p in params] for _ in range(3)]
-    factories = _factories(args.rank, args.gap)
+    factories = _factories(args.rank, args.gap, with_guard_off=args.guard_off)
     names = args.only or list(factories)
     results = {n: {"plain": [], "refresh": [], "first": [], "bytes": None} for n in names}
     total = args.rounds * len(names) * args.steps
@@ -154,6 +180,13 @@ def render(rows: list[dict]) -> str:
             f"| {r['optimizer']} | {r['logical_mib']:.2f} | {r['retained_mib']:.2f} | {r['step_ms']:.1f} | "
             f"{ratio(r['step_ms'], adamw)} | {ratio(r['step_ms'], peer)} | {refresh} | {r['first_ms']:.0f} |"
         )
+    for name, r in by_name.items():
+        off = by_name.get(f"{name}_guard_off")
+        if off is not None:
+            lines.append(
+                f"\nnon-finite guard, {name}: plain step {r['step_ms']:.1f} ms on vs {off['step_ms']:.1f} ms off "
+                f"({100 * (r['step_ms'] / off['step_ms'] - 1):+.1f}%)"
+            )
     return "\n".join(lines)
 
 
@@ -165,6 +198,11 @@ def main(argv=None) -> None:
     parser.add_argument("--gap", type=int, default=25, help="update_proj_gap; step `gap` is timed as a refresh step")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--only", nargs="*", help="subset of optimizers to run")
+    parser.add_argument(
+        "--guard-off",
+        action="store_true",
+        help="also run ours_*_guard_off (skip_nonfinite=False): the cost of the non-finite-gradient guard",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

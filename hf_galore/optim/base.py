@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -55,9 +56,10 @@ def claim_params(params: Iterable[torch.Tensor], owner: Any) -> None:
 def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """A float32 0-dim tensor, 1.0 when any of ``tensors`` holds a NaN or an Inf (``None`` for no tensors).
 
-    One ``_foreach_norm(ord=inf)`` pass per device: the max-abs of a tensor is
-    NaN or Inf exactly when one of its entries is (a sum of squares could
-    overflow on finite values). Nothing is read on the host.
+    One ``_foreach_norm`` pass per device (the vectorised L2 norm; the max-abs
+    norm is ~8x slower on CPU): the norm is NaN or Inf when an entry is. It
+    also overflows for finite entries beyond ~1e19 (float32 squares), which
+    flags such a step too. Nothing is read on the host.
     """
     flag = None
     by_device: dict[torch.device, list[torch.Tensor]] = {}
@@ -67,7 +69,7 @@ def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
             t, sharded = t.to_local(), True
         by_device.setdefault(t.device, []).append(t)
     for group in by_device.values():
-        found = torch.stack(torch._foreach_norm(group, float("inf"))).isfinite().all().logical_not()
+        found = torch.stack(torch._foreach_norm(group)).isfinite().all().logical_not()
         flag = found if flag is None else flag.logical_or(found.to(flag.device))
     if flag is None:
         return None
@@ -192,31 +194,23 @@ class GaLoreOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(group, *self._params_with_grad(group)) for group in self.param_groups]
-        found_inf = self._step_found_inf(work)
-        for group, params, grads in work:
-            guarded = found_inf is not None and (group["skip_nonfinite"] or getattr(self, "found_inf", None) is not None)
-            self._update(group, params, grads, found_inf if guarded else None)
-        if found_inf is not None:
-            self.galore_stats.record_skip(found_inf)
+        self._run(work, self._scaler_flag(work))
         return loss
 
-    def _step_found_inf(self, work: list[tuple[dict, list, list]]) -> torch.Tensor | None:
-        """One flag for the whole step (GradScaler's semantics: one bad gradient skips every weight).
+    def _scaler_flag(self, work: list[tuple[dict, list, list]]) -> torch.Tensor | None:
+        """``torch.amp.GradScaler``'s verdict, when it hands one over (``_step_supports_amp_scaling``).
 
-        Under ``torch.amp.GradScaler`` the scaler has already checked the
-        gradients (``self.found_inf``) and may pass the scale to divide them
-        by (``self.grad_scale``); both are device tensors, never read here.
+        The scaler has already checked the gradients (``self.found_inf``) and
+        may pass the scale to divide them by (``self.grad_scale``); both are
+        device tensors, never read here. Its skip applies to every group.
         """
-        scaler_inf = getattr(self, "found_inf", None)
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
-            grads = [g for _, _, gs in work for g in gs]
             inverse = grad_scale.double().reciprocal().float()
-            for device_grads in _by_device(grads):
+            for device_grads in _by_device([g for _, _, grads in work for g in grads]):
                 torch._foreach_mul_(device_grads, inverse.to(device_grads[0].device))
-        if scaler_inf is not None:
-            return (scaler_inf > 0).float()
-        return nonfinite_flag([g for group, _, gs in work if group["skip_nonfinite"] for g in gs])
+        scaler_inf = getattr(self, "found_inf", None)
+        return None if scaler_inf is None else (scaler_inf > 0).float()
 
     @torch.no_grad()
     def update_params(
@@ -224,32 +218,72 @@ class GaLoreOptimizer(Optimizer):
     ) -> torch.Tensor | None:
         """Update ``params`` (all from ``group``) with ``grads``: one optimizer step for each.
 
-        ``step()`` updates whole groups under one found-inf flag; layer-wise mode
-        calls this from a gradient hook with a single parameter, so both paths
-        share every line of the update, and a weight whose gradient is not
-        finite is skipped on its own (``skip_nonfinite``). Returns the flag
-        applied (``None`` with the guard off).
+        ``step()`` calls it (through ``_run``) for all groups at once; layer-wise
+        mode calls it from a gradient hook with a single parameter, so both
+        paths share every line of the update, and a weight whose gradient is
+        not finite is skipped on its own. Returns the found-inf flag applied
+        (``None`` with ``skip_nonfinite=False``).
         """
         if not params:
             return None
-        found_inf = nonfinite_flag(grads) if group["skip_nonfinite"] else None
-        self._update(group, params, grads, found_inf)
+        return self._run([(group, params, grads)], None)
+
+    def _run(self, work: list[tuple[dict, list, list]], scaler_flag: torch.Tensor | None) -> torch.Tensor | None:
+        """Project every low-rank gradient, decide the step's found-inf flag, then update every group.
+
+        The flag (GradScaler's semantics: one bad gradient skips the whole
+        step) is computed without a host read from what the step reads anyway:
+        the projected gradients ``R`` (a NaN/Inf in ``G`` is never projected to
+        finite values) and the full-rank gradients. Only when a basis is due
+        for a refresh is it computed first from the raw gradients and read,
+        so that a skipped step never replaces a basis.
+        """
+
+        def guarded(group: dict) -> bool:
+            return scaler_flag is not None or bool(group["skip_nonfinite"])
+
+        upfront: dict[str, torch.Tensor | None] = {}
+
+        def step_flag() -> torch.Tensor | None:  # refresh steps only
+            if "flag" not in upfront:
+                upfront["flag"] = scaler_flag if scaler_flag is not None else nonfinite_flag(
+                    [g for group, _, grads in work if guarded(group) for g in grads]
+                )
+            return upfront["flag"]
+
+        projected = [
+            self._project_lowrank(group, params, grads, step_flag if guarded(group) else None)
+            if "rank" in group and params
+            else None
+            for group, params, grads in work
+        ]
+        if scaler_flag is not None:
+            found_inf = scaler_flag
+        elif "flag" in upfront:
+            found_inf = upfront["flag"]
+        else:
+            checked = []
+            for (group, _, grads), plan in zip(work, projected):
+                if guarded(group):
+                    checked += plan.lows if plan is not None else grads
+            found_inf = nonfinite_flag(checked)
+        for (group, params, grads), plan in zip(work, projected):
+            flag = found_inf if guarded(group) else None
+            if plan is not None:
+                self._apply_lowrank(group, plan, flag)
+            elif params:
+                self._step_full(group, params, grads, flag)
         if found_inf is not None:
             self.galore_stats.record_skip(found_inf)
         return found_inf
 
-    def _update(
+    def _step_full(
         self,
         group: dict[str, Any],
         params: list[torch.Tensor],
         grads: list[torch.Tensor],
         found_inf: torch.Tensor | None,
     ) -> None:
-        if not params:
-            return
-        if "rank" in group:
-            self._step_lowrank(group, params, grads, found_inf)
-            return
         states = [self._state_for(p) for p in params]
         for g, s in zip(grads, states):
             self._init_moments(s, g, group)
@@ -278,32 +312,40 @@ class GaLoreOptimizer(Optimizer):
             grads.append(p.grad)
         return params, grads
 
-    def _step_lowrank(self, group: dict[str, Any], params, grads, found_inf: torch.Tensor | None = None) -> None:
-        stepped_params, stepped_lowrank, stepped_bases, stepped_states = [], [], [], []
-        # Under the guard, state the step could change is saved first: the base update's state
-        # (unless its kernel skips by itself) and, for a basis tracked every step, the whole state.
-        saved: list[tuple[dict, dict[str, torch.Tensor]]] = []
-        tracking = found_inf is not None and get_projector(group["projector"]).tracks_every_step
+    def _project_lowrank(self, group: dict[str, Any], params, grads, step_flag) -> _Projected:
+        """Phase 1 of a low-rank step: refresh or track the bases and project every gradient.
+
+        With the guard on (``step_flag`` given), a basis tracked every step is
+        saved first with the rest of its state, to be put back if the step is
+        skipped.
+        """
+        plan = _Projected()
+        tracking = step_flag is not None and get_projector(group["projector"]).tracks_every_step
         for p, g in zip(params, grads):
             state = self._state_for(p)
             if tracking:
-                saved.append((state, {k: state[k].clone() for k in _state_tensors(state)}))
+                plan.saved.append((state, {k: state[k].clone() for k in _state_tensors(state)}))
             projected = lowrank.project_gradient(
-                p, g, state, group, self.galore_stats, sync=self.basis_sync, found_inf=found_inf
+                p, g, state, group, self.galore_stats, sync=self.basis_sync, step_flag=step_flag
             )
             if projected is None:
                 continue
             low, bases = projected
+            plan.params.append(p)
+            plan.lows.append(low)
+            plan.bases.append(bases)
+            plan.states.append(state)
+        return plan
+
+    def _apply_lowrank(self, group: dict[str, Any], plan: _Projected, found_inf: torch.Tensor | None) -> None:
+        """Phase 2: base update of ``R``, decoupled weight decay, ``W ← W − scale·back(U)``."""
+        for state, low in zip(plan.states, plan.lows):
             self._init_moments(state, low, group)
             state["step"] += 1
-            stepped_params.append(p)
-            stepped_lowrank.append(low)
-            stepped_bases.append(bases)
-            stepped_states.append(state)
-        if stepped_params:
-            updates, decay_lrs = self._guarded_updates(group, stepped_params, stepped_lowrank, stepped_states, found_inf)
+        if plan.params:
+            updates, decay_lrs = self._guarded_updates(group, plan.params, plan.lows, plan.states, found_inf)
             wd = group["weight_decay"]
-            for p, update, bases, decay_lr in zip(stepped_params, updates, stepped_bases, decay_lrs):
+            for p, update, bases, decay_lr in zip(plan.params, updates, plan.bases, decay_lrs):
                 if wd:
                     factor = 1.0 - decay_lr * wd
                     if found_inf is not None:  # multiplying by exactly 1.0 leaves the weight bit-identical
@@ -314,11 +356,11 @@ class GaLoreOptimizer(Optimizer):
         if found_inf is None:
             return
         keep = found_inf.bool()
-        for state, old in saved:  # the tracked basis and its optimizer state (basis keys are re-assigned)
+        for state, old in plan.saved:  # the tracked basis and its optimizer state (basis keys are re-assigned)
             for key, value in old.items():
                 if state[key].shape == value.shape:
                     state[key] = torch.where(keep.to(value.device), value, state[key])
-        _unstep(stepped_states, found_inf)
+        _unstep(plan.states, found_inf)
 
     def _guarded_updates(
         self,
@@ -369,6 +411,18 @@ class GaLoreOptimizer(Optimizer):
             if wd:
                 p.mul_(1.0 - decay_lr * wd)
             p.sub_(update.to(p.dtype))
+
+
+@dataclass
+class _Projected:
+    """What phase 1 of a low-rank step hands to phase 2 (weights without a basis yet are left out)."""
+
+    params: list = field(default_factory=list)
+    lows: list = field(default_factory=list)
+    bases: list = field(default_factory=list)
+    states: list = field(default_factory=list)
+    #: (state, its tensors before the step) of bases tracked every step, under the guard
+    saved: list = field(default_factory=list)
 
 
 #: State keys the base update never writes (the basis and the refresh policy's state).

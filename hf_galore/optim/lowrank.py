@@ -169,7 +169,7 @@ def project_gradient(
     group: dict,
     stats: RefreshStats,
     sync: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    found_inf: torch.Tensor | None = None,
+    step_flag: Callable[[], torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
     """Low-rank gradient ``R`` of ``param`` and the bases used; refreshes or tracks first.
 
@@ -179,8 +179,9 @@ def project_gradient(
     then left untouched for this step. A sharded (FSDP2 ``DTensor``)
     gradient is projected shard by shard in ``hf_galore.distributed``.
 
-    ``found_inf`` (the step's found-inf flag, see ``GaLoreOptimizer.step``) is
-    read on the host only when a refresh is due: a skipped step keeps the basis.
+    ``step_flag`` returns the step's found-inf flag (``GaLoreOptimizer._run``);
+    it is called and read on the host only when a refresh is due, so that a
+    skipped step keeps the basis.
     """
     if type(grad) is not torch.Tensor and _distributed().is_sharded_tensor(grad):
         return _distributed().project_sharded_gradient(param, grad, state, group, stats)
@@ -193,6 +194,7 @@ def project_gradient(
         policy.setup(state, group, param)
     if bases is None or policy.due(state, group, step):
         # skipped for another weight's gradient: keep the basis (this one's own is counted by refresh_basis)
+        found_inf = None if step_flag is None else step_flag()
         if found_inf is None or not bool(found_inf) or not bool(torch.isfinite(matrix).all()):
             refresh_basis(matrix, state, group, step, stats, dtype=param.dtype, sync=sync)
         bases = load_bases(state, group, sides)
