@@ -10,6 +10,7 @@ import torch
 from .base import GaLoreOptimizer
 from .functional import (
     restored_where,
+    zero_where,
     adam_steps,
     adam_steps_fused,
     adamw_full_rank_,
@@ -84,6 +85,8 @@ class GaLoreAdamW(GaLoreOptimizer):
             else:
                 with restored_where(found_inf, m + v):
                     out = adam_steps(g, m, v, [float(states[i]["step"]) for i in indices], **hp)
+                if found_inf is not None:  # the fused kernel leaves its zero steps; here they are NaN
+                    out = zero_where(found_inf, out)
             for i, u in zip(indices, out):
                 updates[i] = u
         return updates, [lr] * len(updates)

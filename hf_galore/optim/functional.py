@@ -59,6 +59,12 @@ def restored_where(found_inf: torch.Tensor | None, tensors: list[torch.Tensor]) 
         t.copy_(torch.where(keep.to(t.device), old, t))
 
 
+def zero_where(found_inf: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` with every entry replaced by 0 where ``found_inf`` is 1 (no host read)."""
+    keep = found_inf.bool()
+    return [torch.where(keep.to(t.device), torch.zeros((), dtype=t.dtype, device=t.device), t) for t in tensors]
+
+
 _FUSED_DEVICES = ("cpu", "cuda")
 
 
