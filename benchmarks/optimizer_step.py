@@ -2,7 +2,7 @@
 
     python benchmarks/optimizer_step.py                 # 30 steps x 2 rounds, gap 25
     python benchmarks/optimizer_step.py --steps 10 --rounds 1 --only ours_adamw galore_torch_adamw
-    python benchmarks/optimizer_step.py --guard-off --only ours_adamw ours_adamw_guard_off   # NaN guard cost
+    python benchmarks/optimizer_step.py --guard-off --interleave --only ours_adamw ours_adamw_guard_off  # NaN guard
 
 Gradients are random (seeded) and assigned directly, so only ``optimizer.step()``
 is timed. Each round runs every optimizer once, interleaved, from the same
@@ -115,6 +115,35 @@ def _cpu_safe_cuda_synchronize():
         torch.cuda.synchronize = original
 
 
+def _timed_step(optimizer, params, grads, result: dict, step: int, gap: int) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    start = time.perf_counter()
+    optimizer.step()
+    elapsed = (time.perf_counter() - start) * 1e3
+    kind = "first" if step == 0 else "refresh" if step % gap == 0 else "plain"
+    result[kind].append(elapsed)
+
+
+def _interleaved_round(args, model, targets, params, initial, grad_sets, factories, names, results, bar) -> None:
+    """Every optimizer takes step ``t`` before any takes step ``t+1`` (order alternating), one model.
+
+    On a shared machine whose load drifts, this compares optimizers under the
+    same conditions (e.g. the guard's cost, a few percent); the weights each
+    optimizer sees are then not its own trajectory, which step time does not
+    depend on.
+    """
+    model.load_state_dict(initial)
+    optimizers = {name: factories[name](model, targets) for name in names}
+    for step in range(args.steps):
+        order = names if step % 2 == 0 else names[::-1]
+        for name in order:
+            _timed_step(optimizers[name], params, grad_sets[step % 3], results[name], step, args.gap)
+            bar.update(1)
+    for name in names:
+        results[name]["bytes"] = state_bytes(optimizers[name])
+
+
 def run(args) -> list[dict]:
     model = build_llama(seed=0)
     targets = galore_targets(model)
@@ -128,6 +157,9 @@ def run(args) -> list[dict]:
     total = args.rounds * len(names) * args.steps
     with tqdm(total=total, desc="optimizer steps", file=sys.stderr) as bar, _cpu_safe_cuda_synchronize():
         for _ in range(args.rounds):
+            if args.interleave:
+                _interleaved_round(args, model, targets, params, initial, grad_sets, factories, names, results, bar)
+                continue
             for name in names:
                 model.load_state_dict(initial)
                 try:
@@ -137,13 +169,7 @@ def run(args) -> list[dict]:
                     bar.update(args.steps)
                     continue
                 for step in range(args.steps):
-                    for p, g in zip(params, grad_sets[step % 3]):
-                        p.grad = g.clone()
-                    start = time.perf_counter()
-                    optimizer.step()
-                    elapsed = (time.perf_counter() - start) * 1e3
-                    kind = "first" if step == 0 else "refresh" if step % args.gap == 0 else "plain"
-                    results[name][kind].append(elapsed)
+                    _timed_step(optimizer, params, grad_sets[step % 3], results[name], step, args.gap)
                     bar.update(1)
                 results[name]["bytes"] = state_bytes(optimizer)
                 del optimizer
@@ -202,6 +228,11 @@ def main(argv=None) -> None:
         "--guard-off",
         action="store_true",
         help="also run ours_*_guard_off (skip_nonfinite=False): the cost of the non-finite-gradient guard",
+    )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="alternate the optimizers step by step on one model (fairer under a drifting load)",
     )
     args = parser.parse_args(argv)
     if args.threads:

@@ -56,10 +56,12 @@ def claim_params(params: Iterable[torch.Tensor], owner: Any) -> None:
 def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """A float32 0-dim tensor, 1.0 when any of ``tensors`` holds a NaN or an Inf (``None`` for no tensors).
 
-    One summation per tensor, the cheapest full read (about half the time of
-    ``_foreach_norm`` on CPU; the max-abs norm is ~8x slower): a sum is NaN or
-    Inf when an entry is, and finite otherwise unless it overflows (a sum
-    beyond ~3e38, which flags such a step too). Nothing is read on the host.
+    One read of each tensor, the cheapest reduction torch has on CPU:
+    ``dot(g, g)`` (BLAS) for contiguous tensors, a sum otherwise (about 1.3x
+    and 1.5x faster than ``_foreach_norm``; the max-abs norm is ~8x slower).
+    Either is NaN or Inf when an entry is; on finite entries it overflows only
+    beyond ~1e19 (squares) / ~3e38 (sums), which flags such a step too.
+    Nothing is read on the host.
     """
     flag = None
     by_device: dict[torch.device, list[torch.Tensor]] = {}
@@ -69,7 +71,7 @@ def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
             t, sharded = t.to_local(), True
         by_device.setdefault(t.device, []).append(t)
     for group in by_device.values():
-        found = torch.stack([t.sum().float() for t in group]).isfinite().all().logical_not()
+        found = torch.stack([_reduce(t).float() for t in group]).isfinite().all().logical_not()
         flag = found if flag is None else flag.logical_or(found.to(flag.device))
     if flag is None:
         return None
@@ -77,6 +79,13 @@ def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank skips together
     return flag
+
+
+def _reduce(t: torch.Tensor) -> torch.Tensor:
+    if t.is_contiguous() and t.dtype in (torch.float32, torch.float64) and t.numel():
+        flat = t.view(-1)
+        return torch.dot(flat, flat)
+    return t.sum()
 
 
 def _host_flag(found_inf: torch.Tensor) -> torch.Tensor:
