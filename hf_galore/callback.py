@@ -14,8 +14,10 @@ Then every training log gets ``galore/refreshes`` (basis refreshes so far,
 one per weight), ``galore/refresh_seconds`` (time spent in them),
 ``galore/subspace_overlap`` (mean overlap between each refreshed basis and the
 one it replaced since the previous log: 1 = same subspace; absent when no
-basis was replaced) and ``galore/optimizer_state_mb`` (bytes of all optimizer
-state tensors). ``import hf_galore`` adds the callback to every Trainer; it is
+basis was replaced), ``galore/optimizer_state_mb`` (bytes of all optimizer
+state tensors) and ``galore/skipped_steps`` (steps skipped for a NaN/Inf
+gradient). At train end a layer-wise optimizer's gradient hooks are removed,
+so the model outlives them. ``import hf_galore`` adds the callback to every Trainer; it is
 inert unless an hf_galore optimizer is in use, and several instances on one
 Trainer act as one.
 """
