@@ -9,13 +9,13 @@ import torch
 
 from .base import GaLoreOptimizer
 from .functional import (
-    restored_where,
-    zero_where,
     adam_steps,
     adam_steps_fused,
     adamw_full_rank_,
     adamw_full_rank_fused_,
     fused_adamw_supports,
+    restored_where,
+    zero_where,
 )
 from .validation import check_beta, check_non_negative
 

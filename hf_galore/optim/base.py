@@ -27,8 +27,8 @@ import torch
 from torch.optim import Optimizer
 
 from ..errors import GaLoreConfigError, UnsupportedSetupError
-from ..quant.int8 import int8_owner
 from ..projectors import get_projector
+from ..quant.int8 import int8_owner
 from . import lowrank
 from .functional import restored_where, zero_where
 from .stats import RefreshStats

@@ -80,11 +80,11 @@ def _run(member: str, grad_sets: list[list[torch.Tensor]], **lowrank) -> tuple[T
 
 def _assert_same_state(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
         else:
-            assert a[key] == b[key], key
+            assert value == b[key], key
 
 
 def _assert_same(model_a, opt_a, model_b, opt_b) -> None:
@@ -153,7 +153,7 @@ def test_guard_off_is_torch_adamw_also_on_a_nan_step():
         ours_p.grad, ref_p.grad = g.clone(), g.clone()
         ours.step()
         ref.step()
-        assert torch.equal(ours_p, ref_p, ) or (torch.isnan(ours_p).any() and torch.equal(ours_p.isnan(), ref_p.isnan()))
+        torch.testing.assert_close(ours_p, ref_p, rtol=0, atol=0, equal_nan=True)  # bit-equal, NaN where torch has it
     assert torch.isnan(ours_p).any()
     assert ours.galore_stats.skipped_steps == 0
 
@@ -165,12 +165,13 @@ def test_skip_is_warned_once_and_counted_per_step():
     model = TwoWeights()
     opt = cls(_groups(model), **kwargs)
     params = [model.w, model.big, model.small]
-    with pytest.warns(RuntimeWarning, match="skipped") as record:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         for grads in [clean[0], bad, bad, clean[2]]:
             for p, g in zip(params, grads):
                 p.grad = g.clone()
             opt.step()
-    assert sum("skipped" in str(w.message) for w in record) == 1
+    assert sum("was skipped" in str(w.message) and w.category is RuntimeWarning for w in record) == 1
     assert opt.galore_stats.skipped_steps == 2
     assert opt.galore_stats.as_dict()["skipped_steps"] == 2
 
