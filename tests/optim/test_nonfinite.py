@@ -15,8 +15,17 @@ import pytest
 import torch
 from torch import nn
 
-from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, LayerwiseOptimizer
+from hf_galore import (
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GaLoreConfig,
+    GaLoreConfigError,
+    LayerwiseOptimizer,
+    galore_param_groups,
+)
 from hf_galore.optim.base import nonfinite_flag
+from tests.helpers import tiny_mlp
 
 pytest.importorskip("bitsandbytes")
 
@@ -248,3 +257,18 @@ def test_grad_scaler_skips_inf_steps_through_the_fused_path():
         assert torch.equal(p, q)
     for p, q in zip(model.parameters(), model_b.parameters()):
         _assert_same_state(opt.state[p], opt_b.state[q])
+
+
+# --------------------------------------------------------------------- setting
+def test_skip_nonfinite_reaches_every_group_from_optim_args():
+    model = tiny_mlp()
+    config = GaLoreConfig.from_optim_args("rank=4, skip_nonfinite=false", target_modules=["0", "2"])
+    opt = GaLoreAdamW(galore_param_groups(model, config))
+    assert [g["skip_nonfinite"] for g in opt.param_groups] == [False] * len(opt.param_groups)
+    default = GaLoreAdamW(galore_param_groups(model, GaLoreConfig(rank=4, target_modules=["0", "2"])))
+    assert all(g["skip_nonfinite"] is True for g in default.param_groups) and len(default.param_groups) > 1
+
+
+def test_a_bad_skip_nonfinite_value_is_named():
+    with pytest.raises(GaLoreConfigError, match="`skip_nonfinite` must be one of"):
+        GaLoreAdamW([{"params": [nn.Parameter(torch.ones(3))], "skip_nonfinite": "yes"}])
