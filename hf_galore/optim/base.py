@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import GaLoreConfigError, UnsupportedSetupError
 from ..projectors import get_projector
@@ -34,15 +35,17 @@ from .functional import restored_where, zero_where
 from .stats import RefreshStats
 from .validation import GROUP_DEFAULTS, LOWRANK_DEFAULTS, check_choice, check_lowrank_keys, check_non_negative
 
-#: Attribute naming, on each parameter, the optimizer that last took it (a ``weakref.ref``): a
-#: layer-wise optimizer's gradient hooks act only while it is the owner, so a newer optimizer on the
-#: same model (or a dropped one) never has the old hooks update its weights.
-OWNER_ATTR = "_hf_galore_owner"
+#: parameter -> ``weakref.ref`` of the optimizer that last took it. A layer-wise optimizer's gradient
+#: hooks act only while it is the owner, so a newer optimizer on the same model (or a dropped one)
+#: never has the old hooks update its weights. Keyed by identity and held weakly on both sides: the
+#: registry keeps neither parameters nor optimizers alive, and parameters carry no attribute (a
+#: weakref attribute would make ``torch.save(model)`` fail to pickle).
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def param_owner(param: torch.Tensor) -> Any:
     """The optimizer that last took ``param`` (``None`` when none did, or it was garbage-collected)."""
-    ref = getattr(param, OWNER_ATTR, None)
+    ref = _OWNERS.get(param)
     return None if ref is None else ref()
 
 
@@ -50,7 +53,14 @@ def claim_params(params: Iterable[torch.Tensor], owner: Any) -> None:
     """Record ``owner`` as the optimizer now driving ``params`` (held weakly)."""
     ref = weakref.ref(owner)
     for p in params:
-        setattr(p, OWNER_ATTR, ref)
+        _OWNERS[p] = ref
+
+
+def release_params(params: Iterable[torch.Tensor], owner: Any) -> None:
+    """Forget ``owner`` for those of ``params`` it still owns."""
+    for p in params:
+        if param_owner(p) is owner:
+            del _OWNERS[p]
 
 
 def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:

@@ -45,9 +45,10 @@ from typing import Any, Literal
 
 import torch
 from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import GaLoreConfigError, UnsupportedSetupError
-from .base import OWNER_ATTR, GaLoreOptimizer, claim_params, param_owner
+from .base import GaLoreOptimizer, claim_params, param_owner, release_params
 from .validation import check_positive, check_positive_int
 
 #: Added to a gradient norm before dividing, as ``torch.nn.utils.clip_grad_norm_`` does.
@@ -91,14 +92,14 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 _TRAINER_SUPPORT = {"installed": False}
 
-#: Attribute naming (weakly) the LayerwiseOptimizer whose gradient hook is on a parameter. A hook acts
-#: only while its optimizer also owns the parameter (``base.param_owner``): a newer optimizer of any
-#: kind built on the same weights, regular or layer-wise, silences it.
-_HOOKED_ATTR = "_hf_galore_hooked"
+#: parameter -> ``weakref.ref`` of the LayerwiseOptimizer whose gradient hook is on it (to warn when a
+#: newer one takes over). A hook acts only while its optimizer also owns the parameter
+#: (``base.param_owner``): a newer optimizer of any kind built on the same weights silences it.
+_HOOKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _hooked_by(param: torch.Tensor) -> LayerwiseOptimizer | None:
-    ref = getattr(param, _HOOKED_ATTR, None)
+    ref = _HOOKED.get(param)
     return None if ref is None else ref()
 
 
@@ -305,7 +306,7 @@ class LayerwiseOptimizer(Optimizer):
             previous = _hooked_by(p)
             if previous is not None and previous is not self and previous.hooks_registered:
                 taken_over += 1
-            setattr(p, _HOOKED_ATTR, ref)
+            _HOOKED[p] = ref
             claim_params([p], self)
             self._handles.append(p.register_post_accumulate_grad_hook(_weak_hook(ref)))
         if taken_over:
@@ -332,11 +333,10 @@ class LayerwiseOptimizer(Optimizer):
         :meth:`register_hooks` if the same Trainer trains again).
         """
         _remove_handles(self._handles)
+        release_params(self._group_index, self)
         for p in self._group_index:
-            if param_owner(p) is self:
-                delattr(p, OWNER_ATTR)
             if _hooked_by(p) is self:
-                delattr(p, _HOOKED_ATTR)
+                del _HOOKED[p]
         self.hooks_registered = False
 
     def register_hooks(self) -> None:

@@ -330,6 +330,17 @@ def test_a_dropped_optimizer_cannot_act_on_the_model():
     assert all(p.grad is not None for p in model.parameters())  # nobody consumed the gradients
 
 
+def test_the_owner_registry_leaves_the_model_picklable():
+    """Ownership lives in a weak registry, not on the parameters: torch.save(model) still works."""
+    _, _, model, layerwise = _pair()
+    _run(model, layerwise, 1)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert max_param_diff(model, loaded) == 0.0
+
+
 def test_remove_and_register_hooks_again():
     regular_model, regular, model, layerwise = _pair()
     _run(regular_model, regular, 4)
