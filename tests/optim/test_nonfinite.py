@@ -73,9 +73,11 @@ def _poison(grad: torch.Tensor, value: float) -> torch.Tensor:
     return grad
 
 
-def _run(member: str, grad_sets: list[list[torch.Tensor]], **lowrank) -> tuple[TwoWeights, torch.optim.Optimizer]:
+def _run(
+    member: str, grad_sets: list[list[torch.Tensor]], dtype: torch.dtype = torch.float32, **lowrank
+) -> tuple[TwoWeights, torch.optim.Optimizer]:
     cls, kwargs = MEMBERS[member]
-    model = TwoWeights()
+    model = TwoWeights().to(dtype)
     opt = cls(_groups(model, **lowrank), **kwargs)
     params = [model.w, model.big, model.small]
     with warnings.catch_warnings():
@@ -131,11 +133,12 @@ def test_tracked_basis_and_policy_state_are_kept(lowrank):
 
 
 @pytest.mark.parametrize("member", sorted(MEMBERS))
-def test_the_guard_changes_nothing_on_finite_steps(member):
-    grads = [_grads(seed) for seed in range(5)]
-    model_a, opt_a = _run(member, grads)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_guard_changes_nothing_on_finite_steps(member, dtype):
+    grads = [[g.to(dtype) for g in _grads(seed)] for seed in range(5)]
+    model_a, opt_a = _run(member, grads, dtype=dtype)
     cls, kwargs = MEMBERS[member]
-    model_b = TwoWeights()
+    model_b = TwoWeights().to(dtype)
     groups = _groups(model_b)
     for group in groups:
         group["skip_nonfinite"] = False
