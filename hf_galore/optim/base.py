@@ -104,7 +104,8 @@ def _host_flag(found_inf: torch.Tensor) -> torch.Tensor:
 
 
 def _state_tensors(state: dict[str, Any], skip: tuple[str, ...] = ("step",)) -> list[str]:
-    return [k for k, v in state.items() if isinstance(v, torch.Tensor) and k not in skip]
+    """Keys of the tensors in ``state`` except those equal to, or starting with, an entry of ``skip``."""
+    return [k for k, v in state.items() if isinstance(v, torch.Tensor) and not k.startswith(skip)]
 
 
 class GaLoreOptimizer(Optimizer):
@@ -442,8 +443,9 @@ class _Projected:
     saved: list = field(default_factory=list)
 
 
-#: State keys the base update never writes (the basis and the refresh policy's state).
-_NOT_MOMENTS = ("step", "basis_left", "basis_right", "lazy_cos")
+#: Prefixes of state keys the base update never writes: the counter, the basis (any codec), OSD's
+#: tracking state and the refresh policy's state.
+_NOT_MOMENTS = ("step", "basis_", "osd_", "lazy_", "refresh_")
 
 
 def _unstep(states: list[dict], found_inf: torch.Tensor) -> None:
