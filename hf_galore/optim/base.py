@@ -18,8 +18,9 @@ so the normal path never reads it on the host (see :func:`nonfinite_flag`).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -366,13 +367,14 @@ class GaLoreOptimizer(Optimizer):
             updates, decay_lrs = self._guarded_updates(group, plan.params, plan.lows, plan.states, found_inf)
             wd = group["weight_decay"]
             for p, update, bases, decay_lr in zip(plan.params, updates, plan.bases, decay_lrs):
-                if wd:
-                    factor = 1.0 - decay_lr * wd
-                    if found_inf is not None:  # multiplying by exactly 1.0 leaves the weight bit-identical
-                        factor = torch.where(found_inf.bool(), 1.0, torch.tensor(factor, dtype=torch.float32))
-                        factor = factor.to(p.device)
-                    lowrank.decay_weight_(p, factor)
-                lowrank.apply_update(p, update, bases, group)
+                with _int8_kept(p, found_inf):
+                    if wd:
+                        factor = 1.0 - decay_lr * wd
+                        if found_inf is not None:  # multiplying by exactly 1.0 leaves the weight bit-identical
+                            factor = torch.where(found_inf.bool(), 1.0, torch.tensor(factor, dtype=torch.float32))
+                            factor = factor.to(p.device)
+                        lowrank.decay_weight_(p, factor)
+                    lowrank.apply_update(p, update, bases, group)
         if found_inf is None:
             return
         keep = found_inf.bool()
@@ -446,6 +448,19 @@ class _Projected:
 #: Prefixes of state keys the base update never writes: the counter, the basis (any codec), OSD's
 #: tracking state and the refresh policy's state.
 _NOT_MOMENTS = ("step", "basis_", "osd_", "lazy_", "refresh_")
+
+
+@contextlib.contextmanager
+def _int8_kept(param: torch.Tensor, found_inf: torch.Tensor | None) -> Iterator[None]:
+    """An INT8 weight is re-quantized with stochastic rounding even by a zero step: on a skipped
+    step its codes, scales and rounding-stream position are put back (one copy of the codes)."""
+    owner = None if found_inf is None else int8_owner(param)
+    if owner is None:
+        yield
+        return
+    with restored_where(found_inf, [owner.weight_int8, owner.weight_scale]):
+        yield
+    owner.sr_step.sub_(_host_flag(found_inf).to(owner.sr_step.dtype))
 
 
 def _unstep(states: list[dict], found_inf: torch.Tensor) -> None:

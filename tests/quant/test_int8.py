@@ -188,3 +188,25 @@ def test_int8_weight_in_a_full_rank_group_is_refused():
     prepare_model_for_int8_weights(model, ["0"], group_size=16)
     with pytest.raises(GaLoreConfigError, match="INT8 weight"):
         GaLoreAdamW([{"params": [model[0].weight]}])
+
+
+def test_a_skipped_step_leaves_int8_codes_scales_and_rounding_stream_as_they_were():
+    """A NaN gradient skips the step (docs/optimizers.md): the run equals one without that step."""
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+
+    def run(poison_at: int | None) -> nn.Sequential:
+        model = make_model()
+        prepare_model_for_int8_weights(model, "all-linear", group_size=16)
+        opt = GaLoreAdamW(lowrank_groups(model), lr=1e-2, weight_decay=0.1)
+        steps = [0, 1, 2, 3] if poison_at is None else [0, 1, "bad", 2, 3]
+        for step in steps:
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            if step == "bad":
+                model[2].bias.grad[0] = float("nan")
+            opt.step()
+        return model
+
+    clean, poisoned = run(None), run(poison_at=2)
+    for a, b in zip(clean.state_dict().values(), poisoned.state_dict().values()):
+        assert torch.equal(a, b)
