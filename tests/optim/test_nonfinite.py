@@ -122,12 +122,23 @@ def test_a_skipped_step_is_as_if_it_never_happened(member, bad_step, value, targ
     assert all(torch.isfinite(p).all() for p in model_a.parameters())
 
 
-@pytest.mark.parametrize("lowrank", [{"projector": "online_pca"}, {"refresh": "lazy"}, {"rotate_moments": True}])
-def test_tracked_basis_and_policy_state_are_kept(lowrank):
+@pytest.mark.parametrize(
+    "lowrank",
+    [
+        {"projector": "online_pca"},
+        {"projector": "randomized"},
+        {"refresh": "lazy"},
+        {"refresh": "staggered"},
+        {"rotate_moments": True},
+        {"quant": "int8"},
+    ],
+)
+@pytest.mark.parametrize("bad_step", [3, 4])  # a refresh step, a step between refreshes
+def test_tracked_basis_and_policy_state_are_kept(lowrank, bad_step):
     """OSD moves its basis every step and keeps its own Adam state; the lazy policy keeps a FIFO."""
     clean = [_grads(seed) for seed in range(6)]
-    bad = [clean[4][0], _poison(clean[4][1], float("nan")), clean[4][2]]  # another weight's gradient
-    model_a, opt_a = _run("adamw", clean[:4] + [bad] + clean[4:], **lowrank)
+    bad = [clean[bad_step][0], _poison(clean[bad_step][1], float("nan")), clean[bad_step][2]]  # another weight's
+    model_a, opt_a = _run("adamw", clean[:bad_step] + [bad] + clean[bad_step:], **lowrank)
     model_b, opt_b = _run("adamw", clean, **lowrank)
     _assert_same(model_a, opt_a, model_b, opt_b)
 
