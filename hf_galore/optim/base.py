@@ -3,7 +3,7 @@
 Subclasses add only their base update (Adam, 8-bit Adam, Adafactor) through
 three methods: :meth:`_init_moments`, :meth:`_lowrank_updates` and
 :meth:`_step_full_rank`. A param group with the key ``rank`` is low-rank
-(DESIGN.md); any other group is a plain full-rank group.
+(galore-torch's convention); any other group is a plain full-rank group.
 
 Low-rank step for weight ``W`` with gradient ``G`` (2-D view, see
 ``as_matrix``):  ``R = project(G)``; ``U, lr_wd = base_update(R)``;

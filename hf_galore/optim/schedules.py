@@ -44,7 +44,7 @@ class Staggered(RefreshPolicy):
 
     With ``"fixed"`` every weight refreshes at steps 0, T, 2T, …, so one step in
     ``T`` pays all the SVDs at once (3.2 s against a 0.17 s step for LLaMA-60M
-    on CPU, 280 s for LLaMA-7B on an H100; REFERENCES.md §7 defect 11). Here
+    on CPU, 280 s for LLaMA-7B on an H100, measured for galore-torch 1.0). Here
     weight ``i`` of ``N`` in its group refreshes when ``step % T == ⌊i·T/N⌋``
     (its first basis is still computed at step 0), so a refresh step costs
     about ``⌈N/T⌉`` SVDs. No interval is longer than ``T``. Off by default:

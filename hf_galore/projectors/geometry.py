@@ -1,6 +1,6 @@
 """Pure functions for the projection geometry shared by every projector.
 
-``proj_type`` follows galore-torch's convention (DESIGN.md):
+``proj_type`` follows galore-torch's convention:
 
 ============  ==================  ==================
 proj_type     m >= n              m < n

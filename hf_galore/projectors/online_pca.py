@@ -5,7 +5,7 @@ step with its own optimizer on the online-PCA objective (paper, Alg. 1):
 
     L(P) = ‖P Pᵀ G̃ − G̃‖²_F + λ ‖PᵀP − I‖²_F,   G̃ = G / ‖G‖_F
 
-(left side; the right side uses ``Gᵀ``). Choices, against REFERENCES.md §4:
+(left side; the right side uses ``Gᵀ``). Choices, where the OSD paper and its official code differ:
 
 * **loss**: the paper's, *with* the orthogonality penalty (the official code
   drops it); ``λ = osd_lambda`` defaults to the paper's 0.1.

@@ -5,7 +5,7 @@ values (group key, default 256 as in Q-GaLore). Each group keeps an
 asymmetric min/max code (Q-GaLore's ``_quantize``): ``q = round((x − lo) /
 scale)`` in ``[0, 2ᵇ − 1]`` with ``scale = (hi − lo) / (2ᵇ − 1)``, so every
 value is recovered within ``scale / 2``. INT4 codes are packed two per byte
-(Q-GaLore's package stores one per byte, REFERENCES.md §7 defect 3).
+(q-galore-torch 1.0 stores one per byte).
 ``scale`` and ``lo`` are kept in float16 (4 bytes per group); the codes are
 computed with the rounded values, so the bound holds for what is stored.
 

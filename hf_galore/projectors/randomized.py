@@ -1,7 +1,7 @@
 """Randomized range finder / warm-started subspace iteration (Halko, Martinsson & Tropp 2011).
 
 Exact SVD of every gradient at every refresh is the slowest part of GaLore at
-scale (REFERENCES.md §7: 280 s for the 224 LLaMA-7B weights on an H100). The
+scale (galore-torch 1.0, measured: 280 s for the 224 LLaMA-7B weights on an H100). The
 top-``r`` singular subspace is all GaLore needs, and it can be found with a few
 matrix products instead:
 
