@@ -619,10 +619,10 @@ def _refresh_sharded(rows, local, shape, state, group, step, stats, dtype) -> No
             [(side, new.t() @ old) for side, old, new in zip(sides, olds, news)],
             stats,
         )
+    policy.after_refresh(state, group, step, list(olds), list(news))
     for side, old, new in zip(sides, olds, news):
         if old is not None:
             stats.record_overlap(subspace_overlap(old, new))
-        policy.after_refresh(state, group, step, old, new)
         codec.encode(
             state, lowrank.basis_key(side), _basis_shard(rows, new), dtype, group=group
         )

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import GaLoreConfigError
+from ..quant.int8 import weight_values
 from .adamw import GALORE_GROUP_DOC
 from .base import GaLoreOptimizer
 from .functional import adafactor_step, rms
@@ -94,7 +95,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             lr = min(min_step, 1.0 / math.sqrt(step))
         if group["scale_parameter"]:
-            lr = max(group["eps"][1], float(rms(param.float()))) * lr
+            lr = max(group["eps"][1], float(rms(weight_values(param).float()))) * lr
         return float(lr)
 
     def _lowrank_updates(self, group, params, grads, states):

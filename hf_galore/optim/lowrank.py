@@ -94,10 +94,10 @@ def refresh_basis(
         new_bases.append((side, old, new))
     if group.get("rotate_moments") and all(old is not None for _, old, _ in new_bases):
         rotate_moments_(state, [(side, new.t() @ old) for side, old, new in new_bases], stats)
+    policy.after_refresh(state, group, step, [old for _, old, _ in new_bases], [new for _, _, new in new_bases])
     for side, old, new in new_bases:
         if old is not None:
             stats.record_overlap(subspace_overlap(old, new))
-        policy.after_refresh(state, group, step, old, new)
         codec.encode(state, basis_key(side), new, dtype, group=group)
     stats.refreshes += 1
     stats.refresh_seconds += time.perf_counter() - started

@@ -24,9 +24,13 @@ class RefreshPolicy:
         raise NotImplementedError
 
     def after_refresh(
-        self, state: dict, group: dict, step: int, old: torch.Tensor | None, new: torch.Tensor
+        self, state: dict, group: dict, step: int, old: list[torch.Tensor | None], new: list[torch.Tensor]
     ) -> None:
-        """Called once per successful refresh with the float32 bases (one side)."""
+        """Called once per successful refresh with the float32 bases of every side (two for ``proj_type="full"``).
+
+        Once per refresh, not once per side: a two-sided weight must advance a
+        policy's schedule exactly as a one-sided one does.
+        """
 
     def setup(self, state: dict, group: dict, param: torch.Tensor) -> None:
         """Called once per weight, before its first refresh (``param`` is in ``group["params"]``)."""
@@ -102,11 +106,12 @@ class LazyRefresh(RefreshPolicy):
         threshold = float(group.get("lazy_threshold", LAZY_DEFAULTS["lazy_threshold"]))
         gamma = float(group.get("lazy_gamma", LAZY_DEFAULTS["lazy_gamma"]))
         gap = int(state.get("lazy_gap", base))
-        if old is not None:
+        if all(o is not None for o in old):
             queue = state.get("lazy_cos")
             if queue is None or queue.numel() != size:
                 queue = torch.zeros(size, dtype=torch.float32)
-            cos = leading_cosine(old, new)
+            # a two-sided basis is stable only if both sides are
+            cos = min(leading_cosine(o, n) for o, n in zip(old, new))
             queue = torch.roll(queue, -1)
             queue[-1] = cos
             count = min(int(state.get("lazy_count", 0)) + 1, size)

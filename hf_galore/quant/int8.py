@@ -215,6 +215,16 @@ def int8_owner(param: torch.Tensor) -> Int8Linear | None:
     return None if ref is None else ref()
 
 
+def weight_values(param: torch.Tensor) -> torch.Tensor:
+    """The values ``param`` holds: dequantized (float32) for an INT8 placeholder, ``param`` itself otherwise.
+
+    Optimizers that read the weight (Adafactor's ``scale_parameter`` RMS) must
+    use this: an INT8 weight's placeholder parameter is all zeros.
+    """
+    owner = int8_owner(param)
+    return param if owner is None else owner.dequantize(torch.float32)
+
+
 @torch.no_grad()
 def int8_add_(param: torch.Tensor, apply: Callable[[torch.Tensor], None]) -> bool:
     """If ``param`` is an INT8 weight: ``apply(master)`` on a float32 copy, then store it back with SR.

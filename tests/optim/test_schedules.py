@@ -53,6 +53,22 @@ def test_lazy_refresh_lengthens_on_stationary_gradients_and_resets_on_change():
     assert state["lazy_gap"] == 2 and state["lazy_count"] == 2
 
 
+def test_lazy_refresh_runs_once_per_refresh_with_two_sided_bases():
+    """Regression (issue 13): with ``proj_type="full"`` the policy ran once per side, pushing two cosines
+    and growing the gap twice per refresh."""
+    g = torch.Generator().manual_seed(0)
+    stationary = low_rank_matrix(24, 16, seed=1, columns=slice(0, 8))
+    grads = [stationary + 1e-3 * torch.randn(24, 16, generator=g) for _ in range(40)]
+    schedules = {}
+    for proj_type in ("std", "full"):
+        weight = torch.nn.Parameter(torch.zeros(24, 16))
+        group = {"params": [weight], "rank": 3, "update_proj_gap": 2, "refresh": "lazy", "proj_type": proj_type}
+        opt = GaLoreAdamW([group], lr=1e-3)
+        schedules[proj_type] = refresh_steps(weight, opt, grads)
+        assert opt.state[weight]["lazy_gap"] == 32
+    assert schedules["full"] == schedules["std"] == [0, 2, 4, 6, 8, 10, 14, 22, 38]
+
+
 def test_staggered_spreads_exact_refreshes_across_steps():
     weights = [torch.nn.Parameter(torch.zeros(16, 12)) for _ in range(8)]
     per_step = {}

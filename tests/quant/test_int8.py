@@ -188,3 +188,33 @@ def test_int8_weight_in_a_full_rank_group_is_refused():
     prepare_model_for_int8_weights(model, ["0"], group_size=16)
     with pytest.raises(GaLoreConfigError, match="INT8 weight"):
         GaLoreAdamW([{"params": [model[0].weight]}])
+
+
+@pytest.mark.parametrize("optimizer_name", ["GaLoreAdamW", "GaLoreAdafactor"])
+def test_int8_weight_moves_like_the_float_weight_for_every_optimizer(optimizer_name):
+    """Regression (issue 13): Adafactor's ``scale_parameter`` read the RMS of the all-zero INT8 placeholder,
+    so the INT8 weight moved ~1/50 as far as the same weight in float."""
+    import hf_galore
+
+    cls = getattr(hf_galore, optimizer_name)
+    kwargs = {"lr": 1e-2} if optimizer_name == "GaLoreAdamW" else {"lr": 1e-2, "relative_step": False}
+    displacement = {}
+    for kind in ("float", "int8"):
+        model = make_model()
+        if kind == "int8":
+            prepare_model_for_int8_weights(model, "all-linear", group_size=16)
+        start = torch.cat([_dense(m).flatten() for m in model if hasattr(m, "weight")])
+        opt = cls(lowrank_groups(model), **kwargs)
+        g = torch.Generator().manual_seed(2)  # the same gradients for both runs
+        for _ in range(20):
+            for param in model.parameters():
+                param.grad = torch.randn(param.shape, generator=g)
+            opt.step()
+        displacement[kind] = torch.cat([_dense(m).flatten() for m in model if hasattr(m, "weight")]) - start
+    # the INT8 weight's displacement projected on the float one's path (SR noise is orthogonal on average)
+    along = float(displacement["int8"] @ displacement["float"]) / float(displacement["float"].square().sum())
+    assert along == pytest.approx(1.0, abs=0.15)
+
+
+def _dense(module):
+    return module.dequantize() if isinstance(module, Int8Linear) else module.weight.detach().clone()
