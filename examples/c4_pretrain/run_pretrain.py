@@ -104,6 +104,13 @@ class PretrainArguments:
     adam_epsilon: float = 1e-8
     weight_decay: float = field(default=0.0, metadata={"help": "0 in the paper"})
     max_grad_norm: float = field(default=0.0, metadata={"help": "0 disables clipping (paper: 1.0 at 7B only)"})
+    target_lr_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "full-rank and LoRA methods: lr multiplier of the attention/MLP weights (or their adapters); "
+            "0.25 gives them GaLore's split rule (projected weights at scale × lr, the rest at lr)"
+        },
+    )
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (paper §5.1: 32)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (paper §5.1: 0.05)"})
     # --- schedule and batch
