@@ -301,12 +301,13 @@ def test_convergence_gap_is_a_computed_statement(ours, ref, statement):
     bench = _load_convergence_benchmark()
     gap, noise, text = bench.gap_statement(ours, ref)
     assert text == statement
+    assert gap == pytest.approx(100 * (sum(ours) / len(ours) / (sum(ref) / len(ref)) - 1))
     assert noise == pytest.approx(0.0 if len(ours) == 1 else 100 * math.hypot(1.41421356 / 101, 1.41421356 * 103 / 101**2), rel=1e-6)
 
 
 def test_convergence_ranking_stability():
     bench = _load_convergence_benchmark()
-    hist = lambda *losses: [[{"eval_loss": x} for x in losses]]  # noqa: E731
+    hist = lambda *losses: [[{"eval_loss": x} for x in losses]]
     assert bench.ranking_stable({"a": hist(3.0, 2.0), "b": hist(3.5, 2.5)})[0]
     stable, before, last = bench.ranking_stable({"a": hist(3.0, 2.6), "b": hist(3.5, 2.5)})
     assert not stable and before == ["a", "b"] and last == ["b", "a"]
