@@ -82,15 +82,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="configs/ name or path (default: llama_micro with --sweep, else llama_20m)")
     parser.add_argument("--max_length", type=int, default=None,
                         help="tokens per sequence (default: 64 with --sweep, else 128)")
-    parser.add_argument("--batch_size", type=int, default=8, help="sequences per step (default: %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="sequences per step (default: 4 with --sweep, else 8)")
     parser.add_argument("--rank", type=int, default=None, help="GaLore / LoRA rank (default: hidden/4)")
     parser.add_argument("--update_proj_gap", type=int, default=50,
                         help="T; the paper's 200 over 10K steps is 50 refreshes, 50 here gives steps/50 "
                              "(default: %(default)s)")
     parser.add_argument("--eval_every", type=int, default=None,
                         help="steps between evaluations (default: steps/10)")
-    parser.add_argument("--eval_tokens", type=int, default=16384,
-                        help="held-out tokens per evaluation, the same for every method (default: %(default)s)")
+    parser.add_argument("--eval_tokens", type=int, default=None,
+                        help="held-out tokens per evaluation, the same for every method "
+                             "(default: 8192 with --sweep, else 16384)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the single runs / the sweep's first seed")
     parser.add_argument("--seeds", type=int, default=2, help="--sweep: seeds at each method's best lr (default: 2)")
     parser.add_argument("--lr_factors", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0],
@@ -111,9 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--extra", action="append", default=[], metavar="LABEL=PATH",
                         help="single runs: add a saved result under LABEL to the table and plot (repeatable)")
     args = parser.parse_args(argv)
-    sweep_defaults = {"steps": 1000, "model_config": "llama_micro", "max_length": 64,
+    sweep_defaults = {"steps": 1000, "model_config": "llama_micro", "max_length": 64, "batch_size": 4, "eval_tokens": 8192,
                       "results_dir": "runs/convergence_sweep", "plot": "docs/img/convergence_sweep.png"}
-    single_defaults = {"steps": 200, "model_config": "llama_20m", "max_length": 128,
+    single_defaults = {"steps": 200, "model_config": "llama_20m", "max_length": 128, "batch_size": 8, "eval_tokens": 16384,
                        "results_dir": "runs/convergence", "plot": "docs/img/convergence.png"}
     for key, value in (sweep_defaults if args.sweep else single_defaults).items():
         if getattr(args, key) is None:
