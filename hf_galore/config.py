@@ -32,6 +32,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -47,6 +48,8 @@ SMALL_WEIGHT_POLICIES = ("full_rank", "error")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"none", "null"}
+#: Inside an ``optim_args`` value: whitespace or ';' followed by ``key=`` (a missing comma).
+_ANOTHER_KEY = re.compile(r"[\s;]+[A-Za-z_]\w*\s*=")
 
 
 def _check_target_spec(name: str, value: object) -> list[str] | str | None:
@@ -246,6 +249,12 @@ class GaLoreConfig:
                 raise GaLoreConfigError(
                     f"`optim_args` entry {item!r} is not of the form key=value "
                     "(expected e.g. 'rank=64, update_proj_gap=200, scale=0.25')"
+                )
+            if _ANOTHER_KEY.search(raw):  # "rank=8 update_proj_gap=2": a space or ';' where a comma belongs
+                fixed = _ANOTHER_KEY.sub(lambda m: ", " + m.group(0).lstrip(" \t;"), item)
+                raise GaLoreConfigError(
+                    f"`optim_args` entry {item!r} holds more than one key=value: separate keys with commas, "
+                    f"e.g. {fixed!r}"
                 )
             if key in out or key in options:
                 raise GaLoreConfigError(f"`optim_args` sets {key!r} twice")
