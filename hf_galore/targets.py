@@ -16,13 +16,14 @@ Matching rules (PEFT's, ``peft/tuners/tuners_utils.py``, and transformers'
 
   The start-up summary says which rule matched each entry. Every entry must
   match something: a typo is an error, not a silently smaller selection.
-* **str** — a regex that must match the *whole* module name (``re.fullmatch``).
+* **str** — a regex that must match the *whole* module name (``re.fullmatch``);
+  a string equal to a module's full name counts as naming it (rule 1).
 * ``"all-linear"`` — every ``nn.Linear`` (and transformers' GPT-2 style
   ``Conv1D``) except the output head (``model.get_output_embeddings()``).
 * ``exclude_modules`` uses the same rules, is as strict (an entry that
   matches no module is an error) and always wins.
 
-What a match selects: a module *named* by rules 1-2 gives its own weight if
+What a match selects: a module *named* (rules 1-2) gives its own weight if
 it has a 2-D one, whatever its type (``["embed_tokens"]`` projects the
 embedding). Everything else — a container (``mlp``, T5's ``SelfAttention``)
 or a module found by a pattern (regex, substring) — gives only the linear
@@ -249,9 +250,9 @@ def _match(
             pattern = re.compile(spec)
         except re.error as exc:
             raise GaLoreConfigError(f"`{field_name}` {spec!r} is not a valid regex: {exc}") from None
-        entries: list[tuple[str, str | None, list[str]]] = [
-            (spec, RULE_REGEX_STRING, [n for n in names if pattern.fullmatch(n)])
-        ]
+        # A string that is a module's full name names it (transformers: "not a regex"); else it is a pattern.
+        rule = RULE_EXACT if spec in modules else RULE_REGEX_STRING
+        entries: list[tuple[str, str | None, list[str]]] = [(spec, rule, [n for n in names if pattern.fullmatch(n)])]
         how = "a string is a regex matched against the whole name"
     else:
         entries = [(entry, *entry_roots(entry, names)) for entry in spec]
