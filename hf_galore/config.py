@@ -48,8 +48,6 @@ SMALL_WEIGHT_POLICIES = ("full_rank", "error")
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 _NONE = {"none", "null"}
-#: Inside an ``optim_args`` value: whitespace or ';' followed by ``key=`` (a missing comma).
-_ANOTHER_KEY = re.compile(r"[\s;]+[A-Za-z_]\w*\s*=")
 
 
 def _check_target_spec(name: str, value: object) -> list[str] | str | None:
@@ -237,6 +235,7 @@ class GaLoreConfig:
             raise GaLoreConfigError(f"`optim_args` must be a string like 'rank=64,scale=0.25', got {text!r}")
         hints = typing.get_type_hints(cls)
         fields = set(cls.field_names()) - {"options"}
+        another_key = re.compile(r"[\s;]+[A-Za-z_]\w*\s*=")  # inside a value: a missing comma before key=
         out: dict[str, Any] = {}
         options: dict[str, Any] = {}
         for item in text.split(","):
@@ -250,8 +249,8 @@ class GaLoreConfig:
                     f"`optim_args` entry {item!r} is not of the form key=value "
                     "(expected e.g. 'rank=64, update_proj_gap=200, scale=0.25')"
                 )
-            if _ANOTHER_KEY.search(raw):  # "rank=8 update_proj_gap=2": a space or ';' where a comma belongs
-                fixed = _ANOTHER_KEY.sub(lambda m: ", " + m.group(0).lstrip(" \t;"), item)
+            if another_key.search(raw):  # "rank=8 update_proj_gap=2": a space or ';' where a comma belongs
+                fixed = another_key.sub(lambda m: ", " + m.group(0).lstrip(" \t;"), item)
                 raise GaLoreConfigError(
                     f"`optim_args` entry {item!r} holds more than one key=value: separate keys with commas, "
                     f"e.g. {fixed!r}"

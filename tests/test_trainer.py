@@ -394,3 +394,13 @@ def test_target_forms_train_llama_and_roberta(tmp_path, arch, targets, rules, ex
         if line.startswith("  matching: ") and " matched as " in line
     }
     assert reported == rules or rules == {"all-linear"} and "'all-linear' means every linear layer" in callback.summary
+
+
+def test_small_weights_warning_is_given_once(tmp_path):
+    """The Trainer plans the groups twice (the check at Trainer(...) and the optimizer build): one warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, optim_args="rank=16", max_steps=1).train()
+    ours = [str(w.message) for w in caught if "GaLore" in str(w.message)]
+    assert len(ours) == 1, ours
+    assert ours[0].startswith("GaLore: 4 matched weights have a smaller dimension <= `rank`=16")
