@@ -376,3 +376,12 @@ def test_rank_above_every_matched_weight_trains_them_at_full_rank_with_one_warni
     optimizer.step()
     assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
     assert not any(k.startswith("basis") for state in optimizer.state.values() for k in state)
+
+
+def test_t5_self_attention_container_leaves_relative_attention_bias_alone():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    model = transformers.T5ForConditionalGeneration(config)
+    selection = select_target_modules(model, ["SelfAttention"])
+    assert [n.rsplit(".", 1)[-1] for n in selection.modules] == ["q", "k", "v", "o"] * 2  # encoder, decoder
+    assert "relative_attention_bias" in selection.notes[0] and "Embedding" in selection.notes[0]
