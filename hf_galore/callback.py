@@ -7,8 +7,9 @@ patterns that matched nothing, so at train start the callback
   optimizer (a ``Trainer`` subclass overriding ``create_optimizer``, a stale
   hook, ...);
 * prints one summary: which weights are low-rank (shapes, rank), which
-  matched weights stayed full-rank and why, and the optimizer-state size
-  against plain AdamW.
+  matched weights stayed full-rank and why, which rule matched each
+  ``target_modules`` / ``exclude_modules`` entry, and the optimizer-state
+  size against plain AdamW.
 
 Then every training log gets ``galore/refreshes`` (basis refreshes so far,
 one per weight), ``galore/refresh_seconds`` (time spent in them),
@@ -201,7 +202,7 @@ def build_summary(
         )
     lines = [
         head,
-        f"  low-rank: {len(lowrank)} weights, {lowrank_params:,} of {total_params:,} trainable parameters",
+        f"  low-rank: {len(lowrank)} weights projected, {lowrank_params:,} of {total_params:,} trainable parameters",
     ]
     lines += _grouped(lowrank)
     lines.append(f"  full rank: {full} tensors (embeddings, norms, biases, output head, unmatched modules)")
@@ -209,6 +210,7 @@ def build_summary(
         lines.append(f"  matched but full rank (smaller dimension <= rank {plan.rank}): {len(plan.small)} weights")
         lines += _grouped([(n, s, None) for n, s in plan.small])
     if plan is not None:
+        lines += [f"  matching: {match.describe()}" for match in getattr(plan, "matches", ())]
         lines += [f"  note: {note}" for note in plan.notes]
     estimate, adamw = estimate_state_bytes(optimizer), adamw_state_bytes(optimizer)
     if estimate is not None and adamw:

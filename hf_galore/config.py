@@ -32,6 +32,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -234,6 +235,7 @@ class GaLoreConfig:
             raise GaLoreConfigError(f"`optim_args` must be a string like 'rank=64,scale=0.25', got {text!r}")
         hints = typing.get_type_hints(cls)
         fields = set(cls.field_names()) - {"options"}
+        another_key = re.compile(r"[\s;]+[A-Za-z_]\w*\s*=")  # inside a value: a missing comma before key=
         out: dict[str, Any] = {}
         options: dict[str, Any] = {}
         for item in text.split(","):
@@ -246,6 +248,12 @@ class GaLoreConfig:
                 raise GaLoreConfigError(
                     f"`optim_args` entry {item!r} is not of the form key=value "
                     "(expected e.g. 'rank=64, update_proj_gap=200, scale=0.25')"
+                )
+            if another_key.search(raw):  # "rank=8 update_proj_gap=2": a space or ';' where a comma belongs
+                fixed = another_key.sub(lambda m: ", " + m.group(0).lstrip(" \t;"), item)
+                raise GaLoreConfigError(
+                    f"`optim_args` entry {item!r} holds more than one key=value: separate keys with commas, "
+                    f"e.g. {fixed!r}"
                 )
             if key in out or key in options:
                 raise GaLoreConfigError(f"`optim_args` sets {key!r} twice")

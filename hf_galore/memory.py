@@ -363,8 +363,9 @@ def select_target_modules(model: nn.Module, target_modules: str | Sequence[str] 
     """Names of the modules whose weight is projected (GaLore) or adapted (LoRA).
 
     The same rules as ``galore_param_groups`` and the Trainer
-    (:func:`hf_galore.targets.select_target_modules`): a list matches names
-    or dot-bounded suffixes, a string is a full-match regex, ``"all-linear"``
+    (:func:`hf_galore.targets.select_target_modules`): a list entry matches
+    an exact name, a dot-bounded suffix, a full-match regex or a substring,
+    a string is a full-match regex, ``"all-linear"``
     (and ``None``) means every linear but the output head; for LLaMA that is
     exactly the paper's selection, the attention and MLP linears.
     """

@@ -61,6 +61,16 @@ BAD_OPTIM_ARGS = [
         "small_weights=ignore",
         r"`small_weights` must be one of 'error', 'full_rank', got 'ignore'",
     ),
+    # a space (or ';') where a comma belongs: say so, with the corrected text
+    (
+        "rank=8 update_proj_gap=2",
+        (
+            r"entry 'rank=8 update_proj_gap=2' holds more than one key=value: separate keys with commas, "
+            r"e.g. 'rank=8, update_proj_gap=2'"
+        ),
+    ),
+    ("scale=0.5, rank=8  proj_type = std", r"separate keys with commas, e.g. 'rank=8, proj_type = std'"),
+    ("rank=8;scale=0.5", r"separate keys with commas, e.g. 'rank=8, scale=0.5'"),
 ]
 
 
