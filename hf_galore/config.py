@@ -96,11 +96,13 @@ class GaLoreConfig:
         projector: How the basis is found ("svd"; other members register more).
         quant: How the basis is stored (None = dense in the weight's dtype).
         refresh: When the basis is refreshed ("fixed" = every ``update_proj_gap`` steps).
-        target_modules: Which modules' weights are projected: a list of names
-            (full names or dot-bounded suffixes, e.g. "q_proj"; a matched
-            container such as "mlp" selects every 2-D weight inside it), a
-            full-match regex string, or "all-linear" (every linear layer but
-            the output head). See ``hf_galore.targets`` and docs/trainer.md.
+        target_modules: Which modules' weights are projected: a list whose
+            entries are tried as a full name, a dot-bounded suffix (e.g.
+            "q_proj"), a full-match regex, then a substring (transformers'
+            order; a matched container such as "mlp" selects the Linear /
+            Conv1D weights inside it), a full-match regex string, or
+            "all-linear" (every linear layer but the output head). See
+            ``hf_galore.targets`` and docs/trainer.md.
         exclude_modules: Modules never projected, same rules; excludes win.
         layerwise: Update each weight inside its gradient hook (the
             ``*_layerwise`` optim names set this).
