@@ -22,7 +22,7 @@ from ..errors import GaLoreConfigError, UnsupportedSetupError
 from ..quant.int8 import int8_owner
 from . import lowrank
 from .stats import RefreshStats
-from .validation import LOWRANK_DEFAULTS, check_lowrank_keys, check_non_negative
+from .validation import LOWRANK_DEFAULTS, check_group_keys, check_lowrank_keys, check_non_negative, check_torch_flags
 
 
 class GaLoreOptimizer(Optimizer):
@@ -47,6 +47,9 @@ class GaLoreOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict) and "rank" in param_group:  # the keys as written, before defaults
+            check_group_keys(param_group, self.defaults)
+            check_torch_flags(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._validate_group(group)

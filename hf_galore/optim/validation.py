@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
+from collections.abc import Iterable
 
 from ..errors import GaLoreConfigError, format_choices
 
@@ -32,6 +34,63 @@ LOWRANK_DEFAULTS: dict[str, object] = {
     "lazy_gamma": 2.0,
     "lazy_queue": 5,
 }
+
+
+#: Keys torch and its schedulers may put in any param group, beside the optimizer's own
+#: hyper-parameters (``lr``, ``betas``, ... come from its ``defaults``); accepted in low-rank groups
+#: too, so a group copied from torch.optim.AdamW's ``param_groups`` still works. ``param_names``:
+#: named params (torch >= 2.6); ``initial_lr``: every ``LRScheduler``; ``max_lr`` ... ``base_momentum``:
+#: OneCycleLR / CyclicLR; ``swa_lr``: SWALR; the flags are torch.optim's implementation switches.
+TORCH_GROUP_KEYS: tuple[str, ...] = (
+    "params",
+    "param_names",
+    "initial_lr",
+    "max_lr",
+    "min_lr",
+    "momentum",
+    "max_momentum",
+    "base_momentum",
+    "swa_lr",
+    "foreach",
+    "fused",
+    "capturable",
+    "differentiable",
+    "maximize",
+    "amsgrad",
+    "decoupled_weight_decay",
+)
+
+#: torch flags that change the update; accepted only with the value hf_galore honours.
+_UNSUPPORTED_FLAGS: dict[str, bool] = {"maximize": False, "amsgrad": False}
+
+
+def check_group_keys(keys: Iterable[str], optimizer_keys: Iterable[str]) -> None:
+    """Refuse a key a low-rank group would silently ignore (``update_proj_gp=50`` ran the default 200).
+
+    ``keys`` are the keys the caller wrote (before defaults are filled in);
+    ``optimizer_keys`` the optimizer's own hyper-parameters (its ``defaults``).
+    Checked once, when the group is added: schedulers add keys later, and
+    ``load_state_dict`` restores saved groups without this check.
+    """
+    valid = sorted({"rank", *LOWRANK_DEFAULTS, *optimizer_keys, *TORCH_GROUP_KEYS})
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise GaLoreConfigError(
+                f"unknown key {key!r} in a low-rank param group (a group with `rank`).{hint} "
+                f"Valid keys: {', '.join(valid)}"
+            )
+
+
+def check_torch_flags(group: dict) -> None:
+    """Refuse torch.optim flags a low-rank group cannot honour (``maximize=True``, ``amsgrad=True``)."""
+    for key, supported in _UNSUPPORTED_FLAGS.items():
+        if key in group and bool(group[key]) != supported:
+            raise GaLoreConfigError(
+                f"`{key}`={group[key]!r} is not supported in a low-rank param group; "
+                f"leave it out or set it to {supported!r}"
+            )
 
 
 def check_positive_int(name: str, value: object) -> int:
