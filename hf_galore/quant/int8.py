@@ -284,6 +284,42 @@ def prepare_model_for_int8_weights(
     return [name for name, _ in linears]
 
 
+@torch.no_grad()
+def dequantize_int8_weights(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Turn every :class:`Int8Linear` of ``model`` back into a plain ``nn.Linear``, in place; return ``model``.
+
+    The export step of a Q-GaLore run (as PEFT's ``merge_and_unload``): the
+    INT8 layers save ``weight_int8`` / ``weight_scale`` instead of ``weight``,
+    so a plain ``AutoModelForCausalLM.from_pretrained`` of a quantized
+    checkpoint would report those weights missing and initialise them at
+    random. After this call ``save_pretrained`` writes an ordinary float
+    checkpoint with the same outputs (the weight is ``q · scale``, exactly
+    what ``Int8Linear.forward`` computes with). ``dtype`` defaults to each
+    layer's own (the dtype of the layer it replaced); the bias is kept (cast
+    to ``dtype`` when one is given), and so are ``requires_grad`` and the
+    training mode. The rounding stream (``sr_seed``, ``sr_step``) is dropped.
+    The new weights are new parameters: build a new optimizer to train on.
+    (A bare ``Int8Linear`` passed as ``model`` cannot be replaced in place;
+    its ``nn.Linear`` is returned.)
+    """
+    replacements = [(name, m) for name, m in model.named_modules() if isinstance(m, Int8Linear)]
+    for name, module in replacements:
+        target = module.weight.dtype if dtype is None else dtype
+        linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(module.dequantize(target), requires_grad=module.weight.requires_grad)
+        bias = module.bias
+        if bias is not None and bias.dtype != target:
+            bias = nn.Parameter(bias.detach().to(target), requires_grad=bias.requires_grad)
+        linear.bias = bias
+        linear.train(module.training)
+        parent_name, _, child = name.rpartition(".")
+        if not parent_name and not child:  # the model itself is an Int8Linear
+            return linear
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, linear)
+    return model
+
+
 def int8_weight_bytes(model: nn.Module) -> int:
     """Bytes of all INT8 weights of ``model`` at rest (codes + scales)."""
     total = 0

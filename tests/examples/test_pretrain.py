@@ -443,3 +443,30 @@ def test_target_lr_ratio_gives_baselines_galores_split_rule(workdir, method):
     assert {n for n, p in model.named_parameters() if p.requires_grad} == by_lr[1e-3] | by_lr[4e-3]
     with pytest.raises(GaLoreConfigError, match="`target_lr_ratio`=0.25 applies to full-rank and LoRA"):
         get_method("galore").build(run_pretrain._build_model(args, VOCAB), args)
+
+
+# ------------------------------------------------------------------------------ console and export (issue 14)
+@pytest.mark.slow
+def test_q_galore_run_shows_eval_progress_and_exports_a_plain_model(workdir, capsys):
+    """Mid-run evaluations show a progress bar and print their perplexity; the INT8 model is exported as float."""
+    import types
+
+    from transformers import AutoModelForCausalLM
+
+    args = tiny_args(workdir, "q_galore", "console-q_galore", progress=True)
+    result = run_pretrain.train(args)
+    out, err = capsys.readouterr()
+    printed = [json.loads(line) for line in out.splitlines() if line.startswith('{"step"')]
+    assert [(p["step"], p["eval_ppl"]) for p in printed] == [(h["step"], h["eval_ppl"]) for h in result["history"]]
+    assert [p["step"] for p in printed] == [2, 4]  # the mid-run one too, not only the final summary
+    assert "eval @ 2" in err and "eval @ 4" in err  # the eval progress bars
+
+    # the export loads as a plain LLaMA, every weight present, and gives the run's final held-out loss
+    loaded, info = AutoModelForCausalLM.from_pretrained(workdir / "console-q_galore" / "final_model",
+                                                        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    corpus = data.build_offline_corpus(args.max_length, VOCAB, args.max_corpus_chars, cache_dir=args.cache_dir)
+    single = types.SimpleNamespace(device=torch.device("cpu"), reduce=lambda tensor, op: tensor)
+    batches = run_pretrain._heldout_batches(args, corpus, None, 0, 1)
+    loss, _ = run_pretrain.evaluate(loaded, batches, args.eval_tokens, single)
+    assert loss == result["eval_loss"]  # the same weights: dequantized codes are what Int8Linear computes with
