@@ -337,11 +337,18 @@ class GaLoreCallback(TrainerCallback):
         return out
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._optimizer is None or not self.log_stats or logs is None:
+        # The acting instance's values are written by the first GaLoreCallback in the Trainer's list:
+        # transformers puts callbacks passed by the user after the reporting integrations
+        # (TensorBoard, W&B, ...), which would otherwise never see `galore/*`; the automatic
+        # instance sits right after DefaultFlowCallback, before all of them.
+        owner = getattr(state, _OWNER_ATTR, None)
+        if owner is None or (owner._peers[0] if owner._peers else owner) is not self:
+            return
+        if owner._optimizer is None or not owner.log_stats or logs is None:
             return
         if any(k.startswith(("eval_", "test_")) for k in logs) or "train_runtime" in logs:
             return
-        extra = self.stats()
+        extra = owner.stats()
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
