@@ -19,9 +19,10 @@ How a setting flows through the package (one place to add it):
   or ``GaLoreConfig(options={"oversample": 16})``; its ``optim_args`` text is
   parsed by the type of its default (bool, int, float, str, ``none``).
   Promote it to a documented field by adding one dataclass field.
-* ``metadata`` holds only ``help`` (``HfArgumentParser`` passes metadata
-  to argparse, so other keys would break it); checks of the fields that are
-  not group keys live in ``_FIELD_CHECKS``.
+* ``metadata`` holds only ``help``, and ``nargs`` for the list fields
+  (``HfArgumentParser`` passes metadata to argparse, so other keys would
+  break it); checks of the fields that are not group keys live in
+  ``_FIELD_CHECKS``.
 * Every field and group key is accepted by :meth:`GaLoreConfig.from_optim_args`
   and :meth:`GaLoreConfig.from_dict`; unknown keys are errors naming the valid ones.
 """
@@ -60,6 +61,8 @@ def _check_target_spec(name: str, value: object) -> list[str] | str | None:
         return "all-linear" if value.replace("_", "-") == "all-linear" else value
     if isinstance(value, (list, tuple, set, frozenset)):
         entries = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+        if len(entries) == 1 and isinstance(entries[0], str) and entries[0].replace("_", "-") == "all-linear":
+            return "all-linear"  # `--target_modules all-linear` on the command line gives a one-item list
         bad = [e for e in entries if not isinstance(e, str) or not e]
         if bad or not entries:
             raise GaLoreConfigError(
@@ -69,6 +72,37 @@ def _check_target_spec(name: str, value: object) -> list[str] | str | None:
     raise GaLoreConfigError(
         f"`{name}` must be None, a list of module names, a regex string or 'all-linear', got {value!r}"
     )
+
+
+def _options_from_text(value: object) -> object:
+    """``options`` as a dict: ``None`` is empty, a string (the command line) is a JSON object.
+
+    String values of the JSON are parsed by the type of the key's default,
+    as ``optim_args`` values are (``{"oversample": "16"}`` gives 16).
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, str):
+        return value
+    try:
+        data = json.loads(value)
+    except json.JSONDecodeError as err:
+        data, reason = None, f" ({err.msg} at position {err.pos})"
+    else:
+        reason = ""
+    if not isinstance(data, dict):
+        raise GaLoreConfigError(
+            f"`options` must be a dict or a JSON object such as '{{\"oversample\": 16}}', got {value!r}{reason}"
+        )
+    options = {}
+    for key, raw in data.items():
+        if isinstance(raw, str) and key in LOWRANK_DEFAULTS and not isinstance(LOWRANK_DEFAULTS[key], str):
+            try:
+                raw = _parse_like(key, raw, LOWRANK_DEFAULTS[key])
+            except GaLoreConfigError:
+                pass  # kept as text: the key's own check names it with the valid range
+        options[key] = raw
+    return options
 
 
 def _check_small_weights(name: str, value: object) -> str:
@@ -144,13 +178,18 @@ class GaLoreConfig:
         default="fixed",
         metadata={"help": "Refresh policy (registered name); 'fixed' = every update_proj_gap steps."},
     )
+    # HfArgumentParser reads `list[str] | str | None` as `str`; `nargs` makes `--target_modules
+    # q_proj v_proj` a list, as TrainingArguments' `list[str]` fields parse (one value: a one-item list).
     target_modules: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Modules whose weights are projected: names/suffixes, a full-match regex, or 'all-linear'."},
+        metadata={
+            "help": "Modules whose weights are projected: names/suffixes, a full-match regex, or 'all-linear'.",
+            "nargs": "+",
+        },
     )
     exclude_modules: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Modules never projected (same rules as target_modules; excludes win)."},
+        metadata={"help": "Modules never projected (same rules as target_modules; excludes win).", "nargs": "+"},
     )
     layerwise: bool = field(
         default=False,
@@ -163,7 +202,9 @@ class GaLoreConfig:
             "or 'error'.",
         },
     )
-    options: dict[str, Any] = field(
+    # `dict | str | None` as TrainingArguments' dict fields: HfArgumentParser passes the text of
+    # `--options '{"oversample": 16}'`, which `__post_init__` reads as JSON.
+    options: dict[str, Any] | str | None = field(
         default_factory=dict,
         metadata={"help": "Further low-rank group keys without a field of their own, e.g. {'oversample': 16}."},
     )
@@ -179,6 +220,7 @@ class GaLoreConfig:
     def __post_init__(self) -> None:
         for name, check in self._FIELD_CHECKS.items():
             setattr(self, name, check(name, getattr(self, name)))
+        self.options = _options_from_text(self.options)
         if not isinstance(self.options, dict):
             raise GaLoreConfigError(f"`options` must be a dict of low-rank group keys, got {self.options!r}")
         fields = set(self.field_names())
