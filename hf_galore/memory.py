@@ -520,6 +520,7 @@ def estimate_memory(
     total_params = trainable_params = lowrank_params = 0
     largest_grad = 0
     small_weights = 0
+    float_targets = 0  # projected, but kept in `dtype` by the INT8-weight methods (not an nn.Linear)
     basis_cache: dict = {}
     notes: list[str] = []
 
@@ -560,7 +561,11 @@ def estimate_memory(
             weights += numel * e
             train_full(shape)
             continue
-        weights += int8_weight_bytes(shape, e) if spec.int8_weights and id(param) in int8_targets else numel * e
+        if spec.int8_weights and id(param) in int8_targets:
+            weights += int8_weight_bytes(shape, e)
+        else:
+            weights += numel * e
+            float_targets += spec.int8_weights
         sides = sides_for(proj_type, matrix_shape)
         r = effective_rank(rank, matrix_shape)
         lowrank_params += numel
@@ -579,6 +584,11 @@ def estimate_memory(
         notes.append(
             f"{small_weights} targeted weights have a smaller dimension <= rank {rank} and train at full rank "
             "(as galore_param_groups does)"
+        )
+    if float_targets:
+        notes.append(
+            f"{float_targets} targeted weights are not nn.Linear (e.g. GPT-2's Conv1D): "
+            f"prepare_model_for_int8_weights leaves them in {dtype}, and so does this estimate"
         )
     if spec.layerwise:
         gradients = largest_grad

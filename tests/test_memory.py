@@ -418,6 +418,24 @@ def test_docs_memory_tables_match_the_estimator():
     assert checked == 16 + 10
 
 
+def test_q_galore_on_gpt2_conv1d_says_its_weights_stay_float():
+    """Issue 14: GPT-2's Conv1D targets are not made INT8, so q_galore counts them in bf16: say so."""
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    est = estimate_memory(model, "q_galore", rank=8, dtype="bf16")
+    note = (
+        "8 targeted weights are not nn.Linear (e.g. GPT-2's Conv1D): "
+        "prepare_model_for_int8_weights leaves them in bf16"
+    )
+    assert any(n.startswith(note) for n in est.notes), est.notes
+    # and that is what the figure counts: every weight at 2 bytes, as plain GaLore
+    assert est.weights == estimate_memory(model, "galore", rank=8).weights == 2 * est.total_params
+    # a LLaMA's targets are nn.Linear: INT8, no such note
+    llama = estimate_memory(tiny_llama(torch.float32), "q_galore", rank=8, dtype="bf16")
+    assert not any("not nn.Linear" in n for n in llama.notes)
+    assert llama.weights < estimate_memory(tiny_llama(torch.float32), "galore", rank=8).weights
+
+
 def test_frozen_parameters_cost_only_their_weights():
     model = tiny_llama(torch.float32)
     model.model.embed_tokens.weight.requires_grad_(False)
