@@ -45,6 +45,7 @@ from .trainer import (
 
 _OWNER_ATTR = "_hf_galore_callback"
 _PEERS_ATTR = "_hf_galore_callbacks"
+_LOGGED_ATTR = "_hf_galore_logged"  # the last `logs` dict a GaLoreCallback wrote into
 MB = 2**20
 _SUMMARY_KEYS = ("update_proj_gap", "projector", "proj_type", "quant", "refresh")
 
@@ -337,14 +338,15 @@ class GaLoreCallback(TrainerCallback):
         return out
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # The acting instance's values are written by the first GaLoreCallback in the Trainer's list:
+        # The acting instance's values are written by the first GaLoreCallback that sees this log:
         # transformers puts callbacks passed by the user after the reporting integrations
         # (TensorBoard, W&B, ...), which would otherwise never see `galore/*`; the automatic
         # instance sits right after DefaultFlowCallback, before all of them.
         owner = getattr(state, _OWNER_ATTR, None)
-        if owner is None or (owner._peers[0] if owner._peers else owner) is not self:
+        if owner is None or logs is None or getattr(state, _LOGGED_ATTR, None) is logs:
             return
-        if owner._optimizer is None or not owner.log_stats or logs is None:
+        setattr(state, _LOGGED_ATTR, logs)
+        if owner._optimizer is None or not owner.log_stats:
             return
         if any(k.startswith(("eval_", "test_")) for k in logs) or "train_runtime" in logs:
             return

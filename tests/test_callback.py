@@ -189,3 +189,14 @@ def test_user_callback_settings_still_rule_when_another_instance_writes(tmp_path
     trainer.train()
     assert [log for log in reporter.logs if "loss" in log]  # there were training logs ...
     assert not any(k.startswith("galore/") for log in reporter.logs for k in log)  # ... without galore/*
+
+
+def test_without_the_automatic_instance_the_users_callback_writes_in_its_place(tmp_path):
+    from hf_galore.callback import AutoGaLoreCallback
+
+    after = RecordingReporter()
+    trainer = make_trainer(tmp_path, callbacks=[GaLoreCallback(print_summary=False), after])
+    trainer.remove_callback(AutoGaLoreCallback)
+    trainer.train()
+    assert [log.get("galore/refreshes") for log in after.logs if "loss" in log] == [14, 28]
+    assert [h["galore/refreshes"] for h in _galore_logs(trainer)] == [14, 28]
