@@ -144,7 +144,8 @@ class GaLoreConfig:
             gains nothing from projection: "full_rank" trains it at full rank
             (warned once, listed in the start-up summary), "error" refuses.
         options: Further low-rank group keys that have no field here (e.g.
-            ``{"oversample": 16}`` for the randomized projector); the keys and
+            ``{"oversample": 16}`` for the randomized projector), or that dict
+            as JSON text (``--options '{"oversample": 16}'``); the keys and
             their defaults are listed in ``optim/validation.py``.
     """
 

@@ -302,16 +302,22 @@ def dequantize_int8_weights(model: nn.Module, dtype: torch.dtype | None = None) 
     (A bare ``Int8Linear`` passed as ``model`` cannot be replaced in place;
     its ``nn.Linear`` is returned.)
     """
-    replacements = [(name, m) for name, m in model.named_modules() if isinstance(m, Int8Linear)]
+    replacements = [
+        (name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, Int8Linear)
+    ]
+    done: dict[int, nn.Linear] = {}  # a layer reachable under two names stays one (shared) layer
     for name, module in replacements:
-        target = module.weight.dtype if dtype is None else dtype
-        linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
-        linear.weight = nn.Parameter(module.dequantize(target), requires_grad=module.weight.requires_grad)
-        bias = module.bias
-        if bias is not None and bias.dtype != target:
-            bias = nn.Parameter(bias.detach().to(target), requires_grad=bias.requires_grad)
-        linear.bias = bias
-        linear.train(module.training)
+        linear = done.get(id(module))
+        if linear is None:
+            target = module.weight.dtype if dtype is None else dtype
+            linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            linear.weight = nn.Parameter(module.dequantize(target), requires_grad=module.weight.requires_grad)
+            bias = module.bias
+            if bias is not None and bias.dtype != target:
+                bias = nn.Parameter(bias.detach().to(target), requires_grad=bias.requires_grad)
+            linear.bias = bias
+            linear.train(module.training)
+            done[id(module)] = linear
         parent_name, _, child = name.rpartition(".")
         if not parent_name and not child:  # the model itself is an Int8Linear
             return linear

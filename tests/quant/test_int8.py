@@ -280,3 +280,13 @@ def test_dequantize_keeps_bias_dtype_and_trainability():
     assert model[0].weight.dtype == model[0].bias.dtype == torch.float64
     assert torch.equal(model[0].weight, codes.double())
     assert model[0].in_features == codes.shape[1] and model[0].out_features == codes.shape[0]
+
+
+def test_dequantize_keeps_a_shared_layer_shared():
+    from hf_galore import dequantize_int8_weights
+
+    model = make_model()
+    prepare_model_for_int8_weights(model, ["0"], group_size=16)
+    model.alias = model[0]  # the same layer under a second name (tied weights)
+    dequantize_int8_weights(model)
+    assert type(model.alias) is nn.Linear and model.alias is model[0]
