@@ -135,6 +135,10 @@ class PretrainArguments:
     log_every: int = 10
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0: only at the end"})
     output_dir: str = "runs/c4_pretrain"
+    export_model: bool = field(
+        default=True,
+        metadata={"help": "write <output_dir>/final_model with save_pretrained (q_galore: INT8 layers dequantized)"},
+    )
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint dir or 'latest'"})
     seed: int = 0
     # --- offline corpus
@@ -476,7 +480,8 @@ def train(args: PretrainArguments) -> dict[str, Any]:
         args,
         accelerator,
     )
-    export_model(accelerator.unwrap_model(model), output_dir / "final_model", accelerator)
+    if args.export_model:
+        export_model(accelerator.unwrap_model(model), output_dir / "final_model", accelerator)
     result = {
         "method": args.method,
         "eval_loss": final["eval_loss"],
