@@ -172,6 +172,7 @@ def run_once(spec: RunSpec, args: argparse.Namespace) -> dict:
         log_every=max(1, args.steps // 20),
         save_every=0,
         progress=False,
+        export_model=False,  # the sweep compares perplexities; no need for dozens of saved models
     )
     result = train(pargs)
     result.pop("train_losses", None)  # per-step losses: large, and the eval history is what is compared
@@ -499,7 +500,7 @@ def main_single(args: argparse.Namespace) -> dict[str, dict]:
             method=method, model_config=args.model_config, learning_rate=lr_overrides.get(method), rank=args.rank,
             update_proj_gap=args.update_proj_gap, num_training_steps=args.steps, max_length=args.max_length,
             batch_size=args.batch_size, eval_every=args.eval_every, eval_tokens=args.eval_tokens, seed=args.seed,
-            output_dir=str(results_dir / method), log_every=max(1, args.steps // 20),
+            output_dir=str(results_dir / method), log_every=max(1, args.steps // 20), export_model=False,
         )
         try:
             result = train(pargs)
