@@ -586,6 +586,7 @@ def _refresh_sharded(rows, local, shape, state, group, step, stats, dtype) -> No
     full = rows.gather_rows(
         local.float(), shape[0]
     )  # one full gradient, on rank 0 only
+    energy_fallbacks = int(state.get("energy_fallbacks", 0))  # rank 0's count reaches every rank's state
 
     def compute():
         news = []
@@ -627,6 +628,7 @@ def _refresh_sharded(rows, local, shape, state, group, step, stats, dtype) -> No
             state, lowrank.basis_key(side), _basis_shard(rows, new), dtype, group=group
         )
     stats.refreshes += 1
+    stats.energy_fallbacks += int(state.get("energy_fallbacks", 0)) - energy_fallbacks
     stats.refresh_seconds += time.perf_counter() - started
 
 

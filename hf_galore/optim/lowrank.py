@@ -78,6 +78,7 @@ def refresh_basis(
     rank = effective_rank(group["rank"], matrix.shape)
     matrix = matrix.float()
     started = time.perf_counter()
+    energy_fallbacks = int(state.get("energy_fallbacks", 0))  # counted per weight by the randomized finder
     new_bases = []
     for side in sides:
         old = codec.decode(state, basis_key(side))
@@ -101,6 +102,7 @@ def refresh_basis(
             stats.record_overlap(subspace_overlap(old, new))
         codec.encode(state, basis_key(side), new, dtype, group=group)
     stats.refreshes += 1
+    stats.energy_fallbacks += int(state.get("energy_fallbacks", 0)) - energy_fallbacks
     stats.refresh_seconds += time.perf_counter() - started
 
 
