@@ -13,6 +13,10 @@ median absolute gradient entry of the projected weights at the first step:
 * ``llama``: a 2-layer LLaMA (hidden 128) on random tokens, next-token loss:
   gradients of a real language-model loss.
 
+A last row trains the LLaMA at full rank with ``torch.optim.AdamW`` against
+galore-torch's ``GaLoreAdamW`` (no low-rank group): the eps placement alone,
+with hf_galore's ``GaLoreAdamW`` in place of galore-torch's in brackets.
+
     python benchmarks/galore_torch_parity.py            # ~30 s on 2 cores
 """
 
@@ -89,6 +93,33 @@ def run(kind: str, steps: int, loss_scale: float = 1.0, gap: int = 5) -> tuple[f
     return max(diffs[0]), max(diffs[1], default=0.0), grad_size
 
 
+def full_rank(steps: int) -> tuple[float, float]:
+    """Max abs difference (torch AdamW vs galore-torch, torch AdamW vs hf_galore) at full rank."""
+    import galore_torch
+
+    base = _llama()
+    models = [copy.deepcopy(base) for _ in range(3)]
+    opts = [
+        torch.optim.AdamW(models[0].parameters(), lr=1e-3, eps=1e-8, weight_decay=0.0),
+        galore_torch.GaLoreAdamW(
+            models[1].parameters(), lr=1e-3, eps=1e-8, weight_decay=0.0, no_deprecation_warning=True
+        ),
+        GaLoreAdamW(models[2].parameters(), lr=1e-3, eps=1e-8, weight_decay=0.0),
+    ]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        batch = {"input_ids": torch.randint(0, 512, (4, 32), generator=gen)}
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            model(**batch, labels=batch["input_ids"]).loss.backward()
+            opt.step()
+
+    def diff(a, b):
+        return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+
+    return diff(models[0], models[1]), diff(models[0], models[2])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -105,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, kind, scale, gap in cases:
         projected, others, grad = run(kind, args.steps, scale, gap)
         print(f"| {label} | {gap} | {grad:.2e} | {projected:.1e} | {others:.1e} |", flush=True)
+    vs_galore_torch, vs_ours = full_rank(args.steps)
+    print(f"| llama, full rank: torch AdamW vs galore-torch (vs hf_galore) | – | – | – | {vs_galore_torch:.1e} ({vs_ours:.1e}) |")
     return 0
 
 
