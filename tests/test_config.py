@@ -284,3 +284,21 @@ def test_every_field_documents_itself():
     for f in dataclasses.fields(GaLoreConfig):
         assert f.metadata.get("help"), f.name
         assert f"{f.name}:" in GaLoreConfig.__doc__, f.name
+
+
+def test_fidelity_and_energy_guard_keys_parse_from_optim_args():
+    config = GaLoreConfig.from_optim_args(
+        "rank=8, osd_order=update_then_project, lazy_schedule=offset, energy_threshold=0.95, energy_iters=0"
+    )
+    options = config.group_options()
+    assert options["osd_order"] == "update_then_project" and options["lazy_schedule"] == "offset"
+    assert options["energy_threshold"] == 0.95 and options["energy_iters"] == 0
+    import torch
+
+    from hf_galore import GaLoreAdamW
+
+    group = GaLoreAdamW([{"params": [torch.nn.Parameter(torch.zeros(4, 4))], "rank": 2}]).param_groups[0]
+    assert (group["osd_order"], group["lazy_schedule"]) == ("project_then_update", "multiple")
+    assert (group["energy_threshold"], group["energy_iters"]) == (0.99, 2)
+    with pytest.raises(GaLoreConfigError, match="`osd_order`"):
+        GaLoreConfig.from_optim_args("rank=8, osd_order=later")

@@ -25,6 +25,7 @@ from ..projectors.geometry import (
     sides_for,
     subspace_overlap,
 )
+from ..projectors.online_pca import ONLINE_PCA_DEFAULTS
 from ..projectors.randomized import randomized_basis
 from ..projectors.storage import get_codec
 from ..quant.int8 import int8_add_, int8_scale_
@@ -77,6 +78,7 @@ def refresh_basis(
     rank = effective_rank(group["rank"], matrix.shape)
     matrix = matrix.float()
     started = time.perf_counter()
+    energy_fallbacks = int(state.get("energy_fallbacks", 0))  # counted per weight by the randomized finder
     new_bases = []
     for side in sides:
         old = codec.decode(state, basis_key(side))
@@ -100,6 +102,7 @@ def refresh_basis(
             stats.record_overlap(subspace_overlap(old, new))
         codec.encode(state, basis_key(side), new, dtype, group=group)
     stats.refreshes += 1
+    stats.energy_fallbacks += int(state.get("energy_fallbacks", 0)) - energy_fallbacks
     stats.refresh_seconds += time.perf_counter() - started
 
 
@@ -173,7 +176,10 @@ def project_gradient(
     """Low-rank gradient ``R`` of ``param`` and the bases used; refreshes or tracks first.
 
     The bases are returned so :func:`apply_update` reuses them instead of
-    decoding (dequantizing) them twice per step. Returns ``None`` when no
+    decoding (dequantizing) them twice per step. An online finder (OSD) with
+    ``osd_order="project_then_update"`` projects with the basis it had and
+    moves it afterwards, so the returned (old) bases also project the step
+    back. Returns ``None`` when no
     basis exists yet (the very first gradient was non-finite): the weight is
     then left untouched for this step. A sharded (FSDP2 ``DTensor``)
     gradient is projected shard by shard in ``hf_galore.distributed``.
@@ -187,23 +193,53 @@ def project_gradient(
     policy = get_refresh_policy(group["refresh"])
     if bases is None:
         policy.setup(state, group, param)
-    if bases is None or policy.due(state, group, step):
-        refresh_basis(matrix, state, group, step, stats, dtype=param.dtype, sync=sync)
-        bases = load_bases(state, group, sides)
-        if bases is None:
-            return None
-    else:
-        finder = get_projector(group["projector"])
-        if finder.tracks_every_step:
-            codec = get_codec(group["quant"])
-            for side, basis in zip(sides, bases):
-                moved = finder.track(matrix.float(), basis.float(), side, state=state, group=group)
-                if sync is not None:
-                    moved = sync(moved)
-                if moved is not basis:
-                    codec.encode(state, basis_key(side), moved, param.dtype, group=group)
-            bases = load_bases(state, group, sides)
+    elif projects_before_tracking(group):
+        # OSD's Alg. 1: R and the update use P_t; P_{t+1} is computed from G_t afterwards
+        low = project(matrix, bases, sides)
+        _advance_bases(matrix, bases, state, group, step, stats, param.dtype, sync)
+        return low, bases
+    if not _advance_bases(matrix, bases, state, group, step, stats, param.dtype, sync):
+        return None
+    bases = load_bases(state, group, sides)
     return project(matrix, bases, sides), bases
+
+
+def projects_before_tracking(group: dict) -> bool:
+    """True for an online finder (OSD) with ``osd_order="project_then_update"`` (the default)."""
+    return (
+        get_projector(group["projector"]).tracks_every_step
+        and group.get("osd_order", ONLINE_PCA_DEFAULTS["osd_order"]) == "project_then_update"
+    )
+
+
+def _advance_bases(
+    matrix: torch.Tensor,
+    bases: list[torch.Tensor] | None,
+    state: dict,
+    group: dict,
+    step: int,
+    stats: RefreshStats,
+    dtype: torch.dtype,
+    sync: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> bool:
+    """Refresh the bases when due (or missing), else move them if the finder tracks every step.
+
+    Returns False when no basis exists afterwards (the first gradient was non-finite).
+    """
+    policy = get_refresh_policy(group["refresh"])
+    if bases is None or policy.due(state, group, step):
+        refresh_basis(matrix, state, group, step, stats, dtype=dtype, sync=sync)
+        return load_bases(state, group, sides_for(group["proj_type"], matrix.shape)) is not None
+    finder = get_projector(group["projector"])
+    if finder.tracks_every_step:
+        codec = get_codec(group["quant"])
+        for side, basis in zip(sides_for(group["proj_type"], matrix.shape), bases):
+            moved = finder.track(matrix.float(), basis.float(), side, state=state, group=group)
+            if sync is not None:
+                moved = sync(moved)
+            if moved is not basis:
+                codec.encode(state, basis_key(side), moved, dtype, group=group)
+    return True
 
 
 def apply_update(param: torch.Tensor, update: torch.Tensor, bases: list[torch.Tensor], group: dict) -> None:

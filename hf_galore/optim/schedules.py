@@ -68,7 +68,9 @@ class Staggered(RefreshPolicy):
 
 #: Group keys of the lazy policy with Q-GaLore's defaults (arXiv:2407.08296 §3.3;
 #: VITA-Group/Q-GaLore ``run_pretrain.py``: cos_threshold 0.4, gamma_proj 2, queue_size 5).
-LAZY_DEFAULTS = {"lazy_threshold": 0.4, "lazy_gamma": 2.0, "lazy_queue": 5}
+LAZY_DEFAULTS = {"lazy_threshold": 0.4, "lazy_gamma": 2.0, "lazy_queue": 5, "lazy_schedule": "multiple"}
+#: Values of ``lazy_schedule``: where the next refresh falls once the gap is known.
+LAZY_SCHEDULES = ("multiple", "offset")
 
 
 def leading_cosine(old: torch.Tensor, new: torch.Tensor) -> float:
@@ -88,6 +90,13 @@ class LazyRefresh(RefreshPolicy):
     same vector as -1), and a cosine below the threshold resets the interval to
     ``update_proj_gap`` and empties the FIFO, so a weight whose gradients change
     regime is tracked closely again (Q-GaLore never shortens the gap).
+
+    ``lazy_schedule`` places the next refresh: ``"multiple"`` (default) at the
+    next multiple of the current gap after this step, as q-galore-torch 1.0
+    does (its projector refreshes when ``iter % update_proj_gap == 0`` and
+    grows ``update_proj_gap`` in place); ``"offset"`` at ``step + gap``. With
+    ``T = 10`` and a gap doubling at every refresh from step 50 on, they give
+    0…50, 60, 80, 160, 320, 640 and 0…50, 70, 110, 190, 350, 670.
 
     Per-weight state: ``lazy_gap`` and ``lazy_next`` (ints), ``lazy_cos``
     (float32 FIFO) and ``lazy_count`` (int).
@@ -122,7 +131,10 @@ class LazyRefresh(RefreshPolicy):
             state["lazy_cos"] = queue
             state["lazy_count"] = count
         state["lazy_gap"] = gap
-        state["lazy_next"] = step + gap
+        if group.get("lazy_schedule", LAZY_DEFAULTS["lazy_schedule"]) == "offset":
+            state["lazy_next"] = step + gap
+        else:  # q-galore-torch: the first step after this one with step % gap == 0
+            state["lazy_next"] = (step // gap + 1) * gap
 
 
 REFRESH_POLICIES: Registry[RefreshPolicy] = Registry("refresh", "refresh policy")

@@ -33,6 +33,15 @@ LOWRANK_DEFAULTS: dict[str, object] = {
     "lazy_threshold": 0.4,
     "lazy_gamma": 2.0,
     "lazy_queue": 5,
+    # fidelity options where the references differ (docs/projectors.md):
+    # online_pca: project G_t with P_t, then move P (OSD Alg. 1) or move P first
+    "osd_order": "project_then_update",
+    # refresh="lazy": next refresh at the next multiple of the grown gap (q-galore-torch) or at step + gap
+    "lazy_schedule": "multiple",
+    # projector="randomized": accept a basis whose estimated captured energy is >= this fraction of
+    # the exact SVD's (0 = no check); else up to energy_iters more rounds, then the exact SVD
+    "energy_threshold": 0.99,
+    "energy_iters": 2,
 }
 
 
@@ -133,8 +142,9 @@ def check_lowrank_keys(group: dict) -> None:
     """Validate the GaLore keys of a param group that has ``rank``."""
     from ..projectors import PROJECTORS
     from ..projectors.geometry import PROJ_TYPES
+    from ..projectors.online_pca import OSD_ORDERS
     from ..projectors.storage import CODECS
-    from .schedules import REFRESH_POLICIES
+    from .schedules import LAZY_SCHEDULES, REFRESH_POLICIES
 
     check_positive_int("rank", group["rank"])
     check_positive_int("update_proj_gap", group["update_proj_gap"])
@@ -155,3 +165,11 @@ def check_lowrank_keys(group: dict) -> None:
     if check_positive("lazy_gamma", group["lazy_gamma"]) < 1:
         raise GaLoreConfigError(f"`lazy_gamma` must be >= 1 (the gap never shrinks), got {group['lazy_gamma']!r}")
     check_positive_int("lazy_queue", group["lazy_queue"])
+    check_choice("osd_order", group["osd_order"], OSD_ORDERS)
+    check_choice("lazy_schedule", group["lazy_schedule"], LAZY_SCHEDULES)
+    if check_non_negative("energy_threshold", group["energy_threshold"]) > 1:
+        raise GaLoreConfigError(
+            f"`energy_threshold` must be in [0, 1] (a fraction of the exact SVD's energy), "
+            f"got {group['energy_threshold']!r}"
+        )
+    check_non_negative_int("energy_iters", group["energy_iters"])
