@@ -108,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="per-run JSON (default: runs/convergence_sweep with --sweep, else runs/convergence)")
     parser.add_argument("--plot", default=None,
                         help="PNG (default: docs/img/convergence_sweep.png with --sweep, else docs/img/convergence.png)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="--sweep: report the runs already stored, train nothing (a partial sweep says so)")
     parser.add_argument("--reuse", action="store_true",
                         help="single runs: read existing per-method JSON instead of training (--sweep always does)")
     parser.add_argument("--extra", action="append", default=[], metavar="LABEL=PATH",
@@ -186,7 +188,9 @@ class SweepStore:
     def __init__(self, directory: Path, args: argparse.Namespace) -> None:
         self.directory = directory
         self.args = args
+        self.train = not args.report_only
         self.unavailable: dict[str, str] = {}
+        self.missing: dict[str, int] = {}  # --report_only: runs of a method not stored yet
         self.trained = 0
 
     def get(self, spec: RunSpec, progress) -> dict | None:
@@ -194,6 +198,9 @@ class SweepStore:
         if path.exists():
             return json.loads(path.read_text())
         if spec.method in self.unavailable:
+            return None
+        if not self.train:
+            self.missing[spec.method] = self.missing.get(spec.method, 0) + 1
             return None
         progress.set_description(spec.key)
         started = time.perf_counter()
@@ -230,10 +237,14 @@ def sweep_config(method: str, variant: str, args, store: SweepStore, progress) -
             r = store.get(RunSpec(method, variant, lr, args.seed), progress)
             progress.update(1)
             if r is None:
-                return results
+                if store.train:  # the method cannot run here
+                    return results
+                continue  # --report_only: not stored yet
             results[lr] = r
         pending = []
         lrs = sorted(results)
+        if not lrs:
+            return results
         best = min(lrs, key=lambda lr: results[lr]["eval_ppl"])
         if extended < args.max_extend and best in (lrs[0], lrs[-1]):
             edge = lrs[0] / spacing if best == lrs[0] else lrs[-1] * spacing
@@ -254,7 +265,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
             grid: dict[str, dict[float, dict]] = {}
             for variant in variants_of(method):
                 grid[variant] = sweep_config(method, variant, args, store, progress)
-            if method in store.unavailable:
+            if method in store.unavailable or not any(grid.values()):
                 continue
             variant, lr = min(
                 ((v, lr) for v, runs in grid.items() for lr in runs), key=lambda vl: grid[vl[0]][vl[1]]["eval_ppl"]
@@ -265,7 +276,9 @@ def run_sweep(args: argparse.Namespace) -> dict:
                 progress.update(1)
                 if r is not None:
                     seeds.append(r)
-            summary[method] = {"variant": variant, "lr": lr, "seeds": seeds, "grid": grid}
+            summary[method] = {
+                "variant": variant, "lr": lr, "seeds": seeds, "grid": grid, "missing": store.missing.get(method, 0)
+            }
     return {"summary": summary, "unavailable": store.unavailable, "trained": store.trained}
 
 
@@ -340,8 +353,9 @@ def sweep_tables(result: dict, args: argparse.Namespace) -> str:
         state = first["optimizer_state_bytes"]
         rel = f"{state / base_state:.3f}" if base_state else "–"
         per_step = statistics.fmean(r["train_seconds"] for r in s["seeds"]) / args.steps
+        rule = s["variant"] + (f" (partial sweep: {s['missing']} runs missing)" if s.get("missing") else "")
         lines.append(
-            f"| {method} | {s['variant']} | {s['lr']:g} | {ppl_mean:.2f} ± {ppl_std:.2f} | {len(s['seeds'])} | "
+            f"| {method} | {rule} | {s['lr']:g} | {ppl_mean:.2f} ± {ppl_std:.2f} | {len(s['seeds'])} | "
             f"{state / 2**20:.2f} | {rel} | {per_step:.3f} |"
         )
     for method, why in result["unavailable"].items():
