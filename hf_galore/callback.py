@@ -323,7 +323,7 @@ class GaLoreCallback(TrainerCallback):
             "galore/optimizer_state_mb": round(optimizer_state_bytes(optimizer) / MB, 4),
         }
         # robustness events (docs/projectors.md), logged once they have happened
-        for key in ("fallbacks", "refresh_failures", "skipped_nonfinite"):
+        for key in ("fallbacks", "refresh_failures", "skipped_nonfinite", "state_resets", "dropped_bases"):
             if getattr(stats, key):
                 out[f"galore/{key}"] = getattr(stats, key)
         seen_sum, seen_count = self._overlap_seen

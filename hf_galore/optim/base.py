@@ -136,7 +136,7 @@ class GaLoreOptimizer(Optimizer):
             return
         state.clear()
         self.galore_stats.state_resets += 1
-        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        index = next((i for i, g in enumerate(self.param_groups) if g is group), "?")
         self.galore_stats.warn_once(
             "state_remade",
             f"GaLore: the state of a weight of shape {tuple(param.shape)} in param group {index} no longer fits "

@@ -224,6 +224,7 @@ def apply_update(param: torch.Tensor, update: torch.Tensor, bases: list[torch.Te
         return
     sides = sides_for(group["proj_type"], matrix_shape(param.shape))
     alpha = -group["scale"]
+
     def add_(matrix: torch.Tensor) -> None:
         project_back_add_(matrix, update, bases, sides, alpha=alpha)
 

@@ -124,7 +124,11 @@ class GroupwiseCodec(BasisCodec):
             return (f"{key}_shape", (2,), None if shape is None else tuple(getattr(shape, "shape", ())))
         n = int(shape[0]) * int(shape[1])
         groups = -(-n // int(state.get(f"{key}_group", DEFAULT_GROUP_SIZE)))
-        expected = {f"{key}_q": (-(-n // 2),) if self.bits == 4 else (n,), f"{key}_scale": (groups,), f"{key}_lo": (groups,)}
+        expected = {
+            f"{key}_q": (-(-n // 2),) if self.bits == 4 else (n,),
+            f"{key}_scale": (groups,),
+            f"{key}_lo": (groups,),
+        }
         for name, size in expected.items():
             found = state.get(name)
             found = None if found is None else tuple(found.shape)

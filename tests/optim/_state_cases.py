@@ -258,6 +258,22 @@ def load_nan_basis():
 
 
 @case
+def load_int_steps():
+    """An int ``step`` (torch < 1.12, galore-torch) is converted: the resumed run equals the uninterrupted one."""
+    model, opt, sd = _trained()
+    sd = copy.deepcopy(sd)
+    for state in sd["state"].values():
+        state["step"] = int(state["step"])
+    twin = copy.deepcopy(model)
+    twin_opt = _adamw(twin, {})
+    twin_opt.load_state_dict(sd)
+    train(model, opt, 2)
+    train(twin, twin_opt, 2)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q), (p - q).abs().max().item()
+
+
+@case
 def load_torch_adamw_into_lowrank_groups():
     model = tiny_mlp()
     groups = split_groups(model)  # the same two groups, without `rank`

@@ -75,6 +75,7 @@ TABLE: dict[str, tuple[Works | Raises, bool]] = {
         True,
     ),
     "load_nan_basis": (Works("hold NaN/Inf; dropped them"), False),
+    "load_int_steps": (Works(), False),
     # foreign state_dicts
     "load_torch_adamw_into_lowrank_groups": (
         Raises(("param group 1 is low-rank here", "no `rank`", "full-size, (48, 32)", START_FRESH)),
