@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import StateMismatchError
-from ..projectors.geometry import effective_rank, matrix_shape, projected_shape, side_size, sides_for
+from ..projectors.geometry import effective_rank, matrix_shape, sides_for
 from ..projectors.storage import get_codec
 from .lowrank import basis_key
 from .validation import LOWRANK_DEFAULTS
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 #: ``(state key, expected shape or None for "absent", found shape or None for "missing")``
 Mismatch = tuple[str, Any, Any]
 
-_SIDES = ("left", "right")
+_SIDES = ("left", "right")  # basis_key(side) for each
 
 
 def _shape_of(value: Any) -> tuple[int, ...] | None:
@@ -50,30 +50,32 @@ def find_mismatch(optimizer: GaLoreOptimizer, param: torch.Tensor, state: dict, 
     too. Missing state is not: it is created at the next step.
     """
     if "rank" in group:
-        if param.dim() < 2:
-            return ("param", ">= 2 dimensions", tuple(param.shape))
-        shape = matrix_shape(param.shape)
-        sides = sides_for(group["proj_type"], shape)
-        rank = effective_rank(group["rank"], shape)
+        shape = param.shape
+        if len(shape) < 2:
+            return ("param", ">= 2 dimensions", tuple(shape))
+        m, n = shape if len(shape) == 2 else matrix_shape(shape)
+        sides = sides_for(group["proj_type"], (m, n))
+        rank = effective_rank(group["rank"], (m, n))
         codec = get_codec(group["quant"])
-        for side in _SIDES:
-            key = basis_key(side)
+        for side, key, size in (("left", "basis_left", m), ("right", "basis_right", n)):
             found = codec.stored_shape(state, key)
-            expected = (side_size(side, shape), rank) if side in sides else None
-            if found is not None and found != expected:
-                return (key, expected, found)
-        like = projected_shape(shape, group["rank"], sides)
+            if found is not None:
+                expected = (size, rank) if side in sides else None
+                if found != expected:
+                    return (key, expected, tuple(found))
+        like = (rank if "left" in sides else m, rank if "right" in sides else n)
     else:
         like = tuple(param.shape)
     expected_moments = optimizer._moment_shapes(like, group, state)
     missing = None
     for key, expected in expected_moments.items():
-        if key not in state:
+        value = state.get(key)
+        if value is None:
             missing = missing or key
             continue
-        found = _shape_of(state[key])
+        found = getattr(value, "shape", None)  # torch.Size compares equal to a tuple
         if found != expected:
-            return (key, expected, found)
+            return (key, expected, None if found is None else tuple(found))
     if missing is not None and any(key in state for key in expected_moments):
         return (missing, expected_moments[missing], None)
     return None

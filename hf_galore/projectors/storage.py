@@ -34,7 +34,7 @@ class BasisCodec(ABC):
         """Return the stored basis (any float dtype), or ``None`` if none is stored yet."""
 
     def stored_shape(self, state: dict, key: str) -> tuple[int, ...] | None:
-        """Shape of the stored basis, read without decoding it (checked before every update)."""
+        """Shape of the stored basis (a tuple or ``torch.Size``), read without decoding it (checked every step)."""
         basis = self.decode(state, key)
         return None if basis is None else tuple(basis.shape)
 
@@ -64,7 +64,7 @@ class DenseCodec(BasisCodec):
 
     def stored_shape(self, state, key):
         basis = state.get(key)
-        return None if basis is None else tuple(basis.shape)
+        return None if basis is None else basis.shape
 
 
 CODECS: Registry[BasisCodec] = Registry("quant", "quant codec")
