@@ -74,6 +74,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
             raise GaLoreConfigError(f"`eps` must be a pair (eps1, eps2), got {group['eps']!r}")
 
     _moment_keys = frozenset({"exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"})
+    _group_identity = ("relative_step", "clip_threshold", "decay_rate")
 
     def _moment_shapes(self, like, group, state):
         shapes = {"exp_avg": like} if group["beta1"] is not None else {}

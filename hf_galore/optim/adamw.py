@@ -62,6 +62,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         check_non_negative("eps", group["eps"])
 
     _moment_keys = frozenset({"exp_avg", "exp_avg_sq"})
+    _group_identity = ("betas",)
 
     def _moment_shapes(self, like, group, state):
         return {"exp_avg": like, "exp_avg_sq": like}

@@ -99,7 +99,9 @@ class GaLoreOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
         for group, saved_group in zip(self.param_groups, saved_groups):
-            if "rank" in group:  # checkpoints from before a group key existed
+            for key, value in self.defaults.items():  # checkpoints from before a hyper-parameter existed
+                group.setdefault(key, value)
+            if "rank" in group:  # ... or a group key
                 for key, value in LOWRANK_DEFAULTS.items():
                     group.setdefault(key, value)
             for param, param_id in zip(group["params"], saved_group["params"]):
@@ -223,6 +225,8 @@ class GaLoreOptimizer(Optimizer):
     # ---------------------------------------------------------- member hooks
     #: every state key ``_init_moments`` may create; another member's keys in a loaded state are refused
     _moment_keys: frozenset[str] = frozenset()
+    #: hyper-parameters every group of this member has; a loaded group without them is another optimizer's
+    _group_identity: tuple[str, ...] = ()
 
     def _init_moments(self, state: dict[str, Any], like: torch.Tensor, group: dict[str, Any]) -> None:
         """Create the base update's state for gradient ``like`` unless it exists.

@@ -124,9 +124,6 @@ def _foreign_keys(optimizer: GaLoreOptimizer, state: dict) -> list[str]:
     return sorted(key for key in state if key in known - _member_keys(type(optimizer)))
 
 
-#: group keys ``torch.optim.Optimizer`` adds itself (and a distributed checkpoint may drop)
-_TORCH_GROUP_KEYS = frozenset({"differentiable", "foreach", "fused", "capturable", "maximize"})
-
 _START_FRESH = (
     "Load it into an optimizer built the same way as the one that saved it, or start this optimizer "
     "fresh: skip its load_state_dict (with the Trainer, remove `optimizer.pt` from the checkpoint folder "
@@ -155,7 +152,7 @@ def check_loadable(optimizer: GaLoreOptimizer, state_dict: dict) -> None:
     ):
         return
     for index, (live, saved) in enumerate(zip(live_groups, saved_groups)):
-        missing = [key for key in optimizer.defaults if key not in saved and key not in _TORCH_GROUP_KEYS]
+        missing = [key for key in optimizer._group_identity if key not in saved]
         if missing:
             raise StateMismatchError(
                 f"param group {index} of the state_dict has no {', '.join(f'`{k}`' for k in missing)}, which "

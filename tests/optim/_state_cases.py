@@ -152,6 +152,28 @@ def rank_down_midrun_adamw8bit():  # 8-bit states -> 32-bit moments (below 4096 
     _change_midrun(_eight_bit, _big_model(), {"rank": 4}, remade={0, 1})
 
 
+@case
+def rank_up_midrun_layerwise():
+    """Layer-wise mode updates in gradient hooks through the same checked path as ``step()``."""
+    from hf_galore import LayerwiseOptimizer
+
+    def run_schedule(model, opt):
+        train(model, opt, 4)
+        opt.param_groups[1]["rank"] = 8
+        train(model, opt, 3)
+
+    regular, hooked = tiny_mlp(), tiny_mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reference's own warning
+        run_schedule(regular, _adamw(regular, {}))
+    opt = LayerwiseOptimizer(_adamw(hooked, {}))
+    run_schedule(hooked, opt)
+    for p, q in zip(regular.parameters(), hooked.parameters()):
+        assert torch.isfinite(q).all()
+        assert torch.allclose(p, q, rtol=0, atol=1e-6), (p - q).abs().max().item()
+    assert opt.galore_stats.state_resets == 3
+
+
 # ------------------------------------------------------ loaded checkpoints
 def _trained(make_opt=_adamw, model=None, steps: int = 3):
     model = model or tiny_mlp()

@@ -56,6 +56,7 @@ TABLE: dict[str, tuple[Works | Raises, bool]] = {
     "proj_type_midrun_adafactor": (Works(REMADE), False),
     "rank_up_midrun_adamw8bit": (Works(REMADE), True),
     "rank_down_midrun_adamw8bit": (Works(REMADE), True),
+    "rank_up_midrun_layerwise": (Works(REMADE), True),
     # checkpoints that do not fit: refused by name, before anything is loaded
     "load_wrong_shaped_basis": (
         Raises(("param group 1", "param 0 (shape (48, 32))", "`basis_right`", "(32, 4)", "(32, 5)", START_FRESH)),
