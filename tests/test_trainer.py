@@ -19,7 +19,7 @@ from hf_galore import (
     GaLoreConfig,
     GaLoreConfigError,
 )
-from hf_galore.errors import UnsupportedSetupError
+from hf_galore.errors import StateMismatchError, UnsupportedSetupError
 from hf_galore.trainer import (
     EXPLICIT_PATH,
     TRAINER_OPTIMIZERS,
@@ -280,3 +280,13 @@ def test_resume_is_bit_exact(tmp_path, optim):
     assert sorted(losses(resumed)) == [4, 5, 6]
     for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("saved,resumed", [("galore_adamw", "galore_adafactor"), ("galore_adafactor", "galore_adamw")])
+def test_resume_with_another_galore_optimizer_names_the_mismatch(tmp_path, saved, resumed):
+    """Was ``KeyError: 'relative_step'`` (or ``'betas'``) at the first resumed step."""
+    common = {"save_strategy": "steps", "save_steps": 2, "optim_args": "rank=4,update_proj_gap=2"}
+    make_trainer(tmp_path / "a", optim=saved, max_steps=2, **common).train()
+    trainer = make_trainer(tmp_path / "b", optim=resumed, max_steps=4, **common)
+    with pytest.raises(StateMismatchError, match="saved by a different optimizer"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))

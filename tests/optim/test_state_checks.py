@@ -206,3 +206,12 @@ def test_add_to_matrix_reaches_the_tensor(layout):
     assert torch.equal(weight, expected)
     assert weight.is_contiguous(memory_format=layout)
     assert as_matrix(weight).shape == (2, 12)
+
+
+def test_a_checkpoint_from_before_a_hyper_parameter_existed_loads_with_its_default():
+    """Only a member's identifying keys (`betas` / `relative_step`...) mark another optimizer's groups."""
+    _, opt, sd = _state_cases._trained()
+    for group in sd["param_groups"]:
+        del group["eps"]
+    opt.load_state_dict(sd)
+    assert all(group["eps"] == 1e-8 for group in opt.param_groups)
