@@ -159,7 +159,9 @@ def check_loadable(optimizer: GaLoreOptimizer, state_dict: dict) -> None:
                 f"every {name} group has: the state_dict was saved by a different optimizer (resuming "
                 f"`galore_adamw` with `galore_adafactor`, or the reverse?). " + _START_FRESH + "."
             )
-        group = {**LOWRANK_DEFAULTS, **saved} if "rank" in saved else saved
+        group = {**optimizer.defaults, **saved}  # the settings after loading (load_state_dict fills defaults)
+        if "rank" in saved:
+            group = {**LOWRANK_DEFAULTS, **group}
         if "rank" in live and "rank" not in saved:
             detail = ""
             for position, (param, pid) in enumerate(zip(live["params"], saved["params"])):
@@ -177,6 +179,8 @@ def check_loadable(optimizer: GaLoreOptimizer, state_dict: dict) -> None:
             )
         for position, (param, pid) in enumerate(zip(live["params"], saved["params"])):
             state = states.get(pid)
+            if "rank" in group and param.dim() < 2:  # with or without saved state
+                _refuse(index, live, position, param, ("param", ">= 2 dimensions", tuple(param.shape)), group)
             if not state:
                 continue
             foreign = _foreign_keys(optimizer, state)
@@ -197,11 +201,15 @@ def check_loadable(optimizer: GaLoreOptimizer, state_dict: dict) -> None:
                     (p for p in (codec.layout_problem(state, basis_key(s)) for s in _SIDES) if p is not None), None
                 )
             if mismatch is not None:
-                raise StateMismatchError(
-                    f"the state_dict does not fit param group {index}, {_param_label(live, position, param)}: "
-                    f"{describe(mismatch, group)}. The checkpoint was saved with other group settings, another "
-                    "model or another parameter order. " + _START_FRESH + "."
-                )
+                _refuse(index, live, position, param, mismatch, group)
+
+
+def _refuse(index: int, live: dict, position: int, param: torch.Tensor, mismatch: Mismatch, group: dict) -> None:
+    raise StateMismatchError(
+        f"the state_dict does not fit param group {index}, {_param_label(live, position, param)}: "
+        f"{describe(mismatch, group)}. The checkpoint was saved with other group settings, another "
+        "model or another parameter order. " + _START_FRESH + "."
+    )
 
 
 def drop_nonfinite_bases(optimizer: GaLoreOptimizer) -> int:

@@ -215,3 +215,15 @@ def test_a_checkpoint_from_before_a_hyper_parameter_existed_loads_with_its_defau
         del group["eps"]
     opt.load_state_dict(sd)
     assert all(group["eps"] == 1e-8 for group in opt.param_groups)
+
+
+def test_a_saved_low_rank_group_cannot_take_a_1d_param():
+    """The saved group's `rank` would apply after loading: a bias there is refused by name, not at the first step."""
+    _, _, sd = _state_cases._trained()
+    for pid in sd["param_groups"][0]["params"]:  # the biases' state: the matrices below would not fit it
+        del sd["state"][pid]
+    model = _state_cases.tiny_mlp()
+    groups = _state_cases.split_groups(model)  # both groups full-rank here
+    opt = GaLoreAdamW(groups[::-1], lr=1e-2)  # ... and the biases where the checkpoint had its matrices
+    with pytest.raises(StateMismatchError, match=r"param group 1, param 0 \(shape \(48,\)\).* >= 2 dimensions"):
+        opt.load_state_dict(sd)
