@@ -114,7 +114,10 @@ class GroupwiseCodec(BasisCodec):
     def stored_shape(self, state, key):
         if f"{key}_q" not in state:
             return None
-        return tuple(int(v) for v in state[f"{key}_shape"].tolist())
+        shape = state[f"{key}_shape"]
+        if shape.device.type != "cpu":  # moved to the weight's device by load_state_dict: bring it back once,
+            shape = state[f"{key}_shape"] = shape.cpu()  # so reading it (every step) never syncs the device
+        return tuple(shape.tolist())
 
     def layout_problem(self, state, key):
         if f"{key}_q" not in state:
