@@ -282,6 +282,7 @@ def test_resume_is_bit_exact(tmp_path, optim):
         assert torch.equal(p, q), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saved,resumed", [("galore_adamw", "galore_adafactor"), ("galore_adafactor", "galore_adamw")])
 def test_resume_with_another_galore_optimizer_names_the_mismatch(tmp_path, saved, resumed):
     """Was ``KeyError: 'relative_step'`` (or ``'betas'``) at the first resumed step."""
