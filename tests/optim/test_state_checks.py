@@ -227,3 +227,35 @@ def test_a_saved_low_rank_group_cannot_take_a_1d_param():
     opt = GaLoreAdamW(groups[::-1], lr=1e-2)  # ... and the biases where the checkpoint had its matrices
     with pytest.raises(StateMismatchError, match=r"param group 1, param 0 \(shape \(48,\)\).* >= 2 dimensions"):
         opt.load_state_dict(sd)
+
+
+NO_RESET_SETUPS = [
+    *[("adamw", {"proj_type": p}) for p in ("std", "reverse_std", "left", "right", "full")],
+    *[("adafactor", {"proj_type": p}) for p in ("std", "left", "full")],
+    *[("adamw8bit", {"proj_type": p}) for p in ("std", "right", "full")],
+    ("adamw", {"projector": "randomized"}),
+    ("adamw", {"projector": "online_pca"}),
+    ("adamw", {"quant": "int8"}),
+    ("adamw", {"quant": "int4", "proj_type": "full"}),
+    ("adamw", {"refresh": "lazy"}),
+    ("adamw", {"refresh": "staggered", "rotate_moments": True}),
+    ("adamw", {"rank": 64}),  # above every weight's smaller side: the effective rank is what is stored
+]
+
+
+@pytest.mark.parametrize("member,keys", NO_RESET_SETUPS, ids=lambda v: str(v))
+def test_state_that_fits_is_never_remade(member, keys):
+    """No false alarm: the per-step check must leave every supported setup's state alone."""
+    if member == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+        model, make = _state_cases._big_model(), _state_cases._eight_bit
+    else:
+        model = _state_cases.tiny_mlp()
+        make = _state_cases._adamw if member == "adamw" else _state_cases._adafactor
+    opt = make(model, {"update_proj_gap": 2, **keys})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _state_cases.train(model, opt, 5)
+        opt.load_state_dict(opt.state_dict())  # and its own checkpoint loads
+        _state_cases.train(model, opt, 2)
+    assert opt.galore_stats.state_resets == 0
