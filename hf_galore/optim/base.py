@@ -96,10 +96,11 @@ class GaLoreOptimizer(Optimizer):
         (``galore_stats.dropped_bases``).
         """
         state_checks.check_loadable(self, state_dict)
+        built = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
         super().load_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
-        for group, saved_group in zip(self.param_groups, saved_groups):
-            for key, value in self.defaults.items():  # checkpoints from before a hyper-parameter existed
+        for group, saved_group, own in zip(self.param_groups, saved_groups, built):
+            for key, value in own.items():  # checkpoints from before a hyper-parameter existed
                 group.setdefault(key, value)
             if "rank" in group:  # ... or a group key
                 for key, value in LOWRANK_DEFAULTS.items():
