@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .config import GaLoreConfig
 from .distributed import check_supported_engine, register_layerwise_ddp_hook, synchronize_bases
-from .errors import GaLoreConfigError, HfGaloreError, UnsupportedSetupError
+from .errors import GaLoreConfigError, HfGaloreError, StateMismatchError, UnsupportedSetupError
 from .memory import MemoryEstimate, estimate_memory
 from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreOptimizer, RefreshStats
 from .optim.layerwise import LayerwiseOptimizer, register_layerwise_trainer_optimizers
@@ -51,6 +51,7 @@ __all__ = [
     "LayerwiseOptimizer",
     "MemoryEstimate",
     "RefreshStats",
+    "StateMismatchError",
     "TargetModulesError",
     "UnsupportedSetupError",
     "__version__",

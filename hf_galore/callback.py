@@ -224,6 +224,17 @@ def build_summary(
     return "\n".join(lines)
 
 
+#: ``RefreshStats`` counters logged as ``galore/<name>`` once they are non-zero (docs/projectors.md).
+ROBUSTNESS_COUNTERS = (
+    "fallbacks",
+    "energy_fallbacks",
+    "refresh_failures",
+    "skipped_nonfinite",
+    "state_resets",
+    "dropped_bases",
+)
+
+
 class GaLoreCallback(TrainerCallback):
     """Start-up check and summary, and GaLore statistics in the Trainer's logs.
 
@@ -326,7 +337,7 @@ class GaLoreCallback(TrainerCallback):
             "galore/optimizer_state_mb": round(optimizer_state_bytes(optimizer) / MB, 4),
         }
         # robustness events (docs/projectors.md), logged once they have happened
-        for key in ("fallbacks", "energy_fallbacks", "refresh_failures", "skipped_nonfinite"):
+        for key in ROBUSTNESS_COUNTERS:
             if getattr(stats, key):
                 out[f"galore/{key}"] = getattr(stats, key)
         seen_sum, seen_count = self._overlap_seen

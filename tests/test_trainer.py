@@ -20,7 +20,7 @@ from hf_galore import (
     GaLoreConfig,
     GaLoreConfigError,
 )
-from hf_galore.errors import UnsupportedSetupError
+from hf_galore.errors import StateMismatchError, UnsupportedSetupError
 from hf_galore.trainer import (
     EXPLICIT_PATH,
     TRAINER_OPTIMIZERS,
@@ -404,3 +404,14 @@ def test_small_weights_warning_is_given_once(tmp_path):
     ours = [str(w.message) for w in caught if "GaLore" in str(w.message)]
     assert len(ours) == 1, ours
     assert ours[0].startswith("GaLore: 4 matched weights have a smaller dimension <= `rank`=16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved,resumed", [("galore_adamw", "galore_adafactor"), ("galore_adafactor", "galore_adamw")])
+def test_resume_with_another_galore_optimizer_names_the_mismatch(tmp_path, saved, resumed):
+    """Was ``KeyError: 'relative_step'`` (or ``'betas'``) at the first resumed step."""
+    common = {"save_strategy": "steps", "save_steps": 2, "optim_args": "rank=4,update_proj_gap=2"}
+    make_trainer(tmp_path / "a", optim=saved, max_steps=2, **common).train()
+    trainer = make_trainer(tmp_path / "b", optim=resumed, max_steps=4, **common)
+    with pytest.raises(StateMismatchError, match="saved by a different optimizer"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))

@@ -18,8 +18,10 @@ import torch
 
 from ..projectors import get_projector
 from ..projectors.geometry import (
+    add_to_matrix_,
     as_matrix,
     effective_rank,
+    matrix_shape,
     project,
     project_back_add_,
     sides_for,
@@ -38,6 +40,11 @@ def _distributed():
     from .. import distributed
 
     return distributed
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """``True`` for an FSDP2 ``DTensor`` shard (its state has shard shapes)."""
+    return type(tensor) is not torch.nn.Parameter and _distributed().is_sharded_tensor(tensor)
 
 
 def basis_key(side: str) -> str:
@@ -251,11 +258,15 @@ def apply_update(param: torch.Tensor, update: torch.Tensor, bases: list[torch.Te
     if type(param) is not torch.nn.Parameter and _distributed().is_sharded_tensor(param):
         _distributed().apply_sharded_update(param, update, bases, group)
         return
-    sides = sides_for(group["proj_type"], as_matrix(param).shape)
+    sides = sides_for(group["proj_type"], matrix_shape(param.shape))
     alpha = -group["scale"]
-    if int8_add_(param, lambda master: project_back_add_(as_matrix(master), update, bases, sides, alpha=alpha)):
+
+    def add_(matrix: torch.Tensor) -> None:
+        project_back_add_(matrix, update, bases, sides, alpha=alpha)
+
+    if int8_add_(param, lambda master: add_to_matrix_(master, add_)):
         return
-    project_back_add_(as_matrix(param), update, bases, sides, alpha=alpha)
+    add_to_matrix_(param, add_)
 
 
 def decay_weight_(param: torch.Tensor, factor: float) -> None:
