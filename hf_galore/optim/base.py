@@ -22,7 +22,14 @@ from ..errors import GaLoreConfigError, UnsupportedSetupError
 from ..quant.int8 import int8_owner
 from . import lowrank, state_checks
 from .stats import RefreshStats
-from .validation import LOWRANK_DEFAULTS, check_group_keys, check_lowrank_keys, check_non_negative, check_torch_flags
+from .validation import (
+    LOWRANK_DEFAULTS,
+    check_full_rank_group_keys,
+    check_group_keys,
+    check_lowrank_keys,
+    check_non_negative,
+    check_torch_flags,
+)
 
 
 class GaLoreOptimizer(Optimizer):
@@ -50,6 +57,8 @@ class GaLoreOptimizer(Optimizer):
         if isinstance(param_group, dict) and "rank" in param_group:  # the keys as written, before defaults
             check_group_keys(param_group, self.defaults)
             check_torch_flags(param_group)
+        elif isinstance(param_group, dict):
+            check_full_rank_group_keys(param_group, self.defaults)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._validate_group(group)

@@ -92,6 +92,32 @@ def check_group_keys(keys: Iterable[str], optimizer_keys: Iterable[str]) -> None
             )
 
 
+def check_full_rank_group_keys(keys: Iterable[str], optimizer_keys: Iterable[str]) -> None:
+    """Refuse low-rank keys in a group without ``rank``: it would silently train at full rank.
+
+    ``{"params": ..., "rnak": 64, "update_proj_gap": 200}`` is a GaLore group
+    whose ``rank`` was misspelt or forgotten; without this check it would run
+    as plain AdamW and the user would only notice the memory bill.
+    """
+    optimizer_keys = set(optimizer_keys)
+    lowrank_only = set(LOWRANK_DEFAULTS) - optimizer_keys - set(TORCH_GROUP_KEYS)
+    for key in keys:
+        if key in optimizer_keys or key in TORCH_GROUP_KEYS:
+            continue
+        if difflib.get_close_matches(str(key), ["rank"], n=1, cutoff=0.75):
+            raise GaLoreConfigError(
+                f"unknown key {key!r} in a param group. Did you mean 'rank'? A group without `rank` "
+                "trains at full rank"
+            )
+    stray = sorted(str(k) for k in keys if k in lowrank_only)
+    if stray:
+        raise GaLoreConfigError(
+            f"a param group without `rank` sets the low-rank key(s) {', '.join(map(repr, stray))}: add `rank` "
+            "to project its weights, or drop them (a group without `rank` trains at full rank, exactly like "
+            "torch.optim.AdamW)"
+        )
+
+
 def check_torch_flags(group: dict) -> None:
     """Refuse torch.optim flags a low-rank group cannot honour (``maximize=True``, ``amsgrad=True``)."""
     for key, supported in _UNSUPPORTED_FLAGS.items():

@@ -114,7 +114,24 @@ def test_schedulers_and_state_dict_round_trip_still_work():
     assert [g["lr"] for g in fresh.param_groups] == [g["lr"] for g in opt.param_groups] == [5e-3] * 2
 
 
-def test_full_rank_groups_are_not_checked():
-    # Groups without `rank` are plain torch groups; hf_galore does not own their keys.
+def test_full_rank_groups_keep_their_own_keys():
+    # Groups without `rank` are plain torch groups; hf_galore does not own their other keys.
     w = torch.nn.Parameter(torch.randn(8))
     GaLoreAdamW([{"params": [w], "my_tag": "bias"}])
+
+
+@pytest.mark.parametrize(
+    "group,match",
+    [
+        ({"rnak": 8}, "unknown key 'rnak' in a param group. Did you mean 'rank'?"),
+        ({"ranks": 8}, "unknown key 'ranks' in a param group. Did you mean 'rank'?"),
+        ({"update_proj_gap": 50, "scale": 0.5}, "without `rank` sets the low-rank key\\(s\\) 'scale', 'update_proj_gap'"),
+        ({"projector": "randomized"}, "without `rank` sets the low-rank key\\(s\\) 'projector'"),
+    ],
+)
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_a_group_that_lost_its_rank_is_refused_not_trained_at_full_rank(name, group, match):
+    """A misspelt or forgotten `rank` would silently train the weights at full rank (issue 14)."""
+    w = torch.nn.Parameter(torch.randn(16, 8))
+    with pytest.raises(GaLoreConfigError, match=match):
+        BUILDERS[name]([{"params": [w], **group}], lr=1e-3)
