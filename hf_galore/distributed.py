@@ -667,7 +667,7 @@ def _track_sharded(rows, local, shape, state, group, dtype) -> None:
 
 
 def project_sharded_gradient(
-    param: Any, grad: Any, state: dict, group: dict, stats: Any
+    param: Any, grad: Any, state: dict, group: dict, stats: Any, step_flag: Any = None
 ) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
     """FSDP2 counterpart of :func:`hf_galore.optim.lowrank.project_gradient` for a ``Shard(0)`` DTensor.
 
@@ -675,7 +675,9 @@ def project_sharded_gradient(
     column chunk of ``Pᵀ G``; ``Pᵀ G Q`` whole for ``proj_type="full"``) and
     the bases :func:`apply_sharded_update` needs. Every rank must call it for
     the same weights in the same order (collectives inside), which the
-    optimizer's loop guarantees.
+    optimizer's loop guarantees. ``step_flag`` (see ``lowrank.project_gradient``)
+    is read when a refresh is due: a step skipped for a NaN/Inf gradient keeps
+    the basis (the flag is the same on every rank, so the collectives match).
     """
     rows = _Rows(grad)
     shape = _global_matrix_shape(grad)
@@ -690,12 +692,14 @@ def project_sharded_gradient(
         # OSD's order (see ``lowrank.project_gradient``): project with P_t, then move it
         low, used = _project_sharded(rows, local, shape, sides, bases)
         if policy.due(state, group, step):
-            _refresh_sharded(rows, local, shape, state, group, step, stats, param.dtype)
+            if not _skipped(step_flag):
+                _refresh_sharded(rows, local, shape, state, group, step, stats, param.dtype)
         else:
             _track_sharded(rows, local, shape, state, group, param.dtype)
         return low, used
     if bases is None or policy.due(state, group, step):
-        _refresh_sharded(rows, local, shape, state, group, step, stats, param.dtype)
+        if not _skipped(step_flag):
+            _refresh_sharded(rows, local, shape, state, group, step, stats, param.dtype)
         bases = lowrank.load_bases(state, group, sides)
         if bases is None:
             return None
@@ -703,6 +707,14 @@ def project_sharded_gradient(
         _track_sharded(rows, local, shape, state, group, param.dtype)
         bases = lowrank.load_bases(state, group, sides)
     return _project_sharded(rows, local, shape, sides, bases)
+
+
+def _skipped(step_flag: Any) -> bool:
+    """Whether this step is skipped for a NaN/Inf gradient (a host read, at refresh steps only)."""
+    if step_flag is None:
+        return False
+    found_inf = step_flag()
+    return found_inf is not None and bool(found_inf)
 
 
 def _project_sharded(rows, local, shape, sides, bases) -> tuple[torch.Tensor, list[torch.Tensor]]:

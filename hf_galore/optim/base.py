@@ -73,7 +73,7 @@ def release_params(params: Iterable[torch.Tensor], owner: Any) -> None:
             del _OWNERS[p]
 
 
-def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+def nonfinite_flag(tensors: list[torch.Tensor], *, across_ranks: bool = False) -> torch.Tensor | None:
     """A float32 0-dim tensor, 1.0 when any of ``tensors`` holds a NaN or an Inf (``None`` for no tensors).
 
     One read of each tensor, the cheapest reduction torch has on CPU:
@@ -81,7 +81,9 @@ def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     and 1.5x faster than ``_foreach_norm``; the max-abs norm is ~8x slower).
     Either is NaN or Inf when an entry is; on finite entries it overflows only
     beyond ~1e19 (squares) / ~3e38 (sums), which flags such a step too.
-    Nothing is read on the host.
+    Nothing is read on the host. Sharded (FSDP2 ``DTensor``) tensors, or
+    ``across_ranks``, take the maximum over the process group so that every
+    rank skips the same steps.
     """
     flag = None
     by_device: dict[torch.device, list[torch.Tensor]] = {}
@@ -96,7 +98,7 @@ def nonfinite_flag(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     if flag is None:
         return None
     flag = flag.float()
-    if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if (sharded or across_ranks) and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank skips together
     return flag
 
@@ -346,7 +348,8 @@ class GaLoreOptimizer(Optimizer):
             for (group, _, grads), plan in zip(work, projected):
                 if guarded(group):
                     checked += plan.lows if plan is not None else grads
-            found_inf = nonfinite_flag(checked)
+            # projected shards of FSDP2 weights are plain tensors: agree across ranks all the same
+            found_inf = nonfinite_flag(checked, across_ranks=_any_sharded(work))
         for (group, params, grads), plan in zip(work, projected):
             flag = found_inf if guarded(group) else None
             if plan is not None:
@@ -546,6 +549,10 @@ def _unstep(states: list[dict], found_inf: torch.Tensor) -> None:
         host = _host_flag(found_inf)
         for s in states:
             s["step"].sub_(host)
+
+
+def _any_sharded(work: list[tuple[dict, list, list]]) -> bool:
+    return any(type(p) is not torch.Tensor and hasattr(p, "to_local") for _, params, _ in work for p in params)
 
 
 def _by_device(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:

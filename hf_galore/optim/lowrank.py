@@ -197,7 +197,7 @@ def project_gradient(
     skipped step keeps the basis.
     """
     if type(grad) is not torch.Tensor and _distributed().is_sharded_tensor(grad):
-        return _distributed().project_sharded_gradient(param, grad, state, group, stats)
+        return _distributed().project_sharded_gradient(param, grad, state, group, stats, step_flag=step_flag)
     matrix = as_matrix(grad)
     sides = sides_for(group["proj_type"], matrix.shape)
     step = int(state["step"])

@@ -213,6 +213,50 @@ def fsdp2(
     }
 
 
+def fsdp2_nonfinite(proj_type: str) -> dict:
+    """A NaN in one rank's shard of one gradient, at a refresh step (3) and between refreshes (4):
+    every rank skips the step and keeps its weights and state (the flag is all-reduced)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return (t.to_local() if isinstance(t, DTensor) else t).clone()
+
+    def snapshot() -> list:
+        weights = [local(p) for p in model.parameters()]
+        state = [{k: local(v) for k, v in s.items() if isinstance(v, torch.Tensor)} for s in opt.state.values()]
+        return [weights, state]
+
+    def same(a: list, b: list) -> bool:
+        weights = all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+        states = all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a[1], b[1]))
+        return weights and states and len(a[1]) == len(b[1])
+
+    model = tiny_mlp(0, DIMS)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = hf_galore.GaLoreAdamW(split_groups(model, **LOWRANK, proj_type=proj_type), lr=1e-2)
+    kept = []
+    for step in range(6):  # refreshes at steps 0 and 3
+        x, y = batch(step)
+        opt.zero_grad()
+        loss_fn(model, local_rows(x), local_rows(y)).backward()
+        if step in (3, 4):
+            if dist.get_rank() == 0:
+                model[0 if step == 4 else 2].weight.grad.to_local()[0, 0] = float("nan")
+            before = snapshot()
+        opt.step()
+        if step in (3, 4):
+            kept.append(same(before, snapshot()))
+    return {
+        "kept": kept,
+        "skipped": opt.galore_stats.skipped_steps,
+        "finite": all(bool(torch.isfinite(local(p)).all()) for p in model.parameters()),
+    }
+
+
 class Regressor(nn.Module):
     """``tiny_mlp`` with the Trainer's calling convention (keyword inputs, a dict with ``loss``)."""
 
@@ -399,6 +443,8 @@ SCENARIOS = {
     # Pᵀ G Q with G's own singular vectors is diagonal up to rounding, and Adam turns those
     # rounding-level entries into ±lr steps: only the first step's moments are comparable.
     "fsdp2_full": lambda: fsdp2("full", steps=1),
+    "fsdp2_nonfinite_std": lambda: fsdp2_nonfinite("std"),
+    "fsdp2_nonfinite_reverse_std": lambda: fsdp2_nonfinite("reverse_std"),
 }
 
 

@@ -32,6 +32,8 @@ SCENARIOS = (
     "fsdp2_randomized",
     "fsdp2_online_pca",
     "fsdp2_full",
+    "fsdp2_nonfinite_std",
+    "fsdp2_nonfinite_reverse_std",
 )
 
 

@@ -61,3 +61,11 @@ def test_fsdp2_checkpoints_hold_every_ranks_shard(scenario, proj_type):
         assert checkpoint["rel_diff_vs_one_process"] < 1e-5
         assert checkpoint["restored_full"]
         assert checkpoint["restored_dcp"]
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std"])
+def test_fsdp2_a_nan_on_one_rank_skips_the_step_on_every_rank(scenario, proj_type):
+    """At a refresh step and between refreshes: weights, moments, bases and counters kept on both ranks."""
+    for rank in scenario(f"fsdp2_nonfinite_{proj_type}"):
+        assert rank["kept"] == [True, True]
+        assert rank["skipped"] == 2 and rank["finite"]
