@@ -2,6 +2,7 @@
 
     python benchmarks/optimizer_step.py                 # 30 steps x 2 rounds, gap 25
     python benchmarks/optimizer_step.py --steps 10 --rounds 1 --only ours_adamw galore_torch_adamw
+    python benchmarks/optimizer_step.py --dtype bf16 --sr both --only ours_adamw   # rounding on vs off
 
 Gradients are random (seeded) and assigned directly, so only ``optimizer.step()``
 is timed. Each round runs every optimizer once, interleaved, from the same
@@ -34,8 +35,12 @@ def _groups(model, targets, rank, gap, extra=None):
     return [{"params": others}, lowrank]
 
 
-def _factories(rank: int, gap: int):
-    """name -> (model, targets) -> optimizer. Peers are imported lazily and skipped if absent."""
+def _factories(rank: int, gap: int, sr: str = "on"):
+    """name -> (model, targets) -> optimizer. Peers are imported lazily and skipped if absent.
+
+    ``sr``: our optimizers with stochastic rounding of bf16/fp16 weights "on"
+    (the default), "off", or "both" (each twice, ``<name>_no_sr`` without).
+    """
 
     def torch_adamw(model, targets):
         return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
@@ -72,9 +77,23 @@ def _factories(rank: int, gap: int):
             _groups(model, targets, rank, gap), lr=1e-3, relative_step=False, scale_parameter=False
         )
 
-    return {f.__name__: f for f in (
+    factories = {f.__name__: f for f in (
         torch_adamw, bnb_adamw8bit, galore_torch_adamw, galore_torch_adamw8bit, ours_adamw, ours_adamw8bit, ours_adafactor
     )}
+    for name in [n for n in factories if n.startswith("ours_")]:
+        with_sr = factories[name]
+
+        def without_sr(model, targets, _with=with_sr):
+            optimizer = _with(model, targets)
+            for group in optimizer.param_groups:
+                group["stochastic_rounding"] = False
+            return optimizer
+
+        if sr == "off":
+            factories[name] = without_sr
+        elif sr == "both":
+            factories[f"{name}_no_sr"] = without_sr
+    return factories
 
 
 @contextlib.contextmanager
@@ -90,13 +109,13 @@ def _cpu_safe_cuda_synchronize():
 
 
 def run(args) -> list[dict]:
-    model = build_llama(seed=0)
+    model = build_llama(seed=0).to(_DTYPES[args.dtype])
     targets = galore_targets(model)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(0)
-    grad_sets = [[torch.randn(p.shape, generator=gen) * 1e-2 for p in params] for _ in range(3)]
-    factories = _factories(args.rank, args.gap)
+    grad_sets = [[(torch.randn(p.shape, generator=gen) * 1e-2).to(p.dtype) for p in params] for _ in range(3)]
+    factories = _factories(args.rank, args.gap, args.sr)
     names = args.only or list(factories)
     results = {n: {"plain": [], "refresh": [], "first": [], "bytes": None} for n in names}
     total = args.rounds * len(names) * args.steps
@@ -137,6 +156,9 @@ def run(args) -> list[dict]:
     return rows
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def render(rows: list[dict]) -> str:
     by_name = {r["optimizer"]: r for r in rows}
     adamw = by_name.get("torch_adamw", {}).get("step_ms")
@@ -165,11 +187,20 @@ def main(argv=None) -> None:
     parser.add_argument("--gap", type=int, default=25, help="update_proj_gap; step `gap` is timed as a refresh step")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--only", nargs="*", help="subset of optimizers to run")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="weight (and gradient) dtype")
+    parser.add_argument(
+        "--sr",
+        choices=("on", "off", "both"),
+        default="on",
+        help="stochastic rounding of our optimizers' bf16 updates; 'both' adds <name>_no_sr rows (default on)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.only and args.sr == "both":
+        args.only = [m for n in args.only for m in ((n, f"{n}_no_sr") if n.startswith("ours_") else (n,))]
     rows = run(args)
-    print(f"LLaMA-60M shape, fp32, rank {args.rank}, {args.steps} steps x {args.rounds} rounds; {environment_line()}")
+    print(f"LLaMA-60M shape, {args.dtype}, rank {args.rank}, {args.steps} steps x {args.rounds} rounds; {environment_line()}")
     print(render(rows))
 
 

@@ -15,6 +15,7 @@ import torch
 
 from .._optional import require
 from ..errors import UnsupportedSetupError
+from ..quant.rounding import add_rounded_
 from .adamw import GALORE_GROUP_DOC, GaLoreAdamW
 
 #: bitsandbytes keeps tensors smaller than this in 32-bit states (its ``min_8bit_size``).
@@ -46,12 +47,15 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        stochastic_rounding: bool = True,
     ) -> None:
         functional = _bnb_functional()
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._create_dynamic_map = functional.create_dynamic_map
         self._update_8bit = functional.optimizer_update_8bit_blockwise
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stochastic_rounding=stochastic_rounding
+        )
 
     def _qmaps_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The signed / unsigned dynamic quantization maps, shared by all states (not checkpointed)."""
@@ -142,4 +146,13 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                     raise UnsupportedSetupError(
                         f"GaLoreAdamW8bit needs contiguous parameters; got a strided one of shape {tuple(p.shape)}"
                     )
-                self._bnb_step_(p, grad, state, group, lr=lr, wd=group["weight_decay"])
+                key = self._rounding_key(p, group, state)
+                if key is None:
+                    self._bnb_step_(p, grad, state, group, lr=lr, wd=group["weight_decay"])
+                    continue
+                # bf16 / fp16 with stochastic rounding: the kernel writes −step into a zero buffer,
+                # the weight is rounded from W·(1 − lr·wd) + buffer computed in float32
+                buffer = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                self._bnb_step_(buffer, grad, state, group, lr=lr, wd=0.0)
+                wd = group["weight_decay"]
+                add_rounded_(p, buffer, alpha=1.0, decay=1.0 - lr * wd if wd else None, key=key)

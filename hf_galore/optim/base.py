@@ -19,10 +19,18 @@ import torch
 from torch.optim import Optimizer
 
 from ..errors import GaLoreConfigError, UnsupportedSetupError
+from ..projectors.randomized import derive_seed
 from ..quant.int8 import int8_owner
+from ..quant.rounding import SR_DTYPES, add_rounded_
 from . import lowrank
 from .stats import RefreshStats
-from .validation import LOWRANK_DEFAULTS, check_lowrank_keys, check_non_negative
+from .validation import (
+    LOWRANK_DEFAULTS,
+    ROUNDING_DEFAULTS,
+    check_lowrank_keys,
+    check_non_negative,
+    check_rounding_keys,
+)
 
 
 class GaLoreOptimizer(Optimizer):
@@ -34,7 +42,8 @@ class GaLoreOptimizer(Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self.galore_stats = RefreshStats()
-        super().__init__(params, defaults)
+        self._param_index: dict[torch.Tensor, int] = {}
+        super().__init__(params, {**ROUNDING_DEFAULTS, **defaults})
         # FSDP2: low-rank shards appear as DTensors in state_dict() so that
         # torch.distributed.checkpoint saves every rank's part (no-ops otherwise)
         from ..distributed import (
@@ -78,6 +87,7 @@ class GaLoreOptimizer(Optimizer):
         if group.get("lr") is not None:
             check_non_negative("lr", float(group["lr"]))
         check_non_negative("weight_decay", group.get("weight_decay", 0.0))
+        check_rounding_keys(group)
 
     # ------------------------------------------------------------------- state
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -91,6 +101,8 @@ class GaLoreOptimizer(Optimizer):
         super().load_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
         for group, saved_group in zip(self.param_groups, saved_groups):
+            for key, value in ROUNDING_DEFAULTS.items():
+                group.setdefault(key, value)
             if "rank" in group:  # checkpoints from before a group key existed
                 for key, value in LOWRANK_DEFAULTS.items():
                     group.setdefault(key, value)
@@ -172,10 +184,29 @@ class GaLoreOptimizer(Optimizer):
             return
         updates, decay_lrs = self._lowrank_updates(group, stepped_params, stepped_lowrank, stepped_states)
         wd = group["weight_decay"]
-        for p, update, bases, decay_lr in zip(stepped_params, updates, stepped_bases, decay_lrs):
-            if wd:
-                lowrank.decay_weight_(p, 1.0 - decay_lr * wd)
-            lowrank.apply_update(p, update, bases, group)
+        for p, update, bases, decay_lr, state in zip(stepped_params, updates, stepped_bases, decay_lrs, stepped_states):
+            decay = 1.0 - decay_lr * wd if wd else None
+            lowrank.apply_update(p, update, bases, group, decay=decay, rounding_key=self._rounding_key(p, group, state))
+
+    def _rounding_key(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> int | None:
+        """Seed of this step's stochastic rounding of ``param``, or ``None`` to round to nearest.
+
+        Only plain bf16 / fp16 weights in a group with ``stochastic_rounding``
+        are rounded stochastically. The key mixes the group's ``sr_seed``, the
+        parameter's position in the optimizer and its ``step`` (already
+        incremented), all saved in ``state_dict()``: a resumed run rounds as
+        the uninterrupted one. ``step`` lives on the CPU, so reading it
+        does not wait for the device.
+        """
+        if param.dtype not in SR_DTYPES or not group.get("stochastic_rounding", True):
+            return None
+        if type(param) is not torch.nn.Parameter and type(param) is not torch.Tensor:
+            return None  # tensor subclasses (FSDP2's DTensor) keep round-to-nearest
+        index = self._param_index.get(param)
+        if index is None:
+            self._param_index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+            index = self._param_index[param]
+        return derive_seed(int(group.get("sr_seed", 0)), index, int(state["step"]))
 
     # ---------------------------------------------------------- member hooks
     def _init_moments(self, state: dict[str, Any], like: torch.Tensor, group: dict[str, Any]) -> None:
@@ -203,7 +234,11 @@ class GaLoreOptimizer(Optimizer):
         """Update a full-rank group in place (weight decay included)."""
         updates, decay_lrs = self._lowrank_updates(group, params, grads, states)
         wd = group["weight_decay"]
-        for p, update, decay_lr in zip(params, updates, decay_lrs):
+        for p, update, decay_lr, state in zip(params, updates, decay_lrs, states):
+            key = self._rounding_key(p, group, state)
+            if key is not None:
+                add_rounded_(p, update, alpha=-1.0, decay=1.0 - decay_lr * wd if wd else None, key=key)
+                continue
             if wd:
                 p.mul_(1.0 - decay_lr * wd)
             p.sub_(update.to(p.dtype))

@@ -27,7 +27,8 @@ from ..projectors.geometry import (
 )
 from ..projectors.randomized import randomized_basis
 from ..projectors.storage import get_codec
-from ..quant.int8 import int8_add_, int8_scale_
+from ..quant.int8 import int8_add_, int8_owner, int8_scale_
+from ..quant.rounding import BLOCK_ELEMENTS, round_into_
 from .schedules import get_refresh_policy
 from .stats import RefreshStats
 
@@ -206,20 +207,81 @@ def project_gradient(
     return project(matrix, bases, sides), bases
 
 
-def apply_update(param: torch.Tensor, update: torch.Tensor, bases: list[torch.Tensor], group: dict) -> None:
-    """``W −= scale · back(update)``, fused into one ``addmm_`` per weight.
+def apply_update(
+    param: torch.Tensor,
+    update: torch.Tensor,
+    bases: list[torch.Tensor],
+    group: dict,
+    *,
+    decay: float | None = None,
+    rounding_key: int | None = None,
+) -> None:
+    """``W ← decay·W − scale · back(update)``, fused into one ``addmm_`` per weight.
 
-    An INT8 weight (``hf_galore.quant.Int8Linear``) is updated on a float32
-    copy and stored back with stochastic rounding.
+    ``decay`` is decoupled weight decay's factor (``None``: none). An INT8
+    weight (``hf_galore.quant.Int8Linear``) is updated on a float32 copy and
+    stored back with stochastic rounding. With a ``rounding_key`` (a bf16 /
+    fp16 weight whose group has ``stochastic_rounding``, see
+    ``GaLoreOptimizer._rounding_key``) the new weight is computed in float32
+    block by block and rounded stochastically; without one, as before, in the
+    weight's dtype, rounded to nearest.
     """
     if type(param) is not torch.nn.Parameter and _distributed().is_sharded_tensor(param):
+        if decay is not None:
+            decay_weight_(param, decay)
         _distributed().apply_sharded_update(param, update, bases, group)
         return
     sides = sides_for(group["proj_type"], as_matrix(param).shape)
     alpha = -group["scale"]
+    if rounding_key is not None and int8_owner(param) is None:
+        _apply_rounded(as_matrix(param), update, bases, sides, alpha, decay, rounding_key)
+        return
+    if decay is not None:
+        decay_weight_(param, decay)
     if int8_add_(param, lambda master: project_back_add_(as_matrix(master), update, bases, sides, alpha=alpha)):
         return
     project_back_add_(as_matrix(param), update, bases, sides, alpha=alpha)
+
+
+def _apply_rounded(
+    matrix: torch.Tensor,
+    update: torch.Tensor,
+    bases: list[torch.Tensor],
+    sides: tuple[str, ...],
+    alpha: float,
+    decay: float | None,
+    key: int,
+) -> None:
+    """:func:`apply_update` with stochastic rounding, a block of rows at a time (float32 temporaries only per block)."""
+    bases = [b.float() for b in bases]
+    update = update.float()
+    if not matrix.is_contiguous():  # a strided weight: one full-size float32 copy
+        master = matrix.float()
+        if decay is not None:
+            master.mul_(decay)
+        project_back_add_(master, update, bases, sides, alpha=alpha)
+        rounded = torch.empty(matrix.shape, dtype=matrix.dtype, device=matrix.device)
+        _round_rows_(rounded, master, key)
+        matrix.copy_(rounded)
+        return
+    rows, cols = matrix.shape
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    for block, start in enumerate(range(0, rows, step)):
+        stop = min(start + step, rows)
+        master = matrix[start:stop].float()
+        if decay is not None:
+            master.mul_(decay)
+        block_bases = [b[start:stop] if side == "left" else b for b, side in zip(bases, sides)]
+        block_update = update[start:stop] if sides == ("right",) else update
+        project_back_add_(master, block_update, block_bases, sides, alpha=alpha)
+        round_into_(matrix[start:stop], master, key, block)
+
+
+def _round_rows_(out: torch.Tensor, master: torch.Tensor, key: int) -> None:
+    rows, cols = master.shape
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    for block, start in enumerate(range(0, rows, step)):
+        round_into_(out[start : start + step], master[start : start + step].contiguous(), key, block)
 
 
 def decay_weight_(param: torch.Tensor, factor: float) -> None:

@@ -34,6 +34,24 @@ LOWRANK_DEFAULTS: dict[str, object] = {
 }
 
 
+#: Keys of every param group, low-rank or full-rank (docs/optimizers.md, "Stochastic rounding").
+ROUNDING_DEFAULTS: dict[str, object] = {
+    # bf16 / fp16 weights: write updates with unbiased stochastic rounding (off: round to nearest,
+    # bit-identical to galore-torch and to hf_galore before the option existed); float32 weights ignore it
+    "stochastic_rounding": True,
+    # seed of the rounding noise (mixed with the parameter's position and its step)
+    "sr_seed": 0,
+}
+
+
+def check_rounding_keys(group: dict) -> None:
+    """Validate the stochastic-rounding keys of any param group (missing keys take their defaults)."""
+    value = group.get("stochastic_rounding", True)
+    if not isinstance(value, bool):
+        raise GaLoreConfigError(f"`stochastic_rounding` must be True or False, got {value!r}")
+    check_non_negative_int("sr_seed", group.get("sr_seed", 0))
+
+
 def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise GaLoreConfigError(f"`{name}` must be a positive integer (>= 1), got {value!r}")

@@ -1,0 +1,143 @@
+"""Stochastic rounding of float32 results into bf16 / fp16 weights.
+
+Why: a bf16 weight has 8 significant bits, so an update smaller than half
+the spacing around the weight (``|w|·2⁻⁹``) is rounded away when it is
+written back to nearest. At fine-tuning learning rates that is most of
+them: a pure-bf16 GaLore run then barely trains (docs/benchmarks.md,
+"bf16 weights"). Rounding up with probability ``(x − lo)/(hi − lo)``
+instead makes the stored weight an unbiased estimate of the float32 result,
+so small updates move the weight on average, as INT8 weights already do
+(``int8.py``).
+
+How, cheaply and without a host sync: the new weight is computed in float32
+one block of ``BLOCK_ELEMENTS`` values at a time (bounded extra memory),
+a random integer below ``2¹⁶`` is added to each float32 bit pattern and the
+low 16 bits are dropped (for bf16: its pattern is the top half of the
+float32 one). Consecutive bf16 values are ``2¹⁶`` patterns apart and the
+value is linear in the pattern between them, so this rounds up with exactly
+the right probability. fp16 drops 13 bits the same way; its subnormal range
+(``|x| < 2⁻¹⁴``) rounds on the fixed ``2⁻²⁴`` grid instead.
+
+The random integers are a window of a fixed table (``noise_table``: every
+16-bit value equally often, shuffled once per device) starting at an
+offset hashed from ``(key, block)``; ``key`` mixes the group's ``sr_seed``,
+the parameter's position in the optimizer and its ``step`` counter
+(``GaLoreOptimizer._rounding_key``). Each element's random value is thus
+exactly uniform for a uniform offset, a fresh one every step, and nothing
+but the existing ``step`` tensor is state: a resumed run rounds bit for bit
+as the uninterrupted one. Reading a window costs no extra pass over the
+weight, unlike hashing every element index.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+
+from ..projectors.randomized import derive_seed
+
+#: Weight dtypes whose updates are rounded stochastically (group key ``stochastic_rounding``).
+SR_DTYPES = (torch.bfloat16, torch.float16)
+#: Values rounded per block: the float32 temporary is at most 1 MiB (plus the update's own rows).
+BLOCK_ELEMENTS = 1 << 18
+#: Entries of the noise table (4 MiB of int32 per device); each 16-bit value appears 16 times.
+TABLE_SIZE = 1 << 20
+_TABLE_SEED = 0x5EED_B16
+_TABLES: dict[tuple[torch.device, int], torch.Tensor] = {}
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def noise_table(device: torch.device, bits: int = 16) -> torch.Tensor:
+    """``TABLE_SIZE`` int32 values in ``[0, 2**bits)``, each equally often, in a fixed shuffled order (cached)."""
+    device = torch.device(device)
+    key = (device, bits)
+    table = _TABLES.get(key)
+    if table is None:
+        generator = torch.Generator().manual_seed(_TABLE_SEED)
+        values = torch.arange(TABLE_SIZE, dtype=torch.int32) & 0xFFFF
+        values = values[torch.randperm(TABLE_SIZE, generator=generator)] >> (16 - bits)
+        table = _TABLES[key] = values.to(device)
+    return table
+
+
+def _windows(numel: int, key: int, block: int):
+    """``(start, stop, table_start)`` pieces covering ``numel`` values from a hashed table offset."""
+    offset = derive_seed(key, block) % TABLE_SIZE
+    start = 0
+    while start < numel:
+        length = min(numel - start, TABLE_SIZE - offset)
+        yield start, start + length, offset
+        start += length
+        offset = 0
+
+
+def _noise(numel: int, key: int, block: int, device: torch.device, bits: int) -> torch.Tensor:
+    table = noise_table(device, bits)
+    pieces = [table[o : o + stop - start] for start, stop, o in _windows(numel, key, block)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def round_into_(out: torch.Tensor, master: torch.Tensor, key: int, block: int = 0) -> None:
+    """``out ← stochastic_round(master)`` for a contiguous bf16 / fp16 ``out`` and float32 ``master``.
+
+    ``master`` (same number of elements, contiguous) is overwritten. The
+    random values depend only on ``(key, block)``: calling again with the
+    same arguments rounds identically.
+    """
+    if out.dtype not in SR_DTYPES:
+        raise TypeError(f"stochastic rounding writes bf16 or fp16 tensors, got {out.dtype}")
+    flat = master.view(-1)
+    ints = flat.view(torch.int32)
+    if out.dtype == torch.bfloat16:
+        table = noise_table(master.device, 16)
+        for start, stop, offset in _windows(ints.numel(), key, block):
+            ints[start:stop].add_(table[offset : offset + stop - start])
+        if _LITTLE_ENDIAN:  # bf16 is the high half of the float32 pattern: copy it, no mask pass
+            out.view(-1).view(torch.int16).copy_(ints.view(torch.int16)[1::2])
+        else:  # pragma: no cover - big-endian hosts
+            ints.bitwise_and_(-(1 << 16))
+            out.view(-1).copy_(flat)
+        return
+    noise = _noise(ints.numel(), key, block, master.device, 16)
+    tiny = flat.abs() < 2.0**-14  # fp16 subnormals: a fixed grid of 2⁻²⁴
+    sub = flat.mul(2.0**24).add_(noise.float().mul_(2.0**-16)).floor_().mul_(2.0**-24)
+    ints.add_(noise >> 3).bitwise_and_(-(1 << 13))
+    out.view(-1).copy_(torch.where(tiny, sub, flat))
+
+
+def write_rounded_(param: torch.Tensor, fill: Callable[[torch.Tensor, int, int], None], key: int) -> None:
+    """``param ← SR(new)``, where ``fill(master, start, stop)`` turns ``master`` into the new values.
+
+    ``master`` is a float32 copy of the flattened elements ``[start, stop)``
+    of ``param`` (one block of at most ``BLOCK_ELEMENTS``), updated in place
+    by ``fill``. A strided parameter goes through one full-size temporary.
+    """
+    contiguous = param.is_contiguous()
+    out = param.view(-1) if contiguous else torch.empty(param.numel(), dtype=param.dtype, device=param.device)
+    source = out if contiguous else param.reshape(-1)
+    for block, start in enumerate(range(0, out.numel(), BLOCK_ELEMENTS)):
+        stop = min(start + BLOCK_ELEMENTS, out.numel())
+        master = source[start:stop].float()
+        fill(master, start, stop)
+        round_into_(out[start:stop], master, key, block)
+    if not contiguous:
+        param.copy_(out.view(param.shape))
+
+
+def add_rounded_(
+    param: torch.Tensor, delta: torch.Tensor, *, alpha: float, decay: float | None, key: int
+) -> None:
+    """``param ← SR(param·decay + alpha·delta)`` (``decay=None``: no decay), computed in float32 block by block."""
+    flat = delta.reshape(-1)
+
+    def fill(master: torch.Tensor, start: int, stop: int) -> None:
+        if decay is not None:
+            master.mul_(decay)
+        master.add_(flat[start:stop], alpha=alpha)
+
+    write_rounded_(param, fill, key)
+
+
+__all__ = ["BLOCK_ELEMENTS", "SR_DTYPES", "TABLE_SIZE", "add_rounded_", "noise_table", "round_into_", "write_rounded_"]
