@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..quant.rounding import BLOCK_ELEMENTS, add_rounded_, write_rounded_
+from ..quant.rounding import BLOCK_ELEMENTS, add_rounded_, scratch, write_rounded_
 from .base import GaLoreOptimizer
 from .functional import _fused_adamw_ as fused_adamw_
 from .functional import (
@@ -138,7 +138,7 @@ class GaLoreAdamW(GaLoreOptimizer):
                 add_rounded_(param, step, alpha=-1.0, decay=decay, key=key)
                 continue
             flat_g, flat_m, flat_v = grad.view(-1), m.view(-1), v.view(-1)
-            buffer = torch.empty(min(BLOCK_ELEMENTS, grad.numel()), dtype=grad.dtype, device=grad.device)
+            buffer = scratch(grad.device, grad.dtype, min(BLOCK_ELEMENTS, grad.numel()), slot=1)
 
             def fill(master, start, stop, state=state, flat_g=flat_g, flat_m=flat_m, flat_v=flat_v, buffer=buffer):
                 step = buffer[: stop - start].zero_()

@@ -28,7 +28,7 @@ from ..projectors.geometry import (
 from ..projectors.randomized import randomized_basis
 from ..projectors.storage import get_codec
 from ..quant.int8 import int8_add_, int8_owner, int8_scale_
-from ..quant.rounding import BLOCK_ELEMENTS, round_into_
+from ..quant.rounding import BLOCK_ELEMENTS, scratch, write_rounded_
 from .schedules import get_refresh_policy
 from .stats import RefreshStats
 
@@ -252,36 +252,36 @@ def _apply_rounded(
     decay: float | None,
     key: int,
 ) -> None:
-    """:func:`apply_update` with stochastic rounding, a block of rows at a time (float32 temporaries only per block)."""
-    bases = [b.float() for b in bases]
-    update = update.float()
-    if not matrix.is_contiguous():  # a strided weight: one full-size float32 copy
-        master = matrix.float()
-        if decay is not None:
-            master.mul_(decay)
-        project_back_add_(master, update, bases, sides, alpha=alpha)
-        rounded = torch.empty(matrix.shape, dtype=matrix.dtype, device=matrix.device)
-        _round_rows_(rounded, master, key)
-        matrix.copy_(rounded)
-        return
+    """:func:`apply_update` with stochastic rounding, a block of rows at a time.
+
+    Per block: ``back(update)`` for those rows (a bf16 matmul for bf16
+    weights, as round-to-nearest uses: the product's own rounding is relative
+    to the update, not to the weight; float32 for fp16, whose small updates
+    would underflow), added to a float32 copy of the rows, then rounded.
+    """
+    dtype = matrix.dtype if matrix.dtype == torch.bfloat16 else torch.float32
+    bases = [b.to(dtype) for b in bases]
+    update = update.to(dtype)
     rows, cols = matrix.shape
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
-    for block, start in enumerate(range(0, rows, step)):
-        stop = min(start + step, rows)
-        master = matrix[start:stop].float()
+
+    def fill(master: torch.Tensor, start: int, stop: int) -> None:
+        """``master`` holds the flat elements [start, stop) = rows [start/cols, stop/cols)."""
+        first, last = start // cols, stop // cols
+        master = master.view(last - first, cols)
         if decay is not None:
             master.mul_(decay)
-        block_bases = [b[start:stop] if side == "left" else b for b, side in zip(bases, sides)]
-        block_update = update[start:stop] if sides == ("right",) else update
-        project_back_add_(master, block_update, block_bases, sides, alpha=alpha)
-        round_into_(matrix[start:stop], master, key, block)
+        block = scratch(matrix.device, dtype, master.numel(), slot=1).view(master.shape)
+        if sides == ("right",):
+            torch.mm(update[first:last], bases[0].t(), out=block)
+        elif sides == ("left",):
+            torch.mm(bases[0][first:last], update, out=block)
+        else:
+            left, right = bases[sides.index("left")], bases[sides.index("right")]
+            torch.mm(left[first:last] @ update, right.t(), out=block)
+        master.add_(block, alpha=alpha)
 
-
-def _round_rows_(out: torch.Tensor, master: torch.Tensor, key: int) -> None:
-    rows, cols = master.shape
-    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
-    for block, start in enumerate(range(0, rows, step)):
-        round_into_(out[start : start + step], master[start : start + step].contiguous(), key, block)
+    write_rounded_(matrix, fill, key, block_elements=step * cols)
 
 
 def decay_weight_(param: torch.Tensor, factor: float) -> None:

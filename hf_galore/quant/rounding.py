@@ -46,6 +46,7 @@ BLOCK_ELEMENTS = 1 << 18
 TABLE_SIZE = 1 << 20
 _TABLE_SEED = 0x5EED_B16
 _TABLES: dict[tuple[torch.device, int], torch.Tensor] = {}
+_SCRATCH: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
@@ -60,6 +61,22 @@ def noise_table(device: torch.device, bits: int = 16) -> torch.Tensor:
         values = values[torch.randperm(TABLE_SIZE, generator=generator)] >> (16 - bits)
         table = _TABLES[key] = values.to(device)
     return table
+
+
+def scratch(device: torch.device, dtype: torch.dtype, numel: int, slot: int = 0) -> torch.Tensor:
+    """A reused 1-D work buffer of at least ``numel`` elements (its first ``numel`` returned).
+
+    Re-allocating the per-block temporaries costs more than the rounding on
+    CPU; one buffer per (device, dtype, slot) grows to the largest block and
+    is kept (at most ``BLOCK_ELEMENTS`` elements unless a single row is longer).
+    Work on one device is serialised (one stream, or autograd's one thread
+    per device for layer-wise hooks), so reuse is safe.
+    """
+    key = (torch.device(device), dtype, slot)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _SCRATCH[key] = torch.empty(max(numel, 1), dtype=dtype, device=device)
+    return buffer[:numel]
 
 
 def _windows(numel: int, key: int, block: int):
@@ -107,19 +124,27 @@ def round_into_(out: torch.Tensor, master: torch.Tensor, key: int, block: int = 
     out.view(-1).copy_(torch.where(tiny, sub, flat))
 
 
-def write_rounded_(param: torch.Tensor, fill: Callable[[torch.Tensor, int, int], None], key: int) -> None:
+def write_rounded_(
+    param: torch.Tensor,
+    fill: Callable[[torch.Tensor, int, int], None],
+    key: int,
+    *,
+    block_elements: int = BLOCK_ELEMENTS,
+) -> None:
     """``param ← SR(new)``, where ``fill(master, start, stop)`` turns ``master`` into the new values.
 
     ``master`` is a float32 copy of the flattened elements ``[start, stop)``
-    of ``param`` (one block of at most ``BLOCK_ELEMENTS``), updated in place
-    by ``fill``. A strided parameter goes through one full-size temporary.
+    of ``param`` (one block of ``block_elements``, the last one shorter),
+    updated in place by ``fill``. A strided parameter goes through one
+    full-size temporary, with the same blocks and the same result.
     """
     contiguous = param.is_contiguous()
     out = param.view(-1) if contiguous else torch.empty(param.numel(), dtype=param.dtype, device=param.device)
     source = out if contiguous else param.reshape(-1)
-    for block, start in enumerate(range(0, out.numel(), BLOCK_ELEMENTS)):
-        stop = min(start + BLOCK_ELEMENTS, out.numel())
-        master = source[start:stop].float()
+    for block, start in enumerate(range(0, out.numel(), block_elements)):
+        stop = min(start + block_elements, out.numel())
+        master = scratch(param.device, torch.float32, stop - start)
+        master.copy_(source[start:stop])
         fill(master, start, stop)
         round_into_(out[start:stop], master, key, block)
     if not contiguous:
@@ -140,4 +165,13 @@ def add_rounded_(
     write_rounded_(param, fill, key)
 
 
-__all__ = ["BLOCK_ELEMENTS", "SR_DTYPES", "TABLE_SIZE", "add_rounded_", "noise_table", "round_into_", "write_rounded_"]
+__all__ = [
+    "BLOCK_ELEMENTS",
+    "SR_DTYPES",
+    "TABLE_SIZE",
+    "add_rounded_",
+    "noise_table",
+    "round_into_",
+    "scratch",
+    "write_rounded_",
+]
