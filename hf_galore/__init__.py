@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from .config import GaLoreConfig
 from .distributed import check_supported_engine, register_layerwise_ddp_hook, synchronize_bases
-from .errors import GaLoreConfigError, HfGaloreError, UnsupportedSetupError
+from .errors import GaLoreConfigError, HfGaloreError, StateMismatchError, UnsupportedSetupError
 from .memory import MemoryEstimate, estimate_memory
 from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreOptimizer, RefreshStats
 from .optim.layerwise import LayerwiseOptimizer, register_layerwise_trainer_optimizers
-from .quant import Int8Linear, prepare_model_for_int8_weights
+from .quant import Int8Linear, dequantize_int8_weights, prepare_model_for_int8_weights
 from .targets import TargetModulesError, galore_param_groups
 from .trainer import create_optimizer, install_import_hook, register_trainer_optimizer, register_with_transformers
 
@@ -51,11 +51,13 @@ __all__ = [
     "LayerwiseOptimizer",
     "MemoryEstimate",
     "RefreshStats",
+    "StateMismatchError",
     "TargetModulesError",
     "UnsupportedSetupError",
     "__version__",
     "check_supported_engine",
     "create_optimizer",
+    "dequantize_int8_weights",
     "estimate_memory",
     "galore_param_groups",
     "prepare_model_for_int8_weights",

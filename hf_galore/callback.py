@@ -7,8 +7,9 @@ patterns that matched nothing, so at train start the callback
   optimizer (a ``Trainer`` subclass overriding ``create_optimizer``, a stale
   hook, ...);
 * prints one summary: which weights are low-rank (shapes, rank), which
-  matched weights stayed full-rank and why, and the optimizer-state size
-  against plain AdamW.
+  matched weights stayed full-rank and why, which rule matched each
+  ``target_modules`` / ``exclude_modules`` entry, and the optimizer-state
+  size against plain AdamW.
 
 Then every training log gets ``galore/refreshes`` (basis refreshes so far,
 one per weight), ``galore/refresh_seconds`` (time spent in them),
@@ -44,6 +45,7 @@ from .trainer import (
 
 _OWNER_ATTR = "_hf_galore_callback"
 _PEERS_ATTR = "_hf_galore_callbacks"
+_LOGGED_ATTR = "_hf_galore_logged"  # the last `logs` dict a GaLoreCallback wrote into
 MB = 2**20
 _SUMMARY_KEYS = ("update_proj_gap", "projector", "proj_type", "quant", "refresh")
 
@@ -201,7 +203,7 @@ def build_summary(
         )
     lines = [
         head,
-        f"  low-rank: {len(lowrank)} weights, {lowrank_params:,} of {total_params:,} trainable parameters",
+        f"  low-rank: {len(lowrank)} weights projected, {lowrank_params:,} of {total_params:,} trainable parameters",
     ]
     lines += _grouped(lowrank)
     lines.append(f"  full rank: {full} tensors (embeddings, norms, biases, output head, unmatched modules)")
@@ -209,6 +211,7 @@ def build_summary(
         lines.append(f"  matched but full rank (smaller dimension <= rank {plan.rank}): {len(plan.small)} weights")
         lines += _grouped([(n, s, None) for n, s in plan.small])
     if plan is not None:
+        lines += [f"  matching: {match.describe()}" for match in getattr(plan, "matches", ())]
         lines += [f"  note: {note}" for note in plan.notes]
     estimate, adamw = estimate_state_bytes(optimizer), adamw_state_bytes(optimizer)
     if estimate is not None and adamw:
@@ -219,6 +222,17 @@ def build_summary(
     else:
         lines.append(f"  optimizer state: AdamW would hold {adamw / MB:.2f} MB")
     return "\n".join(lines)
+
+
+#: ``RefreshStats`` counters logged as ``galore/<name>`` once they are non-zero (docs/projectors.md).
+ROBUSTNESS_COUNTERS = (
+    "fallbacks",
+    "energy_fallbacks",
+    "refresh_failures",
+    "skipped_nonfinite",
+    "state_resets",
+    "dropped_bases",
+)
 
 
 class GaLoreCallback(TrainerCallback):
@@ -323,7 +337,7 @@ class GaLoreCallback(TrainerCallback):
             "galore/optimizer_state_mb": round(optimizer_state_bytes(optimizer) / MB, 4),
         }
         # robustness events (docs/projectors.md), logged once they have happened
-        for key in ("fallbacks", "refresh_failures", "skipped_nonfinite"):
+        for key in ROBUSTNESS_COUNTERS:
             if getattr(stats, key):
                 out[f"galore/{key}"] = getattr(stats, key)
         seen_sum, seen_count = self._overlap_seen
@@ -335,11 +349,19 @@ class GaLoreCallback(TrainerCallback):
         return out
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._optimizer is None or not self.log_stats or logs is None:
+        # The acting instance's values are written by the first GaLoreCallback that sees this log:
+        # transformers puts callbacks passed by the user after the reporting integrations
+        # (TensorBoard, W&B, ...), which would otherwise never see `galore/*`; the automatic
+        # instance sits right after DefaultFlowCallback, before all of them.
+        owner = getattr(state, _OWNER_ATTR, None)
+        if owner is None or logs is None or getattr(state, _LOGGED_ATTR, None) is logs:
+            return
+        setattr(state, _LOGGED_ATTR, logs)
+        if owner._optimizer is None or not owner.log_stats:
             return
         if any(k.startswith(("eval_", "test_")) for k in logs) or "train_runtime" in logs:
             return
-        extra = self.stats()
+        extra = owner.stats()
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)

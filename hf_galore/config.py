@@ -19,9 +19,10 @@ How a setting flows through the package (one place to add it):
   or ``GaLoreConfig(options={"oversample": 16})``; its ``optim_args`` text is
   parsed by the type of its default (bool, int, float, str, ``none``).
   Promote it to a documented field by adding one dataclass field.
-* ``metadata`` holds only ``help`` (``HfArgumentParser`` passes metadata
-  to argparse, so other keys would break it); checks of the fields that are
-  not group keys live in ``_FIELD_CHECKS``.
+* ``metadata`` holds only ``help``, and ``nargs`` for the list fields
+  (``HfArgumentParser`` passes metadata to argparse, so other keys would
+  break it); checks of the fields that are not group keys live in
+  ``_FIELD_CHECKS``.
 * Every field and group key is accepted by :meth:`GaLoreConfig.from_optim_args`
   and :meth:`GaLoreConfig.from_dict`; unknown keys are errors naming the valid ones.
 """
@@ -32,6 +33,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -65,6 +67,8 @@ def _check_target_spec(name: str, value: object) -> list[str] | str | None:
         return "all-linear" if value.replace("_", "-") == "all-linear" else value
     if isinstance(value, (list, tuple, set, frozenset)):
         entries = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+        if len(entries) == 1 and isinstance(entries[0], str) and entries[0].replace("_", "-") == "all-linear":
+            return "all-linear"  # `--target_modules all-linear` on the command line gives a one-item list
         bad = [e for e in entries if not isinstance(e, str) or not e]
         if bad or not entries:
             raise GaLoreConfigError(
@@ -74,6 +78,37 @@ def _check_target_spec(name: str, value: object) -> list[str] | str | None:
     raise GaLoreConfigError(
         f"`{name}` must be None, a list of module names, a regex string or 'all-linear', got {value!r}"
     )
+
+
+def _options_from_text(value: object) -> object:
+    """``options`` as a dict: ``None`` is empty, a string (the command line) is a JSON object.
+
+    String values of the JSON are parsed by the type of the key's default,
+    as ``optim_args`` values are (``{"oversample": "16"}`` gives 16).
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, str):
+        return value
+    try:
+        data = json.loads(value)
+    except json.JSONDecodeError as err:
+        data, reason = None, f" ({err.msg} at position {err.pos})"
+    else:
+        reason = ""
+    if not isinstance(data, dict):
+        raise GaLoreConfigError(
+            f"`options` must be a dict or a JSON object such as '{{\"oversample\": 16}}', got {value!r}{reason}"
+        )
+    options = {}
+    for key, raw in data.items():
+        if isinstance(raw, str) and key in LOWRANK_DEFAULTS and not isinstance(LOWRANK_DEFAULTS[key], str):
+            try:
+                raw = _parse_like(key, raw, LOWRANK_DEFAULTS[key])
+            except GaLoreConfigError:
+                pass  # kept as text: the key's own check names it with the valid range
+        options[key] = raw
+    return options
 
 
 def _check_small_weights(name: str, value: object) -> str:
@@ -101,11 +136,13 @@ class GaLoreConfig:
         projector: How the basis is found ("svd"; other members register more).
         quant: How the basis is stored (None = dense in the weight's dtype).
         refresh: When the basis is refreshed ("fixed" = every ``update_proj_gap`` steps).
-        target_modules: Which modules' weights are projected: a list of names
-            (full names or dot-bounded suffixes, e.g. "q_proj"; a matched
-            container such as "mlp" selects every 2-D weight inside it), a
-            full-match regex string, or "all-linear" (every linear layer but
-            the output head). See ``hf_galore.targets`` and docs/trainer.md.
+        target_modules: Which modules' weights are projected: a list whose
+            entries are tried as a full name, a dot-bounded suffix (e.g.
+            "q_proj"), a full-match regex, then a substring (transformers'
+            order; a matched container such as "mlp" selects the Linear /
+            Conv1D weights inside it), a full-match regex string, or
+            "all-linear" (every linear layer but the output head). See
+            ``hf_galore.targets`` and docs/trainer.md.
         exclude_modules: Modules never projected, same rules; excludes win.
         layerwise: Update each weight inside its gradient hook (the
             ``*_layerwise`` optim names set this).
@@ -117,7 +154,8 @@ class GaLoreConfig:
             ``False`` rounds to nearest, as galore-torch does (bit-parity).
             Float32 weights are unaffected. See docs/optimizers.md.
         options: Further low-rank group keys that have no field here (e.g.
-            ``{"oversample": 16}`` for the randomized projector); the keys and
+            ``{"oversample": 16}`` for the randomized projector), or that dict
+            as JSON text (``--options '{"oversample": 16}'``); the keys and
             their defaults are listed in ``optim/validation.py``.
     """
 
@@ -151,13 +189,18 @@ class GaLoreConfig:
         default="fixed",
         metadata={"help": "Refresh policy (registered name); 'fixed' = every update_proj_gap steps."},
     )
+    # HfArgumentParser reads `list[str] | str | None` as `str`; `nargs` makes `--target_modules
+    # q_proj v_proj` a list, as TrainingArguments' `list[str]` fields parse (one value: a one-item list).
     target_modules: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Modules whose weights are projected: names/suffixes, a full-match regex, or 'all-linear'."},
+        metadata={
+            "help": "Modules whose weights are projected: names/suffixes, a full-match regex, or 'all-linear'.",
+            "nargs": "+",
+        },
     )
     exclude_modules: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Modules never projected (same rules as target_modules; excludes win)."},
+        metadata={"help": "Modules never projected (same rules as target_modules; excludes win).", "nargs": "+"},
     )
     layerwise: bool = field(
         default=False,
@@ -174,7 +217,9 @@ class GaLoreConfig:
         default=True,
         metadata={"help": "Stochastic rounding of updates into bf16/fp16 weights (False: round to nearest)."},
     )
-    options: dict[str, Any] = field(
+    # `dict | str | None` as TrainingArguments' dict fields: HfArgumentParser passes the text of
+    # `--options '{"oversample": 16}'`, which `__post_init__` reads as JSON.
+    options: dict[str, Any] | str | None = field(
         default_factory=dict,
         metadata={"help": "Further low-rank group keys without a field of their own, e.g. {'oversample': 16}."},
     )
@@ -190,6 +235,7 @@ class GaLoreConfig:
     def __post_init__(self) -> None:
         for name, check in self._FIELD_CHECKS.items():
             setattr(self, name, check(name, getattr(self, name)))
+        self.options = _options_from_text(self.options)
         if not isinstance(self.options, dict):
             raise GaLoreConfigError(f"`options` must be a dict of low-rank group keys, got {self.options!r}")
         fields = set(self.field_names())
@@ -258,6 +304,7 @@ class GaLoreConfig:
             raise GaLoreConfigError(f"`optim_args` must be a string like 'rank=64,scale=0.25', got {text!r}")
         hints = typing.get_type_hints(cls)
         fields = set(cls.field_names()) - {"options"}
+        another_key = re.compile(r"[\s;]+[A-Za-z_]\w*\s*=")  # inside a value: a missing comma before key=
         out: dict[str, Any] = {}
         options: dict[str, Any] = {}
         for item in text.split(","):
@@ -270,6 +317,12 @@ class GaLoreConfig:
                 raise GaLoreConfigError(
                     f"`optim_args` entry {item!r} is not of the form key=value "
                     "(expected e.g. 'rank=64, update_proj_gap=200, scale=0.25')"
+                )
+            if another_key.search(raw):  # "rank=8 update_proj_gap=2": a space or ';' where a comma belongs
+                fixed = another_key.sub(lambda m: ", " + m.group(0).lstrip(" \t;"), item)
+                raise GaLoreConfigError(
+                    f"`optim_args` entry {item!r} holds more than one key=value: separate keys with commas, "
+                    f"e.g. {fixed!r}"
                 )
             if key in out or key in options:
                 raise GaLoreConfigError(f"`optim_args` sets {key!r} twice")

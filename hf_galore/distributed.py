@@ -586,6 +586,7 @@ def _refresh_sharded(rows, local, shape, state, group, step, stats, dtype) -> No
     full = rows.gather_rows(
         local.float(), shape[0]
     )  # one full gradient, on rank 0 only
+    energy_fallbacks = int(state.get("energy_fallbacks", 0))  # rank 0's count reaches every rank's state
 
     def compute():
         news = []
@@ -619,14 +620,15 @@ def _refresh_sharded(rows, local, shape, state, group, step, stats, dtype) -> No
             [(side, new.t() @ old) for side, old, new in zip(sides, olds, news)],
             stats,
         )
+    policy.after_refresh(state, group, step, list(olds), list(news))
     for side, old, new in zip(sides, olds, news):
         if old is not None:
             stats.record_overlap(subspace_overlap(old, new))
-        policy.after_refresh(state, group, step, old, new)
         codec.encode(
             state, lowrank.basis_key(side), _basis_shard(rows, new), dtype, group=group
         )
     stats.refreshes += 1
+    stats.energy_fallbacks += int(state.get("energy_fallbacks", 0)) - energy_fallbacks
     stats.refresh_seconds += time.perf_counter() - started
 
 
@@ -684,6 +686,14 @@ def project_sharded_gradient(
     policy = get_refresh_policy(group["refresh"])
     if bases is None:
         policy.setup(state, group, param)
+    elif lowrank.projects_before_tracking(group):
+        # OSD's order (see ``lowrank.project_gradient``): project with P_t, then move it
+        low, used = _project_sharded(rows, local, shape, sides, bases)
+        if policy.due(state, group, step):
+            _refresh_sharded(rows, local, shape, state, group, step, stats, param.dtype)
+        else:
+            _track_sharded(rows, local, shape, state, group, param.dtype)
+        return low, used
     if bases is None or policy.due(state, group, step):
         _refresh_sharded(rows, local, shape, state, group, step, stats, param.dtype)
         bases = lowrank.load_bases(state, group, sides)
@@ -692,6 +702,11 @@ def project_sharded_gradient(
     elif get_projector(group["projector"]).tracks_every_step:
         _track_sharded(rows, local, shape, state, group, param.dtype)
         bases = lowrank.load_bases(state, group, sides)
+    return _project_sharded(rows, local, shape, sides, bases)
+
+
+def _project_sharded(rows, local, shape, sides, bases) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """This rank's part of the low-rank gradient and the bases :func:`apply_sharded_update` needs."""
     used = []
     for side, basis in zip(sides, bases):
         # left: this rank's rows P_i; right: Q gathered on use (sharded at rest)

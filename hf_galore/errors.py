@@ -18,6 +18,10 @@ class GaLoreConfigError(HfGaloreError, ValueError):
     """A hyper-parameter, param-group key or config field has an invalid value."""
 
 
+class StateMismatchError(HfGaloreError, ValueError):
+    """Optimizer state (a checkpoint, a foreign ``state_dict``) does not fit this optimizer or its groups."""
+
+
 class UnsupportedSetupError(HfGaloreError, RuntimeError):
     """The training setup (engine, tensor kind, library version) cannot be honoured."""
 

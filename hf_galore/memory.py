@@ -363,8 +363,9 @@ def select_target_modules(model: nn.Module, target_modules: str | Sequence[str] 
     """Names of the modules whose weight is projected (GaLore) or adapted (LoRA).
 
     The same rules as ``galore_param_groups`` and the Trainer
-    (:func:`hf_galore.targets.select_target_modules`): a list matches names
-    or dot-bounded suffixes, a string is a full-match regex, ``"all-linear"``
+    (:func:`hf_galore.targets.select_target_modules`): a list entry matches
+    an exact name, a dot-bounded suffix, a full-match regex or a substring,
+    a string is a full-match regex, ``"all-linear"``
     (and ``None``) means every linear but the output head; for LLaMA that is
     exactly the paper's selection, the attention and MLP linears.
     """
@@ -519,6 +520,7 @@ def estimate_memory(
     total_params = trainable_params = lowrank_params = 0
     largest_grad = 0
     small_weights = 0
+    float_targets = 0  # projected, but kept in `dtype` by the INT8-weight methods (not an nn.Linear)
     basis_cache: dict = {}
     notes: list[str] = []
 
@@ -559,7 +561,11 @@ def estimate_memory(
             weights += numel * e
             train_full(shape)
             continue
-        weights += int8_weight_bytes(shape, e) if spec.int8_weights and id(param) in int8_targets else numel * e
+        if spec.int8_weights and id(param) in int8_targets:
+            weights += int8_weight_bytes(shape, e)
+        else:
+            weights += numel * e
+            float_targets += spec.int8_weights
         sides = sides_for(proj_type, matrix_shape)
         r = effective_rank(rank, matrix_shape)
         lowrank_params += numel
@@ -578,6 +584,11 @@ def estimate_memory(
         notes.append(
             f"{small_weights} targeted weights have a smaller dimension <= rank {rank} and train at full rank "
             "(as galore_param_groups does)"
+        )
+    if float_targets:
+        notes.append(
+            f"{float_targets} targeted weights are not nn.Linear (e.g. GPT-2's Conv1D): "
+            f"prepare_model_for_int8_weights leaves them in {dtype}, and so does this estimate"
         )
     if spec.layerwise:
         gradients = largest_grad

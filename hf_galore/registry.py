@@ -2,7 +2,7 @@
 
 Registries are data: a dict filled by ``register``, which refuses duplicates,
 and looked up by ``lookup``, whose error names the key and lists the valid
-names (STYLE.md #4, #14).
+names, so a typo never falls through to a default.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ from hf_galore.errors import UnsupportedSetupError
 
 pytest.importorskip("transformers")
 
+from transformers import TrainerCallback
+
 from hf_galore.callback import (
     MB,
     GaLoreCallback,
@@ -152,3 +154,49 @@ def test_hand_built_optimizer_needs_no_trainer_flags(tmp_path, capsys):
     trainer.train()
     assert "low-rank: 2 weights" in capsys.readouterr().out
     assert [h["galore/refreshes"] for h in _galore_logs(trainer)] == [2]
+
+
+class RecordingReporter(TrainerCallback):
+    """Stands in for TensorBoard / W&B: keeps a copy of every log it is handed."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+@pytest.mark.parametrize("user_callback", [False, True])
+def test_reporters_before_the_callback_see_galore_values(tmp_path, user_callback):
+    """Issue 14: a user's GaLoreCallback sits after the reporters transformers adds; they still get galore/*."""
+    reporter = RecordingReporter()
+    callbacks = [reporter, GaLoreCallback(print_summary=False)] if user_callback else [reporter]
+    trainer = make_trainer(tmp_path, callbacks=callbacks)
+    names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    if user_callback:  # the ordering that hid the values: reporter first, then the user's callback
+        assert names.index("RecordingReporter") < names.index("GaLoreCallback")
+    trainer.train()
+    train_logs = [log for log in reporter.logs if "loss" in log]
+    assert [log.get("galore/refreshes") for log in train_logs] == [14, 28]
+    assert all("galore/optimizer_state_mb" in log for log in train_logs)
+    assert [h["galore/refreshes"] for h in _galore_logs(trainer)] == [14, 28]  # written once, not twice
+
+
+def test_user_callback_settings_still_rule_when_another_instance_writes(tmp_path):
+    reporter = RecordingReporter()
+    trainer = make_trainer(tmp_path, callbacks=[reporter, GaLoreCallback(print_summary=False, log_stats=False)],
+                           max_steps=2)
+    trainer.train()
+    assert [log for log in reporter.logs if "loss" in log]  # there were training logs ...
+    assert not any(k.startswith("galore/") for log in reporter.logs for k in log)  # ... without galore/*
+
+
+def test_without_the_automatic_instance_the_users_callback_writes_in_its_place(tmp_path):
+    from hf_galore.callback import AutoGaLoreCallback
+
+    after = RecordingReporter()
+    trainer = make_trainer(tmp_path, callbacks=[GaLoreCallback(print_summary=False), after])
+    trainer.remove_callback(AutoGaLoreCallback)
+    trainer.train()
+    assert [log.get("galore/refreshes") for log in after.logs if "loss" in log] == [14, 28]
+    assert [h["galore/refreshes"] for h in _galore_logs(trainer)] == [14, 28]

@@ -61,6 +61,16 @@ BAD_OPTIM_ARGS = [
         "small_weights=ignore",
         r"`small_weights` must be one of 'error', 'full_rank', got 'ignore'",
     ),
+    # a space (or ';') where a comma belongs: say so, with the corrected text
+    (
+        "rank=8 update_proj_gap=2",
+        (
+            r"entry 'rank=8 update_proj_gap=2' holds more than one key=value: separate keys with commas, "
+            r"e.g. 'rank=8, update_proj_gap=2'"
+        ),
+    ),
+    ("scale=0.5, rank=8  proj_type = std", r"separate keys with commas, e.g. 'rank=8, proj_type = std'"),
+    ("rank=8;scale=0.5", r"separate keys with commas, e.g. 'rank=8, scale=0.5'"),
 ]
 
 
@@ -224,7 +234,71 @@ def test_hf_argument_parser_reads_the_config():
     )
 
 
+HF_ARGUMENT_CASES = [  # (command line, (target_modules, exclude_modules, options))
+    (["--target_modules", "q_proj", "v_proj"], (["q_proj", "v_proj"], None, {})),
+    (["--target_modules", "q_proj"], (["q_proj"], None, {})),  # one value: a one-item list, as optim_args
+    (["--target_modules", "all-linear"], ("all-linear", None, {})),
+    (["--exclude_modules", "lm_head", "mlp.down_proj"], (None, ["lm_head", "mlp.down_proj"], {})),
+    (["--options", '{"oversample": 16}'], (None, None, {"oversample": 16})),
+    (["--options", '{"oversample": 16, "proj_seed": "3", "rotate_moments": true}'],
+     (None, None, {"oversample": 16, "proj_seed": 3, "rotate_moments": True})),
+    ([], (None, None, {})),
+]
+
+
+@pytest.mark.parametrize("argv,expected", HF_ARGUMENT_CASES)
+def test_hf_argument_parser_reads_list_and_dict_fields(argv, expected):
+    """Issue 14: `--target_modules q_proj v_proj` and `--options '{...}'` parse as TrainingArguments' fields do."""
+    transformers = pytest.importorskip("transformers")
+    (config,) = transformers.HfArgumentParser(GaLoreConfig).parse_args_into_dataclasses(argv)
+    assert (config.target_modules, config.exclude_modules, config.options) == expected
+
+
+def test_hf_argument_parser_matches_training_arguments():
+    """The same command-line forms give the same Python values as transformers' own list / dict arguments."""
+    transformers = pytest.importorskip("transformers")
+    parser = transformers.HfArgumentParser((GaLoreConfig, transformers.TrainingArguments))
+    config, args = parser.parse_args_into_dataclasses(
+        ["--output_dir", "unused", "--target_modules", "q_proj", "v_proj", "--label_names", "q_proj", "v_proj",
+         "--options", '{"oversample": 16}', "--lr_scheduler_kwargs", '{"oversample": 16}']
+    )  # fmt: skip
+    assert config.target_modules == args.label_names == ["q_proj", "v_proj"]
+    assert config.options == args.lr_scheduler_kwargs == {"oversample": 16}
+
+
+@pytest.mark.parametrize("text", ['{"oversample": 16', '[16]', "oversample=16"])
+def test_options_text_that_is_no_json_object_is_refused(text):
+    with pytest.raises(GaLoreConfigError, match=r"`options` must be a dict or a JSON object"):
+        GaLoreConfig(options=text)
+
+
+def test_options_from_text_are_still_checked():
+    with pytest.raises(GaLoreConfigError, match="'oversampel'.*Did you mean 'oversample'"):
+        GaLoreConfig(options='{"oversampel": 16}')
+    with pytest.raises(GaLoreConfigError, match="`oversample` must be an integer"):
+        GaLoreConfig(options='{"oversample": "many"}')
+    assert GaLoreConfig(options=None).options == {}
+
+
 def test_every_field_documents_itself():
     for f in dataclasses.fields(GaLoreConfig):
         assert f.metadata.get("help"), f.name
         assert f"{f.name}:" in GaLoreConfig.__doc__, f.name
+
+
+def test_fidelity_and_energy_guard_keys_parse_from_optim_args():
+    config = GaLoreConfig.from_optim_args(
+        "rank=8, osd_order=update_then_project, lazy_schedule=offset, energy_threshold=0.95, energy_iters=0"
+    )
+    options = config.group_options()
+    assert options["osd_order"] == "update_then_project" and options["lazy_schedule"] == "offset"
+    assert options["energy_threshold"] == 0.95 and options["energy_iters"] == 0
+    import torch
+
+    from hf_galore import GaLoreAdamW
+
+    group = GaLoreAdamW([{"params": [torch.nn.Parameter(torch.zeros(4, 4))], "rank": 2}]).param_groups[0]
+    assert (group["osd_order"], group["lazy_schedule"]) == ("project_then_update", "multiple")
+    assert (group["energy_threshold"], group["energy_iters"]) == (0.99, 2)
+    with pytest.raises(GaLoreConfigError, match="`osd_order`"):
+        GaLoreConfig.from_optim_args("rank=8, osd_order=later")

@@ -122,9 +122,91 @@ def test_matching(targets, excludes, expected):
     assert list(select_target_modules(model, targets, excludes).modules) == expected
 
 
-def test_substring_fallback_is_noted():
-    notes = select_target_modules(TinyLM(), ["attn", "mlp"]).notes
-    assert len(notes) == 1 and "'attn'" in notes[0] and "substring" in notes[0]
+def test_each_entry_reports_the_rule_that_matched_it():
+    selection = select_target_modules(TinyLM(), ["attn", "mlp", r".*\.q_proj", "lm_head"])
+    rules = [(m.entry, m.rule, m.num_weights) for m in selection.matches]
+    assert rules == [
+        ("attn", "substring", 6),  # no module is named 'attn' or ends in '.attn'
+        ("mlp", "dot-bounded suffix", 4),
+        (r".*\.q_proj", "full-match regex", 2),
+        ("lm_head", "exact name", 1),
+    ]
+    assert selection.matches[0].describe() == "target_modules 'attn' matched as a substring: 8 module names, 6 weights"
+
+
+LIST_RULE_CASES = [
+    # transformers' own example: each list entry is also a full-match regex ('.' matches any character)
+    ([r".*.attn.*", r".*.mlp.*"], "full-match regex", _layer(0, *ATTN, *MLP) + _layer(1, *ATTN, *MLP)),
+    ([r".*\.(q|v)_proj"], "full-match regex", _layer(0, *ATTN[:2]) + _layer(1, *ATTN[:2])),
+    (["layers.1.self_attn"], "dot-bounded suffix", _layer(1, *ATTN)),
+    (["self_attn.q"], "substring", _layer(0, "self_attn.q_proj") + _layer(1, "self_attn.q_proj")),
+]
+
+
+@pytest.mark.parametrize("targets,rule,expected", LIST_RULE_CASES)
+def test_list_entries_try_name_suffix_regex_then_substring(targets, rule, expected):
+    selection = select_target_modules(TinyLM(), targets)
+    assert list(selection.modules) == expected
+    assert {m.rule for m in selection.matches} == {rule}
+
+
+def test_rule_order_first_match_wins():
+    from hf_galore.targets import entry_roots
+
+    names = ["a.q_proj", "a.q_proj_lora", "q_proj", "b.xq_proj"]
+    assert entry_roots("q_proj", names) == ("exact name", ["a.q_proj", "q_proj"])  # suffix too, never substring
+    assert entry_roots("a.q_proj", names) == ("exact name", ["a.q_proj"])
+    assert entry_roots("q_proj.*", names) == ("full-match regex", ["q_proj"])
+    assert entry_roots("xq_", names) == ("substring", ["b.xq_proj"])
+    assert entry_roots("q_proj[", names) == (None, [])  # not a regex, no substring: no match, no crash
+    assert entry_roots(".*proj", names) == ("full-match regex", ["a.q_proj", "q_proj", "b.xq_proj"])
+
+
+class T5Like(nn.Module):
+    """T5's layout: an attention container holding Linear layers and an nn.Embedding (relative_attention_bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        attention = nn.Module()
+        attention.q, attention.k, attention.o = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+        attention.relative_attention_bias = nn.Embedding(32, 4)
+        self.block = nn.ModuleList([nn.Module()])
+        self.block[0].SelfAttention = attention
+
+
+T5_LINEAR = ["block.0.SelfAttention.q", "block.0.SelfAttention.k", "block.0.SelfAttention.o"]
+T5_CASES = [
+    (["SelfAttention"], T5_LINEAR),  # a container: its Linear layers, not the Embedding
+    (["Attention"], T5_LINEAR),  # a substring also hits relative_attention_bias itself: skipped
+    (r".*SelfAttention.*", T5_LINEAR),  # so does a regex
+    # named explicitly (dot-bounded suffix), the embedding is projected too
+    (["SelfAttention", "relative_attention_bias"], [*T5_LINEAR, "block.0.SelfAttention.relative_attention_bias"]),
+]
+
+
+@pytest.mark.parametrize("targets,expected", T5_CASES)
+def test_containers_and_patterns_take_linear_layers_only(targets, expected):
+    selection = select_target_modules(T5Like(), targets)
+    assert list(selection.modules) == expected
+    if "relative_attention_bias" not in str(targets):
+        assert any("Embedding" in n and "full rank" in n for n in selection.notes), selection.notes
+
+
+def test_pattern_matching_only_non_linear_weights_is_an_error():
+    with pytest.raises(TargetModulesError, match=r"'\.\*bias' matched .* but no linear layer.*name its module"):
+        select_target_modules(T5Like(), [r".*bias"])
+
+
+def test_exclude_typo_is_an_error_like_a_target_typo():
+    with pytest.raises(
+        TargetModulesError, match=r"`exclude_modules` entry 'v_prj' matched no module of TinyLM.*'v_proj'"
+    ):
+        select_target_modules(TinyLM(), ["attn"], ["v_prj"])
+    with pytest.raises(TargetModulesError, match=r"`exclude_modules` entry '.*query' matched no module"):
+        select_target_modules(TinyLM(), "all-linear", r".*\.query")
+    selection = select_target_modules(TinyLM(), ["attn"], [r".*\.v_proj"])  # excludes use the same rules
+    assert [m.rule for m in selection.matches] == ["substring", "full-match regex"]
+    assert "v_proj" not in " ".join(selection.modules)
 
 
 BAD_TARGETS = [
@@ -156,9 +238,9 @@ def test_bad_targets(targets, excludes, message):
         select_target_modules(TinyLM(), targets, excludes)
 
 
-def test_unmatched_exclude_warns():
-    with pytest.warns(UserWarning, match="excluded no module"):
-        select_target_modules(TinyLM(), ["q_proj"], ["nothing_like_this"])
+def test_exclude_that_removes_nothing_selected_warns():
+    with pytest.warns(UserWarning, match="removed none of the modules `target_modules` selected"):
+        select_target_modules(TinyLM(), ["q_proj"], ["v_proj"])
 
 
 def test_sparse_non_float_and_frozen_targets():
@@ -259,9 +341,47 @@ def test_small_weights_full_rank_or_error():
         r"e.g. model.layers.0.self_attn.v_proj.weight \(8, 16\)",
     ):
         plan_param_groups(model, strict)
-    with (
-        pytest.raises(GaLoreConfigError, match=r"smaller dimension of every matched weight"),
-        warnings.catch_warnings(),
-    ):
-        warnings.simplefilter("ignore")
-        plan_param_groups(model, GaLoreConfig(rank=64, target_modules=["attn"]))
+
+
+def test_rank_above_every_matched_weight_trains_them_at_full_rank_with_one_warning():
+    """transformers' tiny test models at the default rank 128: nothing to project, so AdamW-like full rank."""
+    model = TinyLM()  # attention weights: smaller sides 16, 8, 8
+    config = GaLoreConfig(rank=64, target_modules=["attn"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plan_param_groups(model, config)
+        plan_param_groups(model, config)  # the Trainer plans twice (check at Trainer(...), then the build)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert (
+        "`rank`=64 is >= the smaller dimension of every one of the 6 matched weights (the largest is 16)"
+        in (messages[0])
+    )
+    assert "0 weights are projected" in messages[0] and "small_weights='error'" in messages[0]
+    assert plan.lowrank == [] and len(plan.small) == 6
+    assert not any("rank" in g for g in plan.groups)  # every parameter in plain (AdamW-like) groups
+    assert sorted(id(p) for g in plan.groups for p in g["params"]) == sorted(id(p) for p in model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan_param_groups(TinyLM(), config)  # another model: warned again
+        plan_param_groups(model, GaLoreConfig(rank=32, target_modules=["attn"]))  # another setting: too
+    assert len(caught) == 2
+    strict = GaLoreConfig(rank=64, target_modules=["attn"], small_weights="error")
+    with pytest.raises(GaLoreConfigError, match=r"`rank`=64 is >= the smaller dimension of 6 matched weights \(all"):
+        plan_param_groups(model, strict)
+    # the optimizer runs such groups: every weight moves, no basis anywhere
+    optimizer = GaLoreAdamW(plan.groups, lr=1e-2)
+    before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    model(torch.arange(8).view(2, 4)).square().mean().backward()
+    optimizer.step()
+    assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
+    assert not any(k.startswith("basis") for state in optimizer.state.values() for k in state)
+
+
+def test_t5_self_attention_container_leaves_relative_attention_bias_alone():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    model = transformers.T5ForConditionalGeneration(config)
+    selection = select_target_modules(model, ["SelfAttention"])
+    assert [n.rsplit(".", 1)[-1] for n in selection.modules] == ["q", "k", "v", "o"] * 2  # encoder, decoder
+    assert "relative_attention_bias" in selection.notes[0] and "Embedding" in selection.notes[0]

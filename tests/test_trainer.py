@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import types
@@ -19,7 +20,7 @@ from hf_galore import (
     GaLoreConfig,
     GaLoreConfigError,
 )
-from hf_galore.errors import UnsupportedSetupError
+from hf_galore.errors import StateMismatchError, UnsupportedSetupError
 from hf_galore.trainer import (
     EXPLICIT_PATH,
     TRAINER_OPTIMIZERS,
@@ -204,9 +205,19 @@ BAD_TRAINER_INPUTS = [
         r"`rank`=16 is >= the smaller dimension of 4 matched weights.*k_proj",
     ),
     (
-        {"optim_args": "rank=64"},
+        {"optim_args": "rank=64, small_weights=error"},
         GaLoreConfigError,
-        r"smaller dimension of every matched weight",
+        r"`rank`=64 is >= the smaller dimension of 14 matched weights \(all of them\)",
+    ),
+    (
+        {"optim_args": "rank=8 update_proj_gap=2"},
+        GaLoreConfigError,
+        r"separate keys with commas, e.g. 'rank=8, update_proj_gap=2'",
+    ),
+    (
+        {"optim_args": "rank=4, exclude_modules=v_prj"},
+        GaLoreConfigError,
+        r"`exclude_modules` entry 'v_prj' matched no module of LlamaForCausalLM.*'v_proj'",
     ),
 ]
 
@@ -280,3 +291,127 @@ def test_resume_is_bit_exact(tmp_path, optim):
     assert sorted(losses(resumed)) == [4, 5, 6]
     for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_rank_above_every_weight_trains_at_full_rank_with_one_warning(tmp_path, capsys):
+    """The default rank 128 on a hidden-32 model: trains (as galore-torch's path does), warned once."""
+    model = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(tmp_path, model=model, optim_args=None, max_steps=2)
+        trainer.train()
+    ours = [str(w.message) for w in caught if "GaLore" in str(w.message)]
+    assert len(ours) == 1 and "0 weights are projected" in ours[0], ours
+    assert "`rank`=128 is >= the smaller dimension of every one of the 14 matched weights" in ours[0]
+    summary = capsys.readouterr().out
+    assert "low-rank: 0 weights projected" in summary
+    assert "matched but full rank (smaller dimension <= rank 128): 14 weights" in summary
+    optimizer = hf_galore.callback.unwrap_optimizer(trainer.optimizer)
+    assert isinstance(optimizer, GaLoreAdamW) and not any("rank" in g for g in optimizer.param_groups)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters()), "every weight trains"
+
+
+def tiny_roberta(seed: int = 0):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=SEQ + 2,  # RoBERTa's positions start after padding_idx
+        num_labels=2,
+    )
+    return RobertaForSequenceClassification(config)
+
+
+class LabelData(TokenData):
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 2}
+
+
+def _layers(prefix: str, leaves: tuple[str, ...]) -> list[str]:
+    return [f"{prefix}.{i}.{leaf}.weight" for i in range(2) for leaf in leaves]
+
+
+LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+LLAMA_ALL = (*LLAMA_ATTN, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ROBERTA_ATTN = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense")
+TARGET_FORM_CASES = [
+    # transformers' own example, every entry a full-match regex
+    ("llama", [r".*.attn.*", r".*.mlp.*"], {"full-match regex"}, _layers("model.layers", LLAMA_ALL)),
+    # the GaLore paper's: 'attn' only as a substring (of self_attn), 'mlp' a suffix
+    ("llama", ["attn", "mlp"], {"substring", "dot-bounded suffix"}, _layers("model.layers", LLAMA_ALL)),
+    ("llama", "all-linear", {"all-linear"}, _layers("model.layers", LLAMA_ALL)),
+    (
+        "roberta",
+        [r".*.attention.*", r".*.intermediate.*"],
+        {"full-match regex"},
+        _layers("roberta.encoder.layer", (*ROBERTA_ATTN, "intermediate.dense")),
+    ),
+    (
+        "roberta",
+        ["self.", "intermediate."],  # cut inside names: substrings only
+        {"substring"},
+        _layers("roberta.encoder.layer", (*ROBERTA_ATTN[:3], "intermediate.dense")),
+    ),
+    (  # no output embeddings: every Linear, the classifier too; its out_proj (2, 32) is too small to project
+        "roberta",
+        "all-linear",
+        {"all-linear"},
+        _layers("roberta.encoder.layer", (*ROBERTA_ATTN, "intermediate.dense", "output.dense"))
+        + ["classifier.dense.weight"],
+    ),
+]
+
+
+@pytest.mark.parametrize("arch,targets,rules,expected", TARGET_FORM_CASES)
+def test_target_forms_train_llama_and_roberta(tmp_path, arch, targets, rules, expected):
+    model, data = (tiny_llama(), TokenData()) if arch == "llama" else (tiny_roberta(), LabelData())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # roberta all-linear: classifier.out_proj is trained at full rank
+        trainer = Trainer(
+            model=model,
+            args=training_args(tmp_path, optim_target_modules=targets, max_steps=2, logging_steps=1),
+            train_dataset=data,
+        )
+        trainer.train()
+    optimizer = hf_galore.callback.unwrap_optimizer(trainer.optimizer)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lowrank = sorted(names[id(p)] for g in optimizer.param_groups if "rank" in g for p in g["params"])
+    assert lowrank == sorted(expected)
+    projected = [p for g in optimizer.param_groups if "rank" in g for p in g["params"]]
+    assert all(any(k.startswith("basis") for k in optimizer.state[p]) for p in projected)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    callback = next(cb for cb in trainer.callback_handler.callbacks if getattr(cb, "summary", None))
+    reported = {
+        line.split(" matched as a ")[-1].split(":")[0]
+        for line in callback.summary.splitlines()
+        if line.startswith("  matching: ") and " matched as " in line
+    }
+    assert reported == rules or rules == {"all-linear"} and "'all-linear' means every linear layer" in callback.summary
+
+
+def test_small_weights_warning_is_given_once(tmp_path):
+    """The Trainer plans the groups twice (the check at Trainer(...) and the optimizer build): one warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, optim_args="rank=16", max_steps=1).train()
+    ours = [str(w.message) for w in caught if "GaLore" in str(w.message)]
+    assert len(ours) == 1, ours
+    assert ours[0].startswith("GaLore: 4 matched weights have a smaller dimension <= `rank`=16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved,resumed", [("galore_adamw", "galore_adafactor"), ("galore_adafactor", "galore_adamw")])
+def test_resume_with_another_galore_optimizer_names_the_mismatch(tmp_path, saved, resumed):
+    """Was ``KeyError: 'relative_step'`` (or ``'betas'``) at the first resumed step."""
+    common = {"save_strategy": "steps", "save_steps": 2, "optim_args": "rank=4,update_proj_gap=2"}
+    make_trainer(tmp_path / "a", optim=saved, max_steps=2, **common).train()
+    trainer = make_trainer(tmp_path / "b", optim=resumed, max_steps=4, **common)
+    with pytest.raises(StateMismatchError, match="saved by a different optimizer"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))

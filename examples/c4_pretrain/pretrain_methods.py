@@ -80,13 +80,30 @@ def adam_kwargs(args: Any) -> dict[str, Any]:
     return {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}
 
 
+def is_target_parameter(name: str) -> bool:
+    """A weight of an attention/MLP linear, or a LoRA adapter on one (what GaLore would project)."""
+    return any(f".{t}." in f".{name}" for t in LLAMA_TARGETS)
+
+
 def _full_rank_groups(model: nn.Module, args: Any) -> list[dict[str, Any]]:
-    """Decay on matrices only (norms and biases are exempt), the usual Hugging Face rule."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Decay on matrices only (norms and biases are exempt), the usual Hugging Face rule.
+
+    With ``args.target_lr_ratio`` != 1 the attention/MLP weights (or their LoRA
+    adapters) get their own group at ``ratio × lr``: the "split" learning-rate
+    rule that GaLore applies to its projected weights through ``scale``, offered
+    to the full-rank and LoRA baselines so that a comparison tunes both the same way.
+    """
+    ratio = float(getattr(args, "target_lr_ratio", 1.0))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    split = [p for n, p in named if ratio != 1.0 and p.dim() >= 2 and is_target_parameter(n)]
+    chosen = {id(p) for p in split}
+    rest = [p for n, p in named if id(p) not in chosen]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": args.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if split:
+        groups.append({"params": split, "weight_decay": args.weight_decay, "lr": args.learning_rate * ratio})
     return [g for g in groups if g["params"]]
 
 
@@ -106,6 +123,11 @@ def _galore(optimizer_cls: type, layerwise: bool = False, **overrides: Any) -> C
     """GaLore-family builder: ``galore_param_groups`` + one hf_galore optimizer (optionally layer-wise)."""
 
     def build(model, args):
+        if float(getattr(args, "target_lr_ratio", 1.0)) != 1.0:
+            raise GaLoreConfigError(
+                f"`target_lr_ratio`={args.target_lr_ratio!r} applies to full-rank and LoRA methods; GaLore "
+                "methods already move their projected weights at `galore_scale` × lr"
+            )
         groups = hf_galore.galore_param_groups(model, galore_config(args, **overrides), weight_decay=args.weight_decay)
         optimizer = optimizer_cls(groups, **adam_kwargs(args))
         if layerwise:
@@ -219,6 +241,7 @@ __all__ = [
     "Method",
     "galore_config",
     "get_method",
+    "is_target_parameter",
     "optimizer_state_bytes",
     "register_method",
 ]

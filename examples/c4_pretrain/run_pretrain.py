@@ -32,6 +32,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -104,6 +105,13 @@ class PretrainArguments:
     adam_epsilon: float = 1e-8
     weight_decay: float = field(default=0.0, metadata={"help": "0 in the paper"})
     max_grad_norm: float = field(default=0.0, metadata={"help": "0 disables clipping (paper: 1.0 at 7B only)"})
+    target_lr_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "full-rank and LoRA methods: lr multiplier of the attention/MLP weights (or their adapters); "
+            "0.25 gives them GaLore's split rule (projected weights at scale × lr, the rest at lr)"
+        },
+    )
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (paper §5.1: 32)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (paper §5.1: 0.05)"})
     # --- schedule and batch
@@ -127,6 +135,10 @@ class PretrainArguments:
     log_every: int = 10
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0: only at the end"})
     output_dir: str = "runs/c4_pretrain"
+    export_model: bool = field(
+        default=True,
+        metadata={"help": "write <output_dir>/final_model with save_pretrained (q_galore: INT8 layers dequantized)"},
+    )
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "a checkpoint dir or 'latest'"})
     seed: int = 0
     # --- offline corpus
@@ -200,11 +212,14 @@ def _build_model(args: PretrainArguments, vocab_size: int | None):
 
 
 @torch.no_grad()
-def evaluate(model, batches, max_tokens_per_device: int | None, accelerator) -> tuple[float, int]:
+def evaluate(
+    model, batches, max_tokens_per_device: int | None, accelerator, on_batch: Callable[[int], None] | None = None
+) -> tuple[float, int]:
     """Mean token loss on held-out batches (summed over devices) and the tokens it covers.
 
     Each device stops on its own after ``max_tokens_per_device``, so no
-    collective runs inside the loop.
+    collective runs inside the loop. ``on_batch(tokens)`` follows progress
+    (the eval progress bar).
     """
     was_training = model.training
     model.eval()
@@ -215,6 +230,8 @@ def evaluate(model, batches, max_tokens_per_device: int | None, accelerator) -> 
         n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
         loss_sum += model(**batch).loss.double() * n
         count += n
+        if on_batch is not None:
+            on_batch(int(n))
         if max_tokens_per_device is not None and count >= max_tokens_per_device:
             break
     loss_sum = accelerator.reduce(loss_sum, "sum")
@@ -267,6 +284,20 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> int
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
+
+
+def export_model(model, path: Path, accelerator) -> None:
+    """The trained model as a ``save_pretrained`` directory that plain ``from_pretrained`` loads.
+
+    Q-GaLore's INT8 layers store codes and scales, not ``weight``: they are
+    dequantized back into ``nn.Linear`` first (in place; run it after the
+    last step). A LoRA model saves its adapter, as PEFT does.
+    """
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        hf_galore.dequantize_int8_weights(model)
+        model.save_pretrained(path)
+    accelerator.wait_for_everyone()
 
 
 def train(args: PretrainArguments) -> dict[str, Any]:
@@ -341,12 +372,32 @@ def train(args: PretrainArguments) -> dict[str, Any]:
     eval_seconds = 0.0
 
     def run_eval(step: int) -> dict[str, float]:
+        """Held-out loss and perplexity; on the main process a progress bar while it runs, then one line."""
         nonlocal eval_seconds
         t0 = time.perf_counter()
         per_device = None if eval_tokens is None else -(-eval_tokens // world)
-        loss, tokens = evaluate(model, _heldout_batches(args, corpus, tokenizer, rank, world), per_device, accelerator)
+        bar = None
+        if args.progress and accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            total = per_device
+            if args.dataset == "offline":  # every held-out token counts: the whole share is known
+                rows = corpus.heldout.shape[0] // world
+                total = min(total or math.inf, rows * (corpus.heldout.shape[1] - 1))
+            bar = tqdm(total=total, desc=f"eval @ {step}", unit="tok", unit_scale=True, leave=False)
+        batches = _heldout_batches(args, corpus, tokenizer, rank, world)
+        loss, tokens = evaluate(model, batches, per_device, accelerator, None if bar is None else bar.update)
+        if bar is not None:
+            bar.close()
         eval_seconds += time.perf_counter() - t0
-        return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(loss), "eval_tokens": tokens}
+        entry = {"step": step, "eval_loss": loss, "eval_ppl": math.exp(loss), "eval_tokens": tokens}
+        if accelerator.is_main_process:
+            line = json.dumps(entry)
+            if progress is not None:
+                progress.write(line)  # above the training bar, which stays intact
+            else:
+                print(line, flush=True)
+        return entry
 
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -429,6 +480,8 @@ def train(args: PretrainArguments) -> dict[str, Any]:
         args,
         accelerator,
     )
+    if args.export_model:
+        export_model(accelerator.unwrap_model(model), output_dir / "final_model", accelerator)
     result = {
         "method": args.method,
         "eval_loss": final["eval_loss"],

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import GaLoreConfigError
+from ..quant.int8 import weight_values
 from .adamw import GALORE_GROUP_DOC
 from .base import GaLoreOptimizer
 from .functional import adafactor_step, rms
@@ -75,6 +76,18 @@ class GaLoreAdafactor(GaLoreOptimizer):
         if len(group["eps"]) != 2:
             raise GaLoreConfigError(f"`eps` must be a pair (eps1, eps2), got {group['eps']!r}")
 
+    _moment_keys = frozenset({"exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"})
+    _group_identity = ("relative_step", "clip_threshold", "decay_rate")
+
+    def _moment_shapes(self, like, group, state):
+        shapes = {"exp_avg": like} if group["beta1"] is not None else {}
+        if len(like) >= 2:
+            shapes["exp_avg_sq_row"] = like[:-1]
+            shapes["exp_avg_sq_col"] = like[:-2] + like[-1:]
+        else:
+            shapes["exp_avg_sq"] = like
+        return shapes
+
     def _init_moments(self, state, like, group):
         if "exp_avg_sq" in state or "exp_avg_sq_row" in state:
             return
@@ -96,7 +109,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             lr = min(min_step, 1.0 / math.sqrt(step))
         if group["scale_parameter"]:
-            lr = max(group["eps"][1], float(rms(param.float()))) * lr
+            lr = max(group["eps"][1], float(rms(weight_values(param).float()))) * lr
         return float(lr)
 
     def _lowrank_updates(self, group, params, grads, states):

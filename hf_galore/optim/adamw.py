@@ -70,6 +70,12 @@ class GaLoreAdamW(GaLoreOptimizer):
         check_beta("betas[1]", beta2)
         check_non_negative("eps", group["eps"])
 
+    _moment_keys = frozenset({"exp_avg", "exp_avg_sq"})
+    _group_identity = ("betas",)
+
+    def _moment_shapes(self, like, group, state):
+        return {"exp_avg": like, "exp_avg_sq": like}
+
     def _init_moments(self, state, like, group):
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)

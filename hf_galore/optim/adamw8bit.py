@@ -8,6 +8,7 @@ nothing here touches ``torch.cuda``, so it runs wherever bitsandbytes'
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -65,6 +66,17 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                 self._create_dynamic_map(signed=False).to(device),
             )
         return self._qmaps[device]
+
+    _moment_keys = GaLoreAdamW._moment_keys | {"state1", "state2", "absmax1", "absmax2"}
+
+    def _moment_shapes(self, like, group, state):
+        # the layout in use (32-bit moments also load from a GaLoreAdamW checkpoint), else the one made
+        if "exp_avg" in state or ("state1" not in state and math.prod(like) < MIN_8BIT_SIZE):
+            return super()._moment_shapes(like, group, state)
+        if "rank" in group and like[0] > like[1]:
+            like = (like[1], like[0])
+        blocks = (-(-math.prod(like) // BLOCK_SIZE),)
+        return {"state1": like, "state2": like, "absmax1": blocks, "absmax2": blocks}
 
     def _init_moments(self, state, like, group):
         if "exp_avg" in state or "state1" in state:

@@ -3,7 +3,7 @@
 Subclasses add only their base update (Adam, 8-bit Adam, Adafactor) through
 three methods: :meth:`_init_moments`, :meth:`_lowrank_updates` and
 :meth:`_step_full_rank`. A param group with the key ``rank`` is low-rank
-(DESIGN.md); any other group is a plain full-rank group.
+(galore-torch's convention); any other group is a plain full-rank group.
 
 Low-rank step for weight ``W`` with gradient ``G`` (2-D view, see
 ``as_matrix``):  ``R = project(G)``; ``U, lr_wd = base_update(R)``;
@@ -22,14 +22,17 @@ from ..errors import GaLoreConfigError, UnsupportedSetupError
 from ..projectors.randomized import derive_seed
 from ..quant.int8 import int8_owner
 from ..quant.rounding import SR_DTYPES, add_rounded_
-from . import lowrank
+from . import lowrank, state_checks
 from .stats import RefreshStats
 from .validation import (
     LOWRANK_DEFAULTS,
     ROUNDING_DEFAULTS,
+    check_full_rank_group_keys,
+    check_group_keys,
     check_lowrank_keys,
     check_non_negative,
     check_rounding_keys,
+    check_torch_flags,
 )
 
 
@@ -56,6 +59,11 @@ class GaLoreOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if isinstance(param_group, dict) and "rank" in param_group:  # the keys as written, before defaults
+            check_group_keys(param_group, self.defaults)
+            check_torch_flags(param_group)
+        elif isinstance(param_group, dict):
+            check_full_rank_group_keys(param_group, self.defaults)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._validate_group(group)
@@ -97,13 +105,22 @@ class GaLoreOptimizer(Optimizer):
         parameter's dtype, which would turn quantized bases and 8-bit moments
         into floats and round float32 bases of bf16 weights. We restore the
         saved dtype afterwards (lossless: the saved tensors are the source).
+
+        State that would not fit its group after loading (other settings,
+        another model or parameter order, another optimizer, galore-torch or
+        a full-rank optimizer's moments in a low-rank group) is refused with
+        ``StateMismatchError`` before anything changes; a basis holding NaN/Inf
+        is dropped, recomputed at the next step, warned about and counted
+        (``galore_stats.dropped_bases``).
         """
+        state_checks.check_loadable(self, state_dict)
+        built = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
         super().load_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
-        for group, saved_group in zip(self.param_groups, saved_groups):
-            for key, value in ROUNDING_DEFAULTS.items():
+        for group, saved_group, own in zip(self.param_groups, saved_groups, built):
+            for key, value in own.items():  # checkpoints from before a hyper-parameter existed
                 group.setdefault(key, value)
-            if "rank" in group:  # checkpoints from before a group key existed
+            if "rank" in group:  # ... or a group key
                 for key, value in LOWRANK_DEFAULTS.items():
                     group.setdefault(key, value)
             for param, param_id in zip(group["params"], saved_group["params"]):
@@ -114,6 +131,40 @@ class GaLoreOptimizer(Optimizer):
                 for key, value in saved.items():
                     if isinstance(value, torch.Tensor) and live[key].dtype != value.dtype:
                         live[key] = value.to(device=param.device if key != "step" else value.device, copy=True)
+                if isinstance(live.get("step"), (int, float)):  # torch < 1.12 and galore-torch save an int
+                    live["step"] = torch.tensor(float(live["step"]), dtype=torch.float32)
+        dropped = state_checks.drop_nonfinite_bases(self)
+        if dropped:
+            self.galore_stats.dropped_bases += dropped
+            self.galore_stats.warn_once(
+                "nonfinite_loaded_basis",
+                f"GaLore: {dropped} basis/bases in the loaded state hold NaN/Inf; dropped them, new ones are "
+                "computed at the next step (counted in galore_stats.dropped_bases)",
+            )
+
+    def _refit_state(self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """Re-make ``param``'s state if it no longer fits ``group`` (``rank`` / ``proj_type`` changed mid-run).
+
+        Shapes only, no device sync. The new state is that of a new weight:
+        basis computed at this step, moments and ``step`` from zero (so Adam's
+        bias correction and the refresh schedule restart). Warned once,
+        counted in ``galore_stats.state_resets``.
+        """
+        if "step" not in state or lowrank.is_sharded(param):
+            return
+        mismatch = state_checks.find_mismatch(self, param, state, group)
+        if mismatch is None:
+            return
+        state.clear()
+        self.galore_stats.state_resets += 1
+        index = next((i for i, g in enumerate(self.param_groups) if g is group), "?")
+        self.galore_stats.warn_once(
+            "state_remade",
+            f"GaLore: the state of a weight of shape {tuple(param.shape)} in param group {index} no longer fits "
+            f"the group ({state_checks.describe(mismatch, group)}); re-made it: new basis now, moments and step "
+            "from zero. Expected after changing `rank` or `proj_type` during training (docs/optimizers.md); "
+            "counted in galore_stats.state_resets",
+        )
 
     def _state_for(self, param: torch.Tensor) -> dict[str, Any]:
         state = self.state[param]
@@ -169,6 +220,7 @@ class GaLoreOptimizer(Optimizer):
     def _step_lowrank(self, group: dict[str, Any], params, grads) -> None:
         stepped_params, stepped_lowrank, stepped_bases, stepped_states = [], [], [], []
         for p, g in zip(params, grads):
+            self._refit_state(p, self.state[p], group)
             state = self._state_for(p)
             projected = lowrank.project_gradient(p, g, state, group, self.galore_stats, sync=self.basis_sync)
             if projected is None:
@@ -209,11 +261,28 @@ class GaLoreOptimizer(Optimizer):
         return derive_seed(int(group.get("sr_seed", 0)), index, int(state["step"]))
 
     # ---------------------------------------------------------- member hooks
+    #: every state key ``_init_moments`` may create; another member's keys in a loaded state are refused
+    _moment_keys: frozenset[str] = frozenset()
+    #: hyper-parameters every group of this member has; a loaded group without them is another optimizer's
+    _group_identity: tuple[str, ...] = ()
+
     def _init_moments(self, state: dict[str, Any], like: torch.Tensor, group: dict[str, Any]) -> None:
         """Create the base update's state for gradient ``like`` unless it exists.
 
         Called before every update, so implementations return early when
-        their state is already there (e.g. after ``load_state_dict``).
+        their state is already there (e.g. after ``load_state_dict``). Existing
+        state always has the shapes :meth:`_moment_shapes` declares: it is
+        checked (and re-made or refused) before this is called.
+        """
+        raise NotImplementedError
+
+    def _moment_shapes(
+        self, like: tuple[int, ...], group: dict[str, Any], state: dict[str, Any]
+    ) -> dict[str, tuple[int, ...]]:
+        """The state keys and shapes :meth:`_init_moments` makes for a gradient of shape ``like``.
+
+        ``state`` (possibly loaded) picks between layouts where a member has
+        several (8-bit or 32-bit moments). Used by the shape checks.
         """
         raise NotImplementedError
 

@@ -18,13 +18,16 @@ import torch
 
 from ..projectors import get_projector
 from ..projectors.geometry import (
+    add_to_matrix_,
     as_matrix,
     effective_rank,
+    matrix_shape,
     project,
     project_back_add_,
     sides_for,
     subspace_overlap,
 )
+from ..projectors.online_pca import ONLINE_PCA_DEFAULTS
 from ..projectors.randomized import randomized_basis
 from ..projectors.storage import get_codec
 from ..quant.int8 import int8_add_, int8_owner, int8_scale_
@@ -38,6 +41,11 @@ def _distributed():
     from .. import distributed
 
     return distributed
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """``True`` for an FSDP2 ``DTensor`` shard (its state has shard shapes)."""
+    return type(tensor) is not torch.nn.Parameter and _distributed().is_sharded_tensor(tensor)
 
 
 def basis_key(side: str) -> str:
@@ -78,6 +86,7 @@ def refresh_basis(
     rank = effective_rank(group["rank"], matrix.shape)
     matrix = matrix.float()
     started = time.perf_counter()
+    energy_fallbacks = int(state.get("energy_fallbacks", 0))  # counted per weight by the randomized finder
     new_bases = []
     for side in sides:
         old = codec.decode(state, basis_key(side))
@@ -95,12 +104,13 @@ def refresh_basis(
         new_bases.append((side, old, new))
     if group.get("rotate_moments") and all(old is not None for _, old, _ in new_bases):
         rotate_moments_(state, [(side, new.t() @ old) for side, old, new in new_bases], stats)
+    policy.after_refresh(state, group, step, [old for _, old, _ in new_bases], [new for _, _, new in new_bases])
     for side, old, new in new_bases:
         if old is not None:
             stats.record_overlap(subspace_overlap(old, new))
-        policy.after_refresh(state, group, step, old, new)
         codec.encode(state, basis_key(side), new, dtype, group=group)
     stats.refreshes += 1
+    stats.energy_fallbacks += int(state.get("energy_fallbacks", 0)) - energy_fallbacks
     stats.refresh_seconds += time.perf_counter() - started
 
 
@@ -174,7 +184,10 @@ def project_gradient(
     """Low-rank gradient ``R`` of ``param`` and the bases used; refreshes or tracks first.
 
     The bases are returned so :func:`apply_update` reuses them instead of
-    decoding (dequantizing) them twice per step. Returns ``None`` when no
+    decoding (dequantizing) them twice per step. An online finder (OSD) with
+    ``osd_order="project_then_update"`` projects with the basis it had and
+    moves it afterwards, so the returned (old) bases also project the step
+    back. Returns ``None`` when no
     basis exists yet (the very first gradient was non-finite): the weight is
     then left untouched for this step. A sharded (FSDP2 ``DTensor``)
     gradient is projected shard by shard in ``hf_galore.distributed``.
@@ -188,23 +201,53 @@ def project_gradient(
     policy = get_refresh_policy(group["refresh"])
     if bases is None:
         policy.setup(state, group, param)
-    if bases is None or policy.due(state, group, step):
-        refresh_basis(matrix, state, group, step, stats, dtype=param.dtype, sync=sync)
-        bases = load_bases(state, group, sides)
-        if bases is None:
-            return None
-    else:
-        finder = get_projector(group["projector"])
-        if finder.tracks_every_step:
-            codec = get_codec(group["quant"])
-            for side, basis in zip(sides, bases):
-                moved = finder.track(matrix.float(), basis.float(), side, state=state, group=group)
-                if sync is not None:
-                    moved = sync(moved)
-                if moved is not basis:
-                    codec.encode(state, basis_key(side), moved, param.dtype, group=group)
-            bases = load_bases(state, group, sides)
+    elif projects_before_tracking(group):
+        # OSD's Alg. 1: R and the update use P_t; P_{t+1} is computed from G_t afterwards
+        low = project(matrix, bases, sides)
+        _advance_bases(matrix, bases, state, group, step, stats, param.dtype, sync)
+        return low, bases
+    if not _advance_bases(matrix, bases, state, group, step, stats, param.dtype, sync):
+        return None
+    bases = load_bases(state, group, sides)
     return project(matrix, bases, sides), bases
+
+
+def projects_before_tracking(group: dict) -> bool:
+    """True for an online finder (OSD) with ``osd_order="project_then_update"`` (the default)."""
+    return (
+        get_projector(group["projector"]).tracks_every_step
+        and group.get("osd_order", ONLINE_PCA_DEFAULTS["osd_order"]) == "project_then_update"
+    )
+
+
+def _advance_bases(
+    matrix: torch.Tensor,
+    bases: list[torch.Tensor] | None,
+    state: dict,
+    group: dict,
+    step: int,
+    stats: RefreshStats,
+    dtype: torch.dtype,
+    sync: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> bool:
+    """Refresh the bases when due (or missing), else move them if the finder tracks every step.
+
+    Returns False when no basis exists afterwards (the first gradient was non-finite).
+    """
+    policy = get_refresh_policy(group["refresh"])
+    if bases is None or policy.due(state, group, step):
+        refresh_basis(matrix, state, group, step, stats, dtype=dtype, sync=sync)
+        return load_bases(state, group, sides_for(group["proj_type"], matrix.shape)) is not None
+    finder = get_projector(group["projector"])
+    if finder.tracks_every_step:
+        codec = get_codec(group["quant"])
+        for side, basis in zip(sides_for(group["proj_type"], matrix.shape), bases):
+            moved = finder.track(matrix.float(), basis.float(), side, state=state, group=group)
+            if sync is not None:
+                moved = sync(moved)
+            if moved is not basis:
+                codec.encode(state, basis_key(side), moved, dtype, group=group)
+    return True
 
 
 def apply_update(
@@ -231,16 +274,20 @@ def apply_update(
             decay_weight_(param, decay)
         _distributed().apply_sharded_update(param, update, bases, group)
         return
-    sides = sides_for(group["proj_type"], as_matrix(param).shape)
+    sides = sides_for(group["proj_type"], matrix_shape(param.shape))
     alpha = -group["scale"]
     if rounding_key is not None and int8_owner(param) is None:
-        _apply_rounded(as_matrix(param), update, bases, sides, alpha, decay, rounding_key)
+        add_to_matrix_(param, lambda matrix: _apply_rounded(matrix, update, bases, sides, alpha, decay, rounding_key))
         return
     if decay is not None:
         decay_weight_(param, decay)
-    if int8_add_(param, lambda master: project_back_add_(as_matrix(master), update, bases, sides, alpha=alpha)):
+
+    def add_(matrix: torch.Tensor) -> None:
+        project_back_add_(matrix, update, bases, sides, alpha=alpha)
+
+    if int8_add_(param, lambda master: add_to_matrix_(master, add_)):
         return
-    project_back_add_(as_matrix(param), update, bases, sides, alpha=alpha)
+    add_to_matrix_(param, add_)
 
 
 def _apply_rounded(

@@ -24,9 +24,13 @@ class RefreshPolicy:
         raise NotImplementedError
 
     def after_refresh(
-        self, state: dict, group: dict, step: int, old: torch.Tensor | None, new: torch.Tensor
+        self, state: dict, group: dict, step: int, old: list[torch.Tensor | None], new: list[torch.Tensor]
     ) -> None:
-        """Called once per successful refresh with the float32 bases (one side)."""
+        """Called once per successful refresh with the float32 bases of every side (two for ``proj_type="full"``).
+
+        Once per refresh, not once per side: a two-sided weight must advance a
+        policy's schedule exactly as a one-sided one does.
+        """
 
     def setup(self, state: dict, group: dict, param: torch.Tensor) -> None:
         """Called once per weight, before its first refresh (``param`` is in ``group["params"]``)."""
@@ -44,7 +48,7 @@ class Staggered(RefreshPolicy):
 
     With ``"fixed"`` every weight refreshes at steps 0, T, 2T, …, so one step in
     ``T`` pays all the SVDs at once (3.2 s against a 0.17 s step for LLaMA-60M
-    on CPU, 280 s for LLaMA-7B on an H100; REFERENCES.md §7 defect 11). Here
+    on CPU, 280 s for LLaMA-7B on an H100, measured for galore-torch 1.0). Here
     weight ``i`` of ``N`` in its group refreshes when ``step % T == ⌊i·T/N⌋``
     (its first basis is still computed at step 0), so a refresh step costs
     about ``⌈N/T⌉`` SVDs. No interval is longer than ``T``. Off by default:
@@ -64,7 +68,9 @@ class Staggered(RefreshPolicy):
 
 #: Group keys of the lazy policy with Q-GaLore's defaults (arXiv:2407.08296 §3.3;
 #: VITA-Group/Q-GaLore ``run_pretrain.py``: cos_threshold 0.4, gamma_proj 2, queue_size 5).
-LAZY_DEFAULTS = {"lazy_threshold": 0.4, "lazy_gamma": 2.0, "lazy_queue": 5}
+LAZY_DEFAULTS = {"lazy_threshold": 0.4, "lazy_gamma": 2.0, "lazy_queue": 5, "lazy_schedule": "multiple"}
+#: Values of ``lazy_schedule``: where the next refresh falls once the gap is known.
+LAZY_SCHEDULES = ("multiple", "offset")
 
 
 def leading_cosine(old: torch.Tensor, new: torch.Tensor) -> float:
@@ -85,6 +91,13 @@ class LazyRefresh(RefreshPolicy):
     ``update_proj_gap`` and empties the FIFO, so a weight whose gradients change
     regime is tracked closely again (Q-GaLore never shortens the gap).
 
+    ``lazy_schedule`` places the next refresh: ``"multiple"`` (default) at the
+    next multiple of the current gap after this step, as q-galore-torch 1.0
+    does (its projector refreshes when ``iter % update_proj_gap == 0`` and
+    grows ``update_proj_gap`` in place); ``"offset"`` at ``step + gap``. With
+    ``T = 10`` and a gap doubling at every refresh from step 50 on, they give
+    0…50, 60, 80, 160, 320, 640 and 0…50, 70, 110, 190, 350, 670.
+
     Per-weight state: ``lazy_gap`` and ``lazy_next`` (ints), ``lazy_cos``
     (float32 FIFO) and ``lazy_count`` (int).
     """
@@ -102,11 +115,12 @@ class LazyRefresh(RefreshPolicy):
         threshold = float(group.get("lazy_threshold", LAZY_DEFAULTS["lazy_threshold"]))
         gamma = float(group.get("lazy_gamma", LAZY_DEFAULTS["lazy_gamma"]))
         gap = int(state.get("lazy_gap", base))
-        if old is not None:
+        if all(o is not None for o in old):
             queue = state.get("lazy_cos")
             if queue is None or queue.numel() != size:
                 queue = torch.zeros(size, dtype=torch.float32)
-            cos = leading_cosine(old, new)
+            # a two-sided basis is stable only if both sides are
+            cos = min(leading_cosine(o, n) for o, n in zip(old, new))
             queue = torch.roll(queue, -1)
             queue[-1] = cos
             count = min(int(state.get("lazy_count", 0)) + 1, size)
@@ -117,7 +131,10 @@ class LazyRefresh(RefreshPolicy):
             state["lazy_cos"] = queue
             state["lazy_count"] = count
         state["lazy_gap"] = gap
-        state["lazy_next"] = step + gap
+        if group.get("lazy_schedule", LAZY_DEFAULTS["lazy_schedule"]) == "offset":
+            state["lazy_next"] = step + gap
+        else:  # q-galore-torch: the first step after this one with step % gap == 0
+            state["lazy_next"] = (step // gap + 1) * gap
 
 
 REFRESH_POLICIES: Registry[RefreshPolicy] = Registry("refresh", "refresh policy")

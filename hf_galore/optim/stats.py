@@ -19,6 +19,12 @@ class RefreshStats:
     skipped_nonfinite: int = 0
     refresh_failures: int = 0
     fallbacks: int = 0
+    #: randomized refreshes whose estimated energy stayed below ``energy_threshold``: exact SVD used
+    energy_fallbacks: int = 0
+    #: weights whose state was re-made because `rank` / `proj_type` changed during training
+    state_resets: int = 0
+    #: non-finite bases found in a loaded state_dict, dropped and recomputed
+    dropped_bases: int = 0
     overlap_sum: float = 0.0
     overlap_count: int = 0
     #: causes already warned about, so each is reported once per optimizer

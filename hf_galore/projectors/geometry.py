@@ -1,6 +1,6 @@
 """Pure functions for the projection geometry shared by every projector.
 
-``proj_type`` follows galore-torch's convention (DESIGN.md):
+``proj_type`` follows galore-torch's convention:
 
 ============  ==================  ==================
 proj_type     m >= n              m < n
@@ -18,7 +18,8 @@ and the moments ``r·max(m, n)``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -93,16 +94,34 @@ def project_back_add_(
 
 
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:
-    """2-D view of a weight: ``(shape[0], prod(shape[1:]))``.
+    """2-D form of a weight: ``(shape[0], prod(shape[1:]))``.
 
     Tensors with more than two dimensions (e.g. convolution kernels
     ``out × in × kh × kw``) are projected as the matrix that maps inputs to
-    outputs, the usual reading of a weight. The view shares storage, so
-    in-place updates reach the parameter.
+    outputs, the usual reading of a weight. It is a view when the memory
+    layout allows one and a copy otherwise (e.g. a ``channels_last`` kernel):
+    write into a weight with :func:`add_to_matrix_`, never into this.
     """
     if tensor.dim() == 2:
         return tensor
-    return tensor.view(tensor.shape[0], -1)
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """The shape of :func:`as_matrix` of a tensor of ``shape``, without touching memory."""
+    return (int(shape[0]), math.prod(int(s) for s in shape[1:]))
+
+
+def add_to_matrix_(tensor: torch.Tensor, add_: Callable[[torch.Tensor], None]) -> None:
+    """Run the in-place ``add_`` on ``tensor``'s 2-D form so that the change reaches ``tensor``.
+
+    A layout with no 2-D view (``channels_last``) is updated on a contiguous
+    copy that is copied back, keeping the tensor's own layout.
+    """
+    matrix = as_matrix(tensor)
+    add_(matrix)
+    if matrix.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr():
+        tensor.copy_(matrix.view(tensor.shape))
 
 
 def subspace_overlap(old: torch.Tensor, new: torch.Tensor) -> float:

@@ -5,7 +5,7 @@ step with its own optimizer on the online-PCA objective (paper, Alg. 1):
 
     L(P) = ‖P Pᵀ G̃ − G̃‖²_F + λ ‖PᵀP − I‖²_F,   G̃ = G / ‖G‖_F
 
-(left side; the right side uses ``Gᵀ``). Choices, against REFERENCES.md §4:
+(left side; the right side uses ``Gᵀ``). Choices, where the OSD paper and its official code differ:
 
 * **loss**: the paper's, *with* the orthogonality penalty (the official code
   drops it); ``λ = osd_lambda`` defaults to the paper's 0.1.
@@ -18,6 +18,16 @@ step with its own optimizer on the online-PCA objective (paper, Alg. 1):
 * **first basis**: one exact SVD of the first gradient (as the official
   code); no SVD after that. A refresh due under the group's ``refresh``
   policy is just another online step.
+* **order** (group key ``osd_order``): ``"project_then_update"`` (default)
+  projects ``G_t`` with ``P_t``, projects the step back with ``P_t`` and only
+  then moves ``P_{t+1} = P_t − Adam(∇L_t(P_t))``, as Alg. 1 writes it
+  (``ĝ_t = P_tᵀ g_t`` and ``θ_{t+1} = θ_t + η(P_t Δ̂_t …)`` use ``P_t``; the
+  step on ``∇_P L_t(P_t)`` yields ``P_{t+1}``) and as the official code
+  runs it (its ``project`` takes the gradient of the loss at the old
+  ``P``, its ``project_back`` steps ``P`` afterwards).
+  ``"update_then_project"`` moves ``P`` with ``G_t`` first and projects
+  ``G_t`` with the moved basis (hf_galore's earlier behaviour); the
+  projection then already sees a basis that moved towards ``G_t``.
 
 ``P`` is therefore only approximately orthonormal (the penalty keeps it
 close); projection and back-projection use it as is, like the paper. The
@@ -35,7 +45,9 @@ from .base import BasisFinder, Side
 from .svd import top_singular_basis
 
 #: Group keys read here, with their defaults (paper §5.3 / App. A.1).
-ONLINE_PCA_DEFAULTS = {"osd_alpha": 5.0, "osd_lambda": 0.1}
+ONLINE_PCA_DEFAULTS = {"osd_alpha": 5.0, "osd_lambda": 0.1, "osd_order": "project_then_update"}
+#: Values of ``osd_order``: when the basis moves relative to projecting this step's gradient.
+OSD_ORDERS = ("project_then_update", "update_then_project")
 OSD_BETAS = (0.9, 0.999)
 OSD_EPS = 1e-8
 
@@ -73,7 +85,9 @@ def pca_residual(matrix: torch.Tensor, basis: torch.Tensor, side: Side) -> float
 class OnlinePCAFinder(BasisFinder):
     """Online Subspace Descent: one Adam step on the online-PCA loss per optimizer step.
 
-    Group keys: ``osd_alpha`` (5.0: lr of P = α × lr), ``osd_lambda`` (0.1).
+    Group keys: ``osd_alpha`` (5.0: lr of P = α × lr), ``osd_lambda`` (0.1),
+    ``osd_order`` ("project_then_update"; read by ``optim/lowrank.py``, which
+    decides whether the step is projected before or after :meth:`track`).
     """
 
     name = "online_pca"
@@ -126,4 +140,4 @@ def adam_step(
     return torch.addcdiv(p, exp_avg, denom, value=-lr / (1.0 - beta1**t))
 
 
-__all__ = ["ONLINE_PCA_DEFAULTS", "OnlinePCAFinder", "adam_step", "online_pca_loss_grad", "pca_residual"]
+__all__ = ["ONLINE_PCA_DEFAULTS", "OSD_ORDERS", "OnlinePCAFinder", "adam_step", "online_pca_loss_grad", "pca_residual"]

@@ -5,7 +5,7 @@ values (group key, default 256 as in Q-GaLore). Each group keeps an
 asymmetric min/max code (Q-GaLore's ``_quantize``): ``q = round((x − lo) /
 scale)`` in ``[0, 2ᵇ − 1]`` with ``scale = (hi − lo) / (2ᵇ − 1)``, so every
 value is recovered within ``scale / 2``. INT4 codes are packed two per byte
-(Q-GaLore's package stores one per byte, REFERENCES.md §7 defect 3).
+(q-galore-torch 1.0 stores one per byte).
 ``scale`` and ``lo`` are kept in float16 (4 bytes per group); the codes are
 computed with the rounded values, so the bound holds for what is stored.
 
@@ -110,6 +110,38 @@ class GroupwiseCodec(BasisCodec):
             codes = unpack_int4(codes, n)
         flat = dequantize_groupwise(codes, state[f"{key}_scale"], state[f"{key}_lo"], int(state[f"{key}_group"]))
         return flat.view(rows, cols)
+
+    def stored_shape(self, state, key):
+        if f"{key}_q" not in state:
+            return None
+        shape = state[f"{key}_shape"]
+        if shape.device.type != "cpu":  # moved to the weight's device by load_state_dict: bring it back once,
+            shape = state[f"{key}_shape"] = shape.cpu()  # so reading it (every step) never syncs the device
+        return tuple(shape.tolist())
+
+    def layout_problem(self, state, key):
+        if f"{key}_q" not in state:
+            return None
+        shape = state.get(f"{key}_shape")
+        if not isinstance(shape, torch.Tensor) or shape.numel() != 2:
+            return (f"{key}_shape", (2,), None if shape is None else tuple(getattr(shape, "shape", ())))
+        n = int(shape[0]) * int(shape[1])
+        groups = -(-n // int(state.get(f"{key}_group", DEFAULT_GROUP_SIZE)))
+        expected = {
+            f"{key}_q": (-(-n // 2),) if self.bits == 4 else (n,),
+            f"{key}_scale": (groups,),
+            f"{key}_lo": (groups,),
+        }
+        for name, size in expected.items():
+            found = state.get(name)
+            found = None if found is None else tuple(found.shape)
+            if found != size:
+                return (name, size, found)
+        return None
+
+    def drop(self, state, key):
+        for suffix in ("_q", "_scale", "_lo", "_shape", "_group"):
+            state.pop(f"{key}{suffix}", None)
 
 
 class Int8Codec(GroupwiseCodec):

@@ -33,6 +33,23 @@ class BasisCodec(ABC):
     def decode(self, state: dict, key: str) -> torch.Tensor | None:
         """Return the stored basis (any float dtype), or ``None`` if none is stored yet."""
 
+    def stored_shape(self, state: dict, key: str) -> tuple[int, ...] | None:
+        """Shape of the stored basis (a tuple or ``torch.Size``), read without decoding it (checked every step)."""
+        basis = self.decode(state, key)
+        return None if basis is None else tuple(basis.shape)
+
+    def layout_problem(self, state: dict, key: str) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
+        """A stored tensor whose size disagrees with the stored shape: ``(key, expected, found)``, else ``None``.
+
+        Checked when a checkpoint is loaded, so a truncated or edited entry
+        is refused by name instead of failing inside a kernel.
+        """
+        return None
+
+    def drop(self, state: dict, key: str) -> None:
+        """Remove the stored basis (the next step computes a new one)."""
+        state.pop(key, None)
+
 
 class DenseCodec(BasisCodec):
     """The basis as one dense tensor in the parameter's dtype."""
@@ -44,6 +61,10 @@ class DenseCodec(BasisCodec):
 
     def decode(self, state, key):
         return state.get(key)
+
+    def stored_shape(self, state, key):
+        basis = state.get(key)
+        return None if basis is None else basis.shape
 
 
 CODECS: Registry[BasisCodec] = Registry("quant", "quant codec")

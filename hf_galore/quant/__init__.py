@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .int8 import (
     Int8Linear,
+    dequantize_int8_weights,
     dequantize_rows,
     int8_add_,
     int8_owner,
@@ -15,6 +16,7 @@ from .int8 import (
 
 __all__ = [
     "Int8Linear",
+    "dequantize_int8_weights",
     "dequantize_rows",
     "int8_add_",
     "int8_owner",

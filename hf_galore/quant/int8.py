@@ -215,6 +215,16 @@ def int8_owner(param: torch.Tensor) -> Int8Linear | None:
     return None if ref is None else ref()
 
 
+def weight_values(param: torch.Tensor) -> torch.Tensor:
+    """The values ``param`` holds: dequantized (float32) for an INT8 placeholder, ``param`` itself otherwise.
+
+    Optimizers that read the weight (Adafactor's ``scale_parameter`` RMS) must
+    use this: an INT8 weight's placeholder parameter is all zeros.
+    """
+    owner = int8_owner(param)
+    return param if owner is None else owner.dequantize(torch.float32)
+
+
 @torch.no_grad()
 def int8_add_(param: torch.Tensor, apply: Callable[[torch.Tensor], None]) -> bool:
     """If ``param`` is an INT8 weight: ``apply(master)`` on a float32 copy, then store it back with SR.
@@ -272,6 +282,48 @@ def prepare_model_for_int8_weights(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Int8Linear.from_linear(module, group_size=group_size, seed=derive_seed(seed, index)))
     return [name for name, _ in linears]
+
+
+@torch.no_grad()
+def dequantize_int8_weights(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Turn every :class:`Int8Linear` of ``model`` back into a plain ``nn.Linear``, in place; return ``model``.
+
+    The export step of a Q-GaLore run (as PEFT's ``merge_and_unload``): the
+    INT8 layers save ``weight_int8`` / ``weight_scale`` instead of ``weight``,
+    so a plain ``AutoModelForCausalLM.from_pretrained`` of a quantized
+    checkpoint would report those weights missing and initialise them at
+    random. After this call ``save_pretrained`` writes an ordinary float
+    checkpoint with the same outputs (the weight is ``q · scale``, exactly
+    what ``Int8Linear.forward`` computes with). ``dtype`` defaults to each
+    layer's own (the dtype of the layer it replaced); the bias is kept (cast
+    to ``dtype`` when one is given), and so are ``requires_grad`` and the
+    training mode. The rounding stream (``sr_seed``, ``sr_step``) is dropped.
+    The new weights are new parameters: build a new optimizer to train on.
+    (A bare ``Int8Linear`` passed as ``model`` cannot be replaced in place;
+    its ``nn.Linear`` is returned.)
+    """
+    replacements = [
+        (name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, Int8Linear)
+    ]
+    done: dict[int, nn.Linear] = {}  # a layer reachable under two names stays one (shared) layer
+    for name, module in replacements:
+        linear = done.get(id(module))
+        if linear is None:
+            target = module.weight.dtype if dtype is None else dtype
+            linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            linear.weight = nn.Parameter(module.dequantize(target), requires_grad=module.weight.requires_grad)
+            bias = module.bias
+            if bias is not None and bias.dtype != target:
+                bias = nn.Parameter(bias.detach().to(target), requires_grad=bias.requires_grad)
+            linear.bias = bias
+            linear.train(module.training)
+            done[id(module)] = linear
+        parent_name, _, child = name.rpartition(".")
+        if not parent_name and not child:  # the model itself is an Int8Linear
+            return linear
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, linear)
+    return model
 
 
 def int8_weight_bytes(model: nn.Module) -> int:

@@ -94,3 +94,14 @@ def test_notebook_executes(cache_dir, tmp_path):
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert text.count("seed 0:") >= 3  # the per-run listing printed one line per method
     assert (tmp_path / "out" / "results.md").exists() and (tmp_path / "out" / "metric_vs_memory.png").exists()
+
+
+def test_readme_quick_start_says_it_is_smoke_scale():
+    """Issue 14: the headline must not read as a GLUE reproduction; the paper's setting is `--source hub`."""
+    readme = (GLUE_DIR.parents[1] / "README.md").read_text(encoding="utf-8")
+    heading = next(line for line in readme.splitlines() if line.startswith("## Quick start"))
+    assert "smoke scale" in heading and "not GLUE scores" in heading
+    section = readme.split(heading, 1)[1].split("\n## ", 1)[0]
+    assert "--source offline" in section and "--source hub" in section
+    intro = section.split("```", 1)[0]  # before the command: what the numbers are, and where the real run is
+    assert "--source hub" in intro and "generated" in intro

@@ -21,7 +21,7 @@ LOWRANK = {"rank": 4, "update_proj_gap": 5, "scale": 0.25}
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
 def test_matches_galore_torch_after_30_steps(proj_type):
     # weight_decay 0 and gradients large against eps: the only regime where the
-    # two eps placements agree (DESIGN.md).
+    # two eps placements agree (docs/optimizers.md).
     ours_model, ref_model = tiny_mlp(), tiny_mlp()
     keys = {**LOWRANK, "proj_type": proj_type}
     ours = GaLoreAdamW(split_groups(ours_model, **keys), lr=1e-2, eps=1e-8)

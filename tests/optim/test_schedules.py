@@ -34,14 +34,46 @@ def refresh_steps(weight, opt, grads) -> list[int]:
     return steps
 
 
-def test_lazy_refresh_lengthens_on_stationary_gradients_and_resets_on_change():
-    weight = torch.nn.Parameter(torch.zeros(24, 16))
-    opt = GaLoreAdamW([{"params": [weight], "rank": 3, "update_proj_gap": 2, "refresh": "lazy"}], lr=1e-3)
+def stationary_grads(steps: int = 40) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     stationary = low_rank_matrix(24, 16, seed=1, columns=slice(0, 8))
-    grads = [stationary + 1e-3 * torch.randn(24, 16, generator=g) for _ in range(40)]
-    # queue of 5 cosines full at the 6th refresh (step 10); then the gap doubles at each refresh
-    assert refresh_steps(weight, opt, grads) == [0, 2, 4, 6, 8, 10, 14, 22, 38]
+    return [stationary + 1e-3 * torch.randn(24, 16, generator=g) for _ in range(steps)]
+
+
+def qgalore_refresh_steps(grads, rank: int, gap: int) -> tuple[list[int], list[float]]:
+    """Refresh steps of q-galore-torch 1.0's own projector on the same gradients (and its cosines)."""
+    projector_module = pytest.importorskip("q_galore_torch.q_galore_projector")
+    projector = projector_module.GaLoreProjector(
+        rank, update_proj_gap=gap, cos_threshold=0.4, gamma_proj=2, queue_size=5
+    )
+    steps = []
+    for step, grad in enumerate(grads):  # its optimizer passes state["step"], counted from 0
+        before = projector.svd_count
+        projector.project(grad, step)
+        if projector.svd_count > before:
+            steps.append(step)
+    return steps, list(projector.queue)
+
+
+def test_lazy_schedule_matches_q_galore_torch_on_the_same_gradients():
+    """Default ``lazy_schedule="multiple"``: the next refresh is the next multiple of the grown gap."""
+    weight = torch.nn.Parameter(torch.zeros(24, 16))
+    opt = GaLoreAdamW([{"params": [weight], "rank": 3, "update_proj_gap": 2, "refresh": "lazy"}], lr=1e-3)
+    ours = refresh_steps(weight, opt, stationary_grads())
+    # queue of 5 cosines full at step 10; then the gap doubles at each refresh: 4, 8, 16, 32
+    assert ours == [0, 2, 4, 6, 8, 10, 12, 16, 32]
+    assert opt.state[weight]["lazy_gap"] == 32 and opt.state[weight]["lazy_next"] == 64
+    reference, cosines = qgalore_refresh_steps(stationary_grads(), rank=3, gap=2)
+    assert min(cosines) > 0.99  # no sign flip: its signed cosine and our |cos| agree here
+    assert reference == ours
+
+
+def test_lazy_refresh_lengthens_on_stationary_gradients_and_resets_on_change():
+    weight = torch.nn.Parameter(torch.zeros(24, 16))
+    group = {"params": [weight], "rank": 3, "update_proj_gap": 2, "refresh": "lazy", "lazy_schedule": "offset"}
+    opt = GaLoreAdamW([group], lr=1e-3)
+    # "offset": the next refresh at step + gap
+    assert refresh_steps(weight, opt, stationary_grads()) == [0, 2, 4, 6, 8, 10, 14, 22, 38]
     state = opt.state[weight]
     assert state["lazy_gap"] == 32 and state["lazy_next"] == 70
     assert float(state["lazy_cos"].min()) > 0.99
@@ -51,6 +83,20 @@ def test_lazy_refresh_lengthens_on_stationary_gradients_and_resets_on_change():
     steps = refresh_steps(weight, opt, [changed] * 36)
     assert [40 + s for s in steps] == [70, 72, 74]
     assert state["lazy_gap"] == 2 and state["lazy_count"] == 2
+
+
+def test_lazy_refresh_runs_once_per_refresh_with_two_sided_bases():
+    """Regression (issue 13): with ``proj_type="full"`` the policy ran once per side, pushing two cosines
+    and growing the gap twice per refresh."""
+    grads = stationary_grads()
+    schedules = {}
+    for proj_type in ("std", "full"):
+        weight = torch.nn.Parameter(torch.zeros(24, 16))
+        group = {"params": [weight], "rank": 3, "update_proj_gap": 2, "refresh": "lazy", "proj_type": proj_type}
+        opt = GaLoreAdamW([group], lr=1e-3)
+        schedules[proj_type] = refresh_steps(weight, opt, grads)
+        assert opt.state[weight]["lazy_gap"] == 32
+    assert schedules["full"] == schedules["std"] == [0, 2, 4, 6, 8, 10, 12, 16, 32]
 
 
 def test_staggered_spreads_exact_refreshes_across_steps():
@@ -109,7 +155,17 @@ def test_rotate_moments_only_changes_refresh_steps():
 
 @pytest.mark.parametrize(
     "key,value",
-    [("lazy_gamma", 0.5), ("lazy_queue", 0), ("oversample", -1), ("rotate_moments", "yes"), ("quant_group_size", 0)],
+    [
+        ("lazy_gamma", 0.5),
+        ("lazy_queue", 0),
+        ("oversample", -1),
+        ("rotate_moments", "yes"),
+        ("quant_group_size", 0),
+        ("lazy_schedule", "next"),
+        ("osd_order", "after"),
+        ("energy_threshold", 1.5),
+        ("energy_iters", -1),
+    ],
 )
 def test_bad_keys_are_refused(key, value):
     with pytest.raises(GaLoreConfigError, match=f"`{key}`"):

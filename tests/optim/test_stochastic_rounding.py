@@ -183,16 +183,19 @@ def test_rounding_adds_no_state(member):
     assert layouts[0] == layouts[1]
 
 
-def test_old_checkpoints_load_with_rounding_on():
+def test_checkpoints_from_before_the_option_load():
+    """A saved group without the keys takes the value this optimizer was built with (as for other new keys)."""
     model, grads = _model_and_steps(torch.bfloat16)
     optimizer = GaLoreAdamW(_groups(model), lr=1e-3)
     _run(optimizer, model, grads[:1])
     old = copy.deepcopy(optimizer.state_dict())
     for group in old["param_groups"]:
         del group["stochastic_rounding"], group["sr_seed"]
-    fresh = GaLoreAdamW(_groups(model, stochastic_rounding=False), lr=1e-3)
-    fresh.load_state_dict(old)
-    assert all(g["stochastic_rounding"] is True and g["sr_seed"] == 0 for g in fresh.param_groups)
+    for built_with in (True, False):
+        fresh = GaLoreAdamW(_groups(model), lr=1e-3, stochastic_rounding=built_with)
+        fresh.load_state_dict(old)
+        assert all(g["stochastic_rounding"] is built_with and g["sr_seed"] == 0 for g in fresh.param_groups)
+        _run(fresh, model, grads[1:2])
 
 
 @pytest.mark.parametrize("bad", [{"stochastic_rounding": "yes"}, {"stochastic_rounding": 1}, {"sr_seed": -1}])

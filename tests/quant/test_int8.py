@@ -188,3 +188,105 @@ def test_int8_weight_in_a_full_rank_group_is_refused():
     prepare_model_for_int8_weights(model, ["0"], group_size=16)
     with pytest.raises(GaLoreConfigError, match="INT8 weight"):
         GaLoreAdamW([{"params": [model[0].weight]}])
+
+
+@pytest.mark.parametrize("optimizer_name", ["GaLoreAdamW", "GaLoreAdafactor"])
+def test_int8_weight_moves_like_the_float_weight_for_every_optimizer(optimizer_name):
+    """Regression (issue 13): Adafactor's ``scale_parameter`` read the RMS of the all-zero INT8 placeholder,
+    so the INT8 weight moved ~1/50 as far as the same weight in float."""
+    import hf_galore
+
+    cls = getattr(hf_galore, optimizer_name)
+    kwargs = {"lr": 1e-2} if optimizer_name == "GaLoreAdamW" else {"lr": 1e-2, "relative_step": False}
+    displacement = {}
+    for kind in ("float", "int8"):
+        model = make_model()
+        if kind == "int8":
+            prepare_model_for_int8_weights(model, "all-linear", group_size=16)
+        start = torch.cat([_dense(m).flatten() for m in model if hasattr(m, "weight")])
+        opt = cls(lowrank_groups(model), **kwargs)
+        g = torch.Generator().manual_seed(2)  # the same gradients for both runs
+        for _ in range(20):
+            for param in model.parameters():
+                param.grad = torch.randn(param.shape, generator=g)
+            opt.step()
+        displacement[kind] = torch.cat([_dense(m).flatten() for m in model if hasattr(m, "weight")]) - start
+    # the INT8 weight's displacement projected on the float one's path (SR noise is orthogonal on average)
+    along = float(displacement["int8"] @ displacement["float"]) / float(displacement["float"].square().sum())
+    assert along == pytest.approx(1.0, abs=0.15)
+
+
+def _dense(module):
+    return module.dequantize() if isinstance(module, Int8Linear) else module.weight.detach().clone()
+
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_dequantized_tiny_llama_saves_and_loads_as_a_plain_model(tmp_path):
+    """Issue 14: export a Q-GaLore model; a plain ``from_pretrained`` gets every weight and the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_galore import GaLoreConfig, dequantize_int8_weights, galore_param_groups
+    from tests.helpers import tiny_llama
+
+    model = tiny_llama()
+    assert len(prepare_model_for_int8_weights(model, LLAMA_LINEARS, group_size=16)) == 14
+    opt = GaLoreAdamW(galore_param_groups(model, GaLoreConfig(rank=4, target_modules=LLAMA_LINEARS)), lr=1e-2)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):  # weights moved by stochastic rounding, not just the initial rounding
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    q_proj = model.model.layers[0].self_attn.q_proj
+    codes = q_proj.dequantize()
+
+    assert dequantize_int8_weights(model) is model
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    exported = model.model.layers[0].self_attn.q_proj
+    assert type(exported) is nn.Linear and exported.weight.dtype == torch.float32
+    assert torch.equal(exported.weight, codes)
+    assert not exported.training
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+    model.save_pretrained(tmp_path)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"]
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=ids).logits, expected)
+
+
+def test_dequantize_keeps_bias_dtype_and_trainability():
+    from hf_galore import dequantize_int8_weights
+
+    model = make_model().to(torch.bfloat16)
+    model[0].bias.requires_grad_(False)
+    prepare_model_for_int8_weights(model, ["0"], group_size=16)
+    bias, codes = model[0].bias, model[0].dequantize(torch.bfloat16)
+    dequantize_int8_weights(model)
+    assert type(model[0]) is nn.Linear and model[0].weight.dtype == torch.bfloat16  # the layer's own dtype
+    assert torch.equal(model[0].weight, codes) and model[0].weight.requires_grad
+    assert model[0].bias is bias and not model[0].bias.requires_grad  # the same bias parameter
+
+    model = make_model()
+    prepare_model_for_int8_weights(model, ["0"], group_size=16)
+    codes = model[0].dequantize(torch.float32)
+    dequantize_int8_weights(model, dtype=torch.float64)
+    assert model[0].weight.dtype == model[0].bias.dtype == torch.float64
+    assert torch.equal(model[0].weight, codes.double())
+    assert model[0].in_features == codes.shape[1] and model[0].out_features == codes.shape[0]
+
+
+def test_dequantize_keeps_a_shared_layer_shared():
+    from hf_galore import dequantize_int8_weights
+
+    model = make_model()
+    prepare_model_for_int8_weights(model, ["0"], group_size=16)
+    model.alias = model[0]  # the same layer under a second name (tied weights)
+    dequantize_int8_weights(model)
+    assert type(model.alias) is nn.Linear and model.alias is model[0]

@@ -1,0 +1,235 @@
+"""Does a weight's optimizer state fit its param group? Checked before every low-rank update and on load.
+
+The update kernels trust the state: ``torch._fused_adamw_`` walks the moments'
+raw memory with the gradient's sizes, so a ``(32, 4)`` moment used for a
+``(32, 8)`` gradient corrupts the heap (the process aborts) and a ``(32, 2)``
+one is read silently wrong. Here the shapes are compared, and nothing else
+(no values, so no device sync), with what the group's ``rank``, ``proj_type``
+and ``quant`` and the member's moment layout (``_moment_shapes``) require:
+
+* before a low-rank update a mismatch means the group was changed during
+  training (a ``rank`` / ``proj_type`` schedule): the weight's state is re-made;
+* in ``load_state_dict`` it means the checkpoint does not belong to this
+  optimizer (other settings, model, parameter order or optimizer, or a foreign
+  ``state_dict``): :class:`~hf_galore.errors.StateMismatchError` names it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import StateMismatchError
+from ..projectors.geometry import effective_rank, matrix_shape, sides_for
+from ..projectors.storage import get_codec
+from .lowrank import basis_key
+from .validation import LOWRANK_DEFAULTS
+
+if TYPE_CHECKING:
+    from .base import GaLoreOptimizer
+
+#: ``(state key, expected shape or None for "absent", found shape or None for "missing")``
+Mismatch = tuple[str, Any, Any]
+
+_SIDES = ("left", "right")  # basis_key(side) for each
+
+
+def _shape_of(value: Any) -> tuple[int, ...] | None:
+    shape = getattr(value, "shape", None)
+    return None if shape is None else tuple(shape)
+
+
+def find_mismatch(optimizer: GaLoreOptimizer, param: torch.Tensor, state: dict, group: dict) -> Mismatch | None:
+    """The first state entry of ``param`` whose shape does not fit ``group``, or ``None``.
+
+    Bases must be ``(k, r)`` for the sides ``proj_type`` picks (and absent for
+    the other side); moments must have the shapes the member declares for the
+    low-rank gradient (or the weight, in a full-rank group). A layout that is
+    only partly present (e.g. ``exp_avg`` without ``exp_avg_sq``) is a mismatch
+    too. Missing state is not: it is created at the next step.
+    """
+    if "rank" in group:
+        shape = param.shape
+        if len(shape) < 2:
+            return ("param", ">= 2 dimensions", tuple(shape))
+        m, n = shape if len(shape) == 2 else matrix_shape(shape)
+        sides = sides_for(group["proj_type"], (m, n))
+        rank = effective_rank(group["rank"], (m, n))
+        codec = get_codec(group["quant"])
+        for side, key, size in (("left", "basis_left", m), ("right", "basis_right", n)):
+            found = codec.stored_shape(state, key)
+            if found is not None:
+                expected = (size, rank) if side in sides else None
+                if found != expected:
+                    return (key, expected, tuple(found))
+        like = (rank if "left" in sides else m, rank if "right" in sides else n)
+    else:
+        like = tuple(param.shape)
+    expected_moments = optimizer._moment_shapes(like, group, state)
+    missing = None
+    for key, expected in expected_moments.items():
+        value = state.get(key)
+        if value is None:
+            missing = missing or key
+            continue
+        found = getattr(value, "shape", None)  # torch.Size compares equal to a tuple
+        if found != expected:
+            return (key, expected, None if found is None else tuple(found))
+    if missing is not None and any(key in state for key in expected_moments):
+        return (missing, expected_moments[missing], None)
+    return None
+
+
+def describe(mismatch: Mismatch, group: dict) -> str:
+    """``state key `exp_avg` should have shape (48, 4) for `rank`=4, `proj_type`='std' but has (48, 8)``."""
+    key, expected, found = mismatch
+    if "rank" in group:
+        settings = f"`rank`={group['rank']!r}, `proj_type`={group['proj_type']!r}"
+        if group.get("quant") is not None:
+            settings += f", `quant`={group['quant']!r}"
+    else:
+        settings = "a full-rank group"
+    if key == "param":
+        return (
+            f"a weight of shape {found} cannot be in a low-rank group (`rank`={group['rank']!r}): it needs {expected}"
+        )
+    if expected is None:
+        return f"state key `{key}` should be absent for {settings} but has shape {found}"
+    if found is None:
+        return f"state key `{key}` (shape {expected} for {settings}) is missing"
+    return f"state key `{key}` should have shape {expected} for {settings} but has {found}"
+
+
+def _param_label(group: dict, position: int, param: torch.Tensor) -> str:
+    names = group.get("param_names")
+    name = f" {names[position]!r}" if names and position < len(names) else ""
+    return f"param {position}{name} (shape {tuple(param.shape)})"
+
+
+def _member_keys(cls: type) -> frozenset[str]:
+    return frozenset(getattr(cls, "_moment_keys", frozenset()))
+
+
+def _foreign_keys(optimizer: GaLoreOptimizer, state: dict) -> list[str]:
+    """Moment keys other GaLore members use that this one never does (another optimizer's state)."""
+    from .base import GaLoreOptimizer
+
+    known: set[str] = set()
+    stack = [GaLoreOptimizer]
+    while stack:
+        cls = stack.pop()
+        known |= _member_keys(cls)
+        stack.extend(cls.__subclasses__())
+    return sorted(key for key in state if key in known - _member_keys(type(optimizer)))
+
+
+_START_FRESH = (
+    "Load it into an optimizer built the same way as the one that saved it, or start this optimizer "
+    "fresh: skip its load_state_dict (with the Trainer, remove `optimizer.pt` from the checkpoint folder "
+    "before resuming); the model weights load independently"
+)
+
+
+def check_loadable(optimizer: GaLoreOptimizer, state_dict: dict) -> None:
+    """Refuse, before anything is changed, a ``state_dict`` whose state would not fit after loading.
+
+    Mismatched group or parameter counts are left to ``torch.optim.Optimizer``'s own message.
+    """
+    name = type(optimizer).__name__
+    states = state_dict.get("state", {})
+    for pid, state in states.items():
+        if isinstance(state, dict) and "projector" in state:
+            raise StateMismatchError(
+                f"the state of parameter {pid} holds a `projector` object (and an int `step`): this state_dict "
+                f"was saved by galore-torch, whose projector objects {name} cannot read (hf_galore keeps each "
+                "basis as plain tensors, `basis_left` / `basis_right`). " + _START_FRESH + "; the first step "
+                "then computes a new basis."
+            )
+    live_groups, saved_groups = optimizer.param_groups, state_dict.get("param_groups", [])
+    if len(live_groups) != len(saved_groups) or any(
+        len(live["params"]) != len(saved["params"]) for live, saved in zip(live_groups, saved_groups)
+    ):
+        return
+    for index, (live, saved) in enumerate(zip(live_groups, saved_groups)):
+        missing = [key for key in optimizer._group_identity if key not in saved]
+        if missing:
+            raise StateMismatchError(
+                f"param group {index} of the state_dict has no {', '.join(f'`{k}`' for k in missing)}, which "
+                f"every {name} group has: the state_dict was saved by a different optimizer (resuming "
+                f"`galore_adamw` with `galore_adafactor`, or the reverse?). " + _START_FRESH + "."
+            )
+        group = {**optimizer.defaults, **saved}  # the settings after loading (load_state_dict fills defaults)
+        if "rank" in saved:
+            group = {**LOWRANK_DEFAULTS, **group}
+        if "rank" in live and "rank" not in saved:
+            detail = ""
+            for position, (param, pid) in enumerate(zip(live["params"], saved["params"])):
+                found = states.get(pid, {}).get("exp_avg")
+                if found is not None:
+                    detail = (
+                        f"; the saved `exp_avg` of {_param_label(live, position, param)} is full-size, "
+                        f"{_shape_of(found)}, not a rank-{live['rank']} moment"
+                    )
+                    break
+            raise StateMismatchError(
+                f"param group {index} is low-rank here (`rank`={live['rank']!r}) but the state_dict's group "
+                f"{index} has no `rank`: it was saved by a full-rank optimizer (e.g. torch.optim.AdamW){detail}. "
+                "Full-size moments cannot be used as low-rank ones. " + _START_FRESH + "."
+            )
+        for position, (param, pid) in enumerate(zip(live["params"], saved["params"])):
+            state = states.get(pid)
+            if "rank" in group and param.dim() < 2:  # with or without saved state
+                _refuse(index, live, position, param, ("param", ">= 2 dimensions", tuple(param.shape)), group)
+            if not state:
+                continue
+            foreign = _foreign_keys(optimizer, state)
+            if foreign:
+                raise StateMismatchError(
+                    f"param group {index}, {_param_label(live, position, param)}: state keys "
+                    f"{', '.join(f'`{k}`' for k in foreign)} belong to another GaLore optimizer, not {name}: "
+                    "the state_dict was saved by a different optimizer. " + _START_FRESH + "."
+                )
+            from ..distributed import is_sharded_tensor
+
+            if is_sharded_tensor(param):  # shard shapes: checked by the FSDP2 load hook
+                continue
+            mismatch = find_mismatch(optimizer, param, state, group)
+            if mismatch is None and "rank" in group:
+                codec = get_codec(group["quant"])
+                mismatch = next(
+                    (p for p in (codec.layout_problem(state, basis_key(s)) for s in _SIDES) if p is not None), None
+                )
+            if mismatch is not None:
+                _refuse(index, live, position, param, mismatch, group)
+
+
+def _refuse(index: int, live: dict, position: int, param: torch.Tensor, mismatch: Mismatch, group: dict) -> None:
+    raise StateMismatchError(
+        f"the state_dict does not fit param group {index}, {_param_label(live, position, param)}: "
+        f"{describe(mismatch, group)}. The checkpoint was saved with other group settings, another "
+        "model or another parameter order. " + _START_FRESH + "."
+    )
+
+
+def drop_nonfinite_bases(optimizer: GaLoreOptimizer) -> int:
+    """Drop every loaded basis holding NaN/Inf (the next step computes a new one); returns how many.
+
+    A non-finite basis would turn the weight NaN at its next update; the
+    moments are kept. Runs once per ``load_state_dict`` (one host sync per basis).
+    """
+    dropped = 0
+    for group in optimizer.param_groups:
+        if "rank" not in group:
+            continue
+        codec = get_codec(group["quant"])
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            for side in _SIDES:
+                basis = codec.decode(state, basis_key(side))
+                if isinstance(basis, torch.Tensor) and not bool(torch.isfinite(basis).all()):
+                    codec.drop(state, basis_key(side))
+                    dropped += 1
+    return dropped
