@@ -199,7 +199,7 @@ def main(argv=None) -> None:
     noise = statistics.stdev(last["fp32"]) if len(args.seeds) > 1 else 0.0
     sr_gap = max(abs(a - b) for a, b in zip(last["bf16_sr"], last["fp32"]))
     near_gap = min(b - a for a, b in zip(last["fp32"], last["bf16_nearest"]))
-    print(f"\nloss drop (first - last eval): " + ", ".join(f"{m} {statistics.mean(gain[m]):.4f}" for m in MODES))
+    print("\nloss drop (first - last eval): " + ", ".join(f"{m} {statistics.mean(gain[m]):.4f}" for m in MODES))
     print(f"largest |bf16_sr - fp32| at the end: {sr_gap:.4f}; seed-to-seed std of fp32: {noise:.4f}")
     print(f"smallest bf16_nearest - fp32 at the end: {near_gap:.4f}")
     print(f"bf16 + SR within seed noise of fp32: {sr_gap <= max(noise, 1e-3)}; "

@@ -309,7 +309,7 @@ def _apply_rounded(
     dtype = matrix.dtype if matrix.dtype == torch.bfloat16 else torch.float32
     bases = [b.to(dtype) for b in bases]
     update = update.to(dtype)
-    rows, cols = matrix.shape
+    cols = matrix.shape[1]
     step = max(1, BLOCK_ELEMENTS // max(cols, 1))
 
     def fill(master: torch.Tensor, start: int, stop: int) -> None:
