@@ -33,26 +33,35 @@ def _build(cls, groups, layerwise, **kwargs):
     return cls(groups, **kwargs)
 
 
-def _along_path(member: str, lr: float, *, lowrank: bool, layerwise: bool, seed: int, sr: bool = True) -> float:
-    """Displacement of a bf16 weight projected on the float32 weight's, as a fraction of it."""
+def _along_path(
+    member: str,
+    lr: float,
+    *,
+    lowrank: bool,
+    layerwise: bool,
+    seed: int,
+    sr: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+) -> float:
+    """Displacement of a bf16 (or fp16) weight projected on the float32 weight's, as a fraction of it."""
     cls, kwargs = MEMBERS[member]
     gen = torch.Generator().manual_seed(seed)
     w0 = torch.randn(SIZE, SIZE, generator=gen) * 0.02
     grads = [torch.randn(SIZE, SIZE, generator=gen) for _ in range(3)]
     moved = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        start = w0.to(dtype)
+    for run_dtype in (torch.float32, dtype):
+        start = w0.to(run_dtype)
         weight = torch.nn.Parameter(start.clone())
         group = {"params": [weight], "stochastic_rounding": sr}
         if lowrank:
             group.update(rank=RANK, scale=0.25, update_proj_gap=200)
         optimizer = _build(cls, [group], layerwise, lr=lr, **kwargs)
         for step in range(STEPS):
-            weight.grad = grads[step % 3].to(dtype)
+            weight.grad = grads[step % 3].to(run_dtype)
             optimizer.step()
-        moved[dtype] = weight.detach().double() - start.double()
+        moved[run_dtype] = weight.detach().double() - start.double()
     reference = moved[torch.float32]
-    return float((moved[torch.bfloat16] * reference).sum() / reference.square().sum())
+    return float((moved[dtype] * reference).sum() / reference.square().sum())
 
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["regular", "layerwise"])
@@ -71,6 +80,15 @@ def test_full_rank_bf16_weights_follow_the_float32_path(member):
     ratio = _along_path(member, 1e-5, lowrank=False, layerwise=False, seed=0)
     off = _along_path(member, 1e-5, lowrank=False, layerwise=False, seed=0, sr=False)
     assert ratio >= 0.9 and off < 0.5, (ratio, off)  # Adafactor's clipped steps keep the most: 0.28
+
+
+@pytest.mark.parametrize("lowrank", [True, False], ids=["lowrank", "full_rank"])
+def test_fp16_weights_follow_the_float32_path(lowrank):
+    """fp16 keeps 3 more bits than bf16: full-rank Adam steps of lr survive to nearest (0.88), scaled ones do not."""
+    ratio = _along_path("adamw", 1e-5, lowrank=lowrank, layerwise=False, seed=0, dtype=torch.float16)
+    assert ratio >= 0.9
+    if lowrank:
+        assert _along_path("adamw", 1e-5, lowrank=True, layerwise=False, seed=0, sr=False, dtype=torch.float16) < 0.5
 
 
 def _model_and_steps(dtype, seed=0):
@@ -166,6 +184,21 @@ def test_resume_is_bit_exact_with_bf16_weights(member, layerwise):
     resumed.load_state_dict(checkpoint["optimizer"])
     _run(resumed, resumed_model, grads[3:])
     assert all(torch.equal(a, b) for a, b in zip(expected, resumed_model.parameters()))
+
+
+@pytest.mark.parametrize("member", sorted(MEMBERS))
+def test_layerwise_rounds_exactly_as_the_regular_optimizer(member):
+    """Same parameter positions, same step counters: the same noise, so the same bf16 weights."""
+    cls, kwargs = MEMBERS[member]
+    finals = []
+    for layerwise in (False, True):
+        model, grads = _model_and_steps(torch.bfloat16)
+        optimizer = _build(cls, _groups(model), layerwise, lr=1e-3, weight_decay=0.1, **kwargs)
+        _run(optimizer, model, grads)
+        finals.append([p.detach().clone() for p in model.parameters()])
+        if layerwise:
+            optimizer.remove_hooks()
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
 
 
 @pytest.mark.parametrize("member", sorted(MEMBERS))
