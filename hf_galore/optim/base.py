@@ -254,10 +254,12 @@ class GaLoreOptimizer(Optimizer):
             return None
         if type(param) is not torch.nn.Parameter and type(param) is not torch.Tensor:
             return None  # tensor subclasses (FSDP2's DTensor) keep round-to-nearest
-        index = self._param_index.get(param)
+        positions = self.__dict__.get("_param_index") or {}  # not pickled: torch's __getstate__ keeps 3 keys
+        index = positions.get(param)
         if index is None:
-            self._param_index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-            index = self._param_index[param]
+            positions = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+            self._param_index = positions
+            index = positions[param]
         return derive_seed(int(group.get("sr_seed", 0)), index, int(state["step"]))
 
     # ---------------------------------------------------------- member hooks
