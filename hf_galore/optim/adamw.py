@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..quant.rounding import BLOCK_ELEMENTS, add_rounded_, scratch, write_rounded_
+from ..quant.rounding import add_rounded_, block_elements, scratch, write_rounded_
 from .base import GaLoreOptimizer
 from .functional import _fused_adamw_ as fused_adamw_
 from .functional import (
@@ -127,7 +127,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         """bf16 / fp16 weights with stochastic rounding: Adam's step in blocks, then a rounded write.
 
         torch's fused kernel writes its parameter in the parameter's dtype, so
-        per block of ``BLOCK_ELEMENTS`` it runs on a zeroed buffer (leaving
+        per block (``block_elements``) it runs on a zeroed buffer (leaving
         ``−lr·m̂/(√v̂ + eps)``) and the block is rounded from
         ``W·(1 − lr·wd) + buffer`` computed in float32; blocks keep the
         temporaries small (a whole-weight buffer costs more than the kernel).
@@ -144,7 +144,7 @@ class GaLoreAdamW(GaLoreOptimizer):
                 add_rounded_(param, step, alpha=-1.0, decay=decay, key=key)
                 continue
             flat_g, flat_m, flat_v = grad.view(-1), m.view(-1), v.view(-1)
-            buffer = scratch(grad.device, grad.dtype, min(BLOCK_ELEMENTS, grad.numel()), slot=1)
+            buffer = scratch(grad.device, grad.dtype, min(block_elements(grad.device), grad.numel()), slot=1)
 
             def fill(master, start, stop, state=state, flat_g=flat_g, flat_m=flat_m, flat_v=flat_v, buffer=buffer):
                 step = buffer[: stop - start].zero_()

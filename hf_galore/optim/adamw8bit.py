@@ -16,7 +16,7 @@ import torch
 
 from .._optional import require
 from ..errors import UnsupportedSetupError
-from ..quant.rounding import add_rounded_
+from ..quant.rounding import block_elements, scratch, write_rounded_
 from .adamw import GALORE_GROUP_DOC, GaLoreAdamW
 
 #: bitsandbytes keeps tensors smaller than this in 32-bit states (its ``min_8bit_size``).
@@ -162,9 +162,36 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                 if key is None:
                     self._bnb_step_(p, grad, state, group, lr=lr, wd=group["weight_decay"])
                     continue
-                # bf16 / fp16 with stochastic rounding: the kernel writes −step into a zero buffer,
-                # the weight is rounded from W·(1 − lr·wd) + buffer computed in float32
-                buffer = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                self._bnb_step_(buffer, grad, state, group, lr=lr, wd=0.0)
-                wd = group["weight_decay"]
-                add_rounded_(p, buffer, alpha=1.0, decay=1.0 - lr * wd if wd else None, key=key)
+                self._step_8bit_rounded(p, grad, state, group, lr, key)
+
+    def _step_8bit_rounded(self, param, grad, state, group, lr, key):
+        """bf16 / fp16 with stochastic rounding: bitsandbytes' kernel block by block on a small buffer.
+
+        Per block of ``block_elements`` (a multiple of the 256-value
+        quantization blocks, so the result equals one call on the whole
+        tensor) the kernel writes ``−step`` into a zeroed buffer and the block
+        is rounded from ``W·(1 − lr·wd) + buffer`` computed in float32.
+        """
+        size = block_elements(param.device)  # a power of two >= BLOCK_SIZE
+        flat_grad = grad.contiguous().view(-1)
+        flat = {k: state[k].view(-1) for k in ("state1", "state2")}
+        buffer = scratch(param.device, param.dtype, min(size, param.numel()), slot=1)
+        wd = group["weight_decay"]
+        decay = 1.0 - lr * wd if wd else None
+
+        def fill(master: torch.Tensor, start: int, stop: int) -> None:
+            step = buffer[: stop - start].zero_()
+            first, last = start // BLOCK_SIZE, -(-stop // BLOCK_SIZE)
+            block_state = {
+                "step": state["step"],
+                "state1": flat["state1"][start:stop],
+                "state2": flat["state2"][start:stop],
+                "absmax1": state["absmax1"][first:last],
+                "absmax2": state["absmax2"][first:last],
+            }
+            self._bnb_step_(step, flat_grad[start:stop], block_state, group, lr=lr, wd=0.0)
+            if decay is not None:
+                master.mul_(decay)
+            master.add_(step)
+
+        write_rounded_(param, fill, key, block_size=size)

@@ -31,7 +31,7 @@ from ..projectors.online_pca import ONLINE_PCA_DEFAULTS
 from ..projectors.randomized import randomized_basis
 from ..projectors.storage import get_codec
 from ..quant.int8 import int8_add_, int8_owner, int8_scale_
-from ..quant.rounding import BLOCK_ELEMENTS, scratch, write_rounded_
+from ..quant.rounding import block_elements, scratch, write_rounded_
 from .schedules import get_refresh_policy
 from .stats import RefreshStats
 
@@ -310,7 +310,7 @@ def _apply_rounded(
     bases = [b.to(dtype) for b in bases]
     update = update.to(dtype)
     cols = matrix.shape[1]
-    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    step = max(1, block_elements(matrix.device) // max(cols, 1))
 
     def fill(master: torch.Tensor, start: int, stop: int) -> None:
         """``master`` holds the flat elements [start, stop) = rows [start/cols, stop/cols)."""
@@ -328,7 +328,7 @@ def _apply_rounded(
             torch.mm(left[first:last] @ update, right.t(), out=block)
         master.add_(block, alpha=alpha)
 
-    write_rounded_(matrix, fill, key, block_elements=step * cols)
+    write_rounded_(matrix, fill, key, block_size=step * cols)
 
 
 def decay_weight_(param: torch.Tensor, factor: float) -> None:

@@ -10,7 +10,7 @@ so small updates move the weight on average, as INT8 weights already do
 (``int8.py``).
 
 How, cheaply and without a host sync: the new weight is computed in float32
-one block of ``BLOCK_ELEMENTS`` values at a time (bounded extra memory),
+one block of values at a time (``block_elements``: bounded extra memory),
 a random integer below ``2¹⁶`` is added to each float32 bit pattern and the
 low 16 bits are dropped (for bf16: its pattern is the top half of the
 float32 one). Consecutive bf16 values are ``2¹⁶`` patterns apart and the
@@ -40,9 +40,11 @@ from ..projectors.randomized import derive_seed
 
 #: Weight dtypes whose updates are rounded stochastically (group key ``stochastic_rounding``).
 SR_DTYPES = (torch.bfloat16, torch.float16)
-#: Values rounded per block: the float32 temporary is at most 1 MiB (plus the update's own rows).
+#: Values rounded per block on the CPU: a 1 MiB float32 temporary, about cache-sized.
 BLOCK_ELEMENTS = 1 << 18
-#: Entries of the noise table (4 MiB of int32 per device); each 16-bit value appears 16 times.
+#: ... and on accelerators (16 MiB): there every block costs a few kernel launches, which dominate.
+DEVICE_BLOCK_ELEMENTS = 1 << 22
+#: Entries of the CPU's noise table (4 MiB of int32); each 16-bit value appears 16 times.
 TABLE_SIZE = 1 << 20
 _TABLE_SEED = 0x5EED_B16
 _TABLES: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -50,15 +52,26 @@ _SCRATCH: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
+def block_elements(device: torch.device) -> int:
+    """Values rounded per block on ``device`` (``BLOCK_ELEMENTS`` on the CPU, else ``DEVICE_BLOCK_ELEMENTS``)."""
+    return BLOCK_ELEMENTS if torch.device(device).type == "cpu" else DEVICE_BLOCK_ELEMENTS
+
+
+def table_size(device: torch.device) -> int:
+    """Entries of ``device``'s noise table: ``TABLE_SIZE``, or one accelerator block (16 MiB)."""
+    return max(TABLE_SIZE, block_elements(device))
+
+
 def noise_table(device: torch.device, bits: int = 16) -> torch.Tensor:
-    """``TABLE_SIZE`` int32 values in ``[0, 2**bits)``, each equally often, in a fixed shuffled order (cached)."""
+    """``table_size`` int32 values in ``[0, 2**bits)``, each equally often, in a fixed shuffled order (cached)."""
     device = torch.device(device)
     key = (device, bits)
     table = _TABLES.get(key)
     if table is None:
+        size = table_size(device)
         generator = torch.Generator().manual_seed(_TABLE_SEED)
-        values = torch.arange(TABLE_SIZE, dtype=torch.int32) & 0xFFFF
-        values = values[torch.randperm(TABLE_SIZE, generator=generator)] >> (16 - bits)
+        values = torch.arange(size, dtype=torch.int32) & 0xFFFF
+        values = values[torch.randperm(size, generator=generator)] >> (16 - bits)
         table = _TABLES[key] = values.to(device)
     return table
 
@@ -68,7 +81,7 @@ def scratch(device: torch.device, dtype: torch.dtype, numel: int, slot: int = 0)
 
     Re-allocating the per-block temporaries costs more than the rounding on
     CPU; one buffer per (device, dtype, slot) grows to the largest block and
-    is kept (at most ``BLOCK_ELEMENTS`` elements unless a single row is longer).
+    is kept (at most one block unless a single row is longer).
     Work on one device is serialised (one stream, or autograd's one thread
     per device for layer-wise hooks), so reuse is safe.
     """
@@ -79,12 +92,12 @@ def scratch(device: torch.device, dtype: torch.dtype, numel: int, slot: int = 0)
     return buffer[:numel]
 
 
-def _windows(numel: int, key: int, block: int):
-    """``(start, stop, table_start)`` pieces covering ``numel`` values from a hashed table offset."""
-    offset = derive_seed(key, block) % TABLE_SIZE
+def _windows(numel: int, key: int, block: int, size: int):
+    """``(start, stop, table_start)`` pieces covering ``numel`` values from a hashed offset in a table of ``size``."""
+    offset = derive_seed(key, block) % size
     start = 0
     while start < numel:
-        length = min(numel - start, TABLE_SIZE - offset)
+        length = min(numel - start, size - offset)
         yield start, start + length, offset
         start += length
         offset = 0
@@ -92,7 +105,7 @@ def _windows(numel: int, key: int, block: int):
 
 def _noise(numel: int, key: int, block: int, device: torch.device, bits: int) -> torch.Tensor:
     table = noise_table(device, bits)
-    pieces = [table[o : o + stop - start] for start, stop, o in _windows(numel, key, block)]
+    pieces = [table[o : o + stop - start] for start, stop, o in _windows(numel, key, block, table.numel())]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
@@ -109,7 +122,7 @@ def round_into_(out: torch.Tensor, master: torch.Tensor, key: int, block: int = 
     ints = flat.view(torch.int32)
     if out.dtype == torch.bfloat16:
         table = noise_table(master.device, 16)
-        for start, stop, offset in _windows(ints.numel(), key, block):
+        for start, stop, offset in _windows(ints.numel(), key, block, table.numel()):
             ints[start:stop].add_(table[offset : offset + stop - start])
         if _LITTLE_ENDIAN:  # bf16 is the high half of the float32 pattern: copy it, no mask pass
             out.view(-1).view(torch.int16).copy_(ints.view(torch.int16)[1::2])
@@ -129,20 +142,22 @@ def write_rounded_(
     fill: Callable[[torch.Tensor, int, int], None],
     key: int,
     *,
-    block_elements: int = BLOCK_ELEMENTS,
+    block_size: int | None = None,
 ) -> None:
     """``param ← SR(new)``, where ``fill(master, start, stop)`` turns ``master`` into the new values.
 
     ``master`` is a float32 copy of the flattened elements ``[start, stop)``
-    of ``param`` (one block of ``block_elements``, the last one shorter),
+    of ``param`` (one block of ``block_size`` elements, by default
+    :func:`block_elements` of its device; the last one shorter),
     updated in place by ``fill``. A strided parameter goes through one
     full-size temporary, with the same blocks and the same result.
     """
+    block_size = block_elements(param.device) if block_size is None else block_size
     contiguous = param.is_contiguous()
     out = param.view(-1) if contiguous else torch.empty(param.numel(), dtype=param.dtype, device=param.device)
     source = out if contiguous else param.reshape(-1)
-    for block, start in enumerate(range(0, out.numel(), block_elements)):
-        stop = min(start + block_elements, out.numel())
+    for block, start in enumerate(range(0, out.numel(), block_size)):
+        stop = min(start + block_size, out.numel())
         master = scratch(param.device, torch.float32, stop - start)
         master.copy_(source[start:stop])
         fill(master, start, stop)
@@ -167,11 +182,14 @@ def add_rounded_(
 
 __all__ = [
     "BLOCK_ELEMENTS",
+    "DEVICE_BLOCK_ELEMENTS",
     "SR_DTYPES",
     "TABLE_SIZE",
     "add_rounded_",
+    "block_elements",
     "noise_table",
     "round_into_",
     "scratch",
+    "table_size",
     "write_rounded_",
 ]

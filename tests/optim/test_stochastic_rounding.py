@@ -16,6 +16,7 @@ import torch
 
 from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfig, GaLoreConfigError
 from hf_galore.optim.layerwise import LayerwiseOptimizer
+from hf_galore.quant.rounding import add_rounded_
 from hf_galore.targets import galore_param_groups
 from tests.helpers import tiny_mlp
 
@@ -89,6 +90,30 @@ def test_fp16_weights_follow_the_float32_path(lowrank):
     assert ratio >= 0.9
     if lowrank:
         assert _along_path("adamw", 1e-5, lowrank=True, layerwise=False, seed=0, sr=False, dtype=torch.float16) < 0.5
+
+
+def test_full_rank_8bit_rounding_in_blocks_equals_one_kernel_call():
+    """bitsandbytes' kernel runs per rounding block; the result equals one whole-tensor call, rounded."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter((torch.randn(600, 1000, generator=gen) * 0.02).bfloat16())  # 3 blocks
+    optimizer = GaLoreAdamW8bit([weight], lr=1e-3, weight_decay=0.1)
+    group = optimizer.param_groups[0]
+    for step in range(3):
+        weight.grad = torch.randn(weight.shape, generator=gen).bfloat16()
+        before = weight.detach().clone()
+        saved = {k: v.clone() for k, v in optimizer.state[weight].items()}
+        optimizer.step()
+        state = optimizer.state[weight]
+        if step == 0:
+            continue  # the first step creates the state
+        saved["step"] += 1
+        buffer = torch.zeros_like(before)
+        optimizer._bnb_step_(buffer, weight.grad, saved, group, lr=1e-3, wd=0.0)
+        expected = before.clone()
+        key = optimizer._rounding_key(weight, group, saved)
+        add_rounded_(expected, buffer, alpha=1.0, decay=1.0 - 1e-3 * 0.1, key=key)
+        assert torch.equal(weight.detach(), expected)
+        assert all(torch.equal(saved[k], state[k]) for k in ("state1", "state2", "absmax1", "absmax2"))
 
 
 def _model_and_steps(dtype, seed=0):

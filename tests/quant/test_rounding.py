@@ -1,7 +1,17 @@
 import pytest
 import torch
 
-from hf_galore.quant.rounding import BLOCK_ELEMENTS, TABLE_SIZE, add_rounded_, noise_table, round_into_, write_rounded_
+from hf_galore.quant.rounding import (
+    BLOCK_ELEMENTS,
+    DEVICE_BLOCK_ELEMENTS,
+    TABLE_SIZE,
+    add_rounded_,
+    block_elements,
+    noise_table,
+    round_into_,
+    table_size,
+    write_rounded_,
+)
 
 
 def _neighbours(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +108,20 @@ def test_write_rounded_hands_fill_float32_blocks():
     write_rounded_(param, fill, key=0)
     assert seen == [(0, BLOCK_ELEMENTS), (BLOCK_ELEMENTS, BLOCK_ELEMENTS + 5)]
     assert bool((param == 0.5).all())
+
+
+def test_blocks_longer_than_the_noise_table_still_round_to_a_neighbour():
+    x = torch.randn(TABLE_SIZE + 1000) * 0.02
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    round_into_(out, x.clone(), key=5)
+    lo, hi = _neighbours(x, torch.bfloat16)
+    assert bool(((out.double() == lo) | (out.double() == hi)).all())
+
+
+def test_accelerators_round_in_larger_blocks():
+    """Per-block kernel launches dominate off the CPU; the table covers one such block."""
+    assert block_elements("cpu") == BLOCK_ELEMENTS and table_size("cpu") == TABLE_SIZE
+    assert block_elements("cuda") == DEVICE_BLOCK_ELEMENTS == table_size("cuda")
 
 
 def test_round_into_refuses_float32_targets():
