@@ -2,6 +2,8 @@
 
     python benchmarks/optimizer_step.py                 # 30 steps x 2 rounds, gap 25
     python benchmarks/optimizer_step.py --steps 10 --rounds 1 --only ours_adamw galore_torch_adamw
+    python benchmarks/optimizer_step.py --dtype bf16 --sr both --only ours_adamw   # rounding on vs off
+    python benchmarks/optimizer_step.py --threads 1 --clock thread ...            # CPU time, for busy machines
     python benchmarks/optimizer_step.py --guard-off --interleave --only ours_adamw ours_adamw_guard_off  # NaN guard
 
 Gradients are random (seeded) and assigned directly, so only ``optimizer.step()``
@@ -30,18 +32,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import build_llama, environment_line, galore_targets, median, state_bytes
 
 
-def _groups(model, targets, rank, gap, extra=None, full_extra=None):
+def _groups(model, targets, rank, gap, extra=None):
     target_ids = {id(p) for p in targets}
     others = [p for p in model.parameters() if id(p) not in target_ids]
     lowrank = {"params": targets, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std", **(extra or {})}
-    return [{"params": others, **(full_extra or {})}, lowrank]
+    return [{"params": others}, lowrank]
 
 
-_GUARD_OFF = {"skip_nonfinite": False}
+def _factories(rank: int, gap: int, sr: str = "on", with_guard_off: bool = False):
+    """name -> (model, targets) -> optimizer. Peers are imported lazily and skipped if absent.
 
-
-def _factories(rank: int, gap: int, with_guard_off: bool = False):
-    """name -> (model, targets) -> optimizer. Peers are imported lazily and skipped if absent."""
+    ``sr``: our optimizers with stochastic rounding of bf16/fp16 weights "on"
+    (the default), "off", or "both" (each twice, ``<name>_no_sr`` without).
+    ``with_guard_off`` adds ``<name>_guard_off`` (``skip_nonfinite=False``) for ours.
+    """
 
     def torch_adamw(model, targets):
         return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
@@ -78,29 +82,33 @@ def _factories(rank: int, gap: int, with_guard_off: bool = False):
             _groups(model, targets, rank, gap), lr=1e-3, relative_step=False, scale_parameter=False
         )
 
-    def ours_adamw_guard_off(model, targets):
-        import hf_galore
-
-        return hf_galore.GaLoreAdamW(_groups(model, targets, rank, gap, _GUARD_OFF, _GUARD_OFF), lr=1e-3)
-
-    def ours_adamw8bit_guard_off(model, targets):
-        import hf_galore
-
-        return hf_galore.GaLoreAdamW8bit(_groups(model, targets, rank, gap, _GUARD_OFF, _GUARD_OFF), lr=1e-3)
-
-    def ours_adafactor_guard_off(model, targets):
-        import hf_galore
-
-        return hf_galore.GaLoreAdafactor(
-            _groups(model, targets, rank, gap, _GUARD_OFF, _GUARD_OFF),
-            lr=1e-3, relative_step=False, scale_parameter=False,
-        )
-
-    regular = (
+    factories = {f.__name__: f for f in (
         torch_adamw, bnb_adamw8bit, galore_torch_adamw, galore_torch_adamw8bit, ours_adamw, ours_adamw8bit, ours_adafactor
-    )
-    guard_off = (ours_adamw_guard_off, ours_adamw8bit_guard_off, ours_adafactor_guard_off)
-    return {f.__name__: f for f in regular + (guard_off if with_guard_off else ())}
+    )}
+    for name in [n for n in factories if n.startswith("ours_")]:
+        with_sr = factories[name]
+
+        def without_sr(model, targets, _with=with_sr):
+            optimizer = _with(model, targets)
+            for group in optimizer.param_groups:
+                group["stochastic_rounding"] = False
+            return optimizer
+
+        if sr == "off":
+            factories[name] = without_sr
+        elif sr == "both":
+            factories[f"{name}_no_sr"] = without_sr
+    if with_guard_off:
+        for name in [n for n in factories if n.startswith("ours_")]:
+
+            def guard_off(model, targets, _with=factories[name]):
+                optimizer = _with(model, targets)
+                for group in optimizer.param_groups:
+                    group["skip_nonfinite"] = False
+                return optimizer
+
+            factories[f"{name}_guard_off"] = guard_off
+    return factories
 
 
 @contextlib.contextmanager
@@ -115,17 +123,17 @@ def _cpu_safe_cuda_synchronize():
         torch.cuda.synchronize = original
 
 
-def _timed_step(optimizer, params, grads, result: dict, step: int, gap: int) -> None:
+def _timed_step(optimizer, params, grads, result: dict, step: int, gap: int, clock) -> None:
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    start = time.perf_counter()
+    start = clock()
     optimizer.step()
-    elapsed = (time.perf_counter() - start) * 1e3
+    elapsed = (clock() - start) * 1e3
     kind = "first" if step == 0 else "refresh" if step % gap == 0 else "plain"
     result[kind].append(elapsed)
 
 
-def _interleaved_round(args, model, targets, params, initial, grad_sets, factories, names, results, bar) -> None:
+def _interleaved_round(args, model, targets, params, initial, grad_sets, factories, names, results, bar, clock) -> None:
     """Every optimizer takes step ``t`` before any takes step ``t+1`` (order alternating), one model.
 
     On a shared machine whose load drifts, this compares optimizers under the
@@ -138,27 +146,28 @@ def _interleaved_round(args, model, targets, params, initial, grad_sets, factori
     for step in range(args.steps):
         order = names if step % 2 == 0 else names[::-1]
         for name in order:
-            _timed_step(optimizers[name], params, grad_sets[step % 3], results[name], step, args.gap)
+            _timed_step(optimizers[name], params, grad_sets[step % 3], results[name], step, args.gap, clock)
             bar.update(1)
     for name in names:
         results[name]["bytes"] = state_bytes(optimizers[name])
 
 
 def run(args) -> list[dict]:
-    model = build_llama(seed=0)
+    model = build_llama(seed=0).to(_DTYPES[args.dtype])
     targets = galore_targets(model)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(0)
-    grad_sets = [[torch.randn(p.shape, generator=gen) * 1e-2 for p in params] for _ in range(3)]
-    factories = _factories(args.rank, args.gap, with_guard_off=args.guard_off)
+    grad_sets = [[(torch.randn(p.shape, generator=gen) * 1e-2).to(p.dtype) for p in params] for _ in range(3)]
+    factories = _factories(args.rank, args.gap, args.sr, with_guard_off=args.guard_off)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     names = args.only or list(factories)
     results = {n: {"plain": [], "refresh": [], "first": [], "bytes": None} for n in names}
     total = args.rounds * len(names) * args.steps
     with tqdm(total=total, desc="optimizer steps", file=sys.stderr) as bar, _cpu_safe_cuda_synchronize():
         for _ in range(args.rounds):
             if args.interleave:
-                _interleaved_round(args, model, targets, params, initial, grad_sets, factories, names, results, bar)
+                _interleaved_round(args, model, targets, params, initial, grad_sets, factories, names, results, bar, clock)
                 continue
             for name in names:
                 model.load_state_dict(initial)
@@ -169,7 +178,7 @@ def run(args) -> list[dict]:
                     bar.update(args.steps)
                     continue
                 for step in range(args.steps):
-                    _timed_step(optimizer, params, grad_sets[step % 3], results[name], step, args.gap)
+                    _timed_step(optimizer, params, grad_sets[step % 3], results[name], step, args.gap, clock)
                     bar.update(1)
                 results[name]["bytes"] = state_bytes(optimizer)
                 del optimizer
@@ -187,6 +196,9 @@ def run(args) -> list[dict]:
             "first_ms": median(r["first"]),
         })
     return rows
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def render(rows: list[dict]) -> str:
@@ -225,6 +237,19 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--only", nargs="*", help="subset of optimizers to run")
     parser.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="'thread': CPU time of the calling thread (needs --threads 1; steadier on a shared machine)",
+    )
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="weight (and gradient) dtype")
+    parser.add_argument(
+        "--sr",
+        choices=("on", "off", "both"),
+        default="on",
+        help="stochastic rounding of our optimizers' bf16 updates; 'both' adds <name>_no_sr rows (default on)",
+    )
+    parser.add_argument(
         "--guard-off",
         action="store_true",
         help="also run ours_*_guard_off (skip_nonfinite=False): the cost of the non-finite-gradient guard",
@@ -237,8 +262,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        parser.error("--clock thread measures one thread: add --threads 1")
+    if args.only and args.sr == "both":
+        args.only = [m for n in args.only for m in ((n, f"{n}_no_sr") if n.startswith("ours_") else (n,))]
     rows = run(args)
-    print(f"LLaMA-60M shape, fp32, rank {args.rank}, {args.steps} steps x {args.rounds} rounds; {environment_line()}")
+    print(f"LLaMA-60M shape, {args.dtype}, {args.clock} clock, rank {args.rank}, {args.steps} steps x {args.rounds} rounds; {environment_line()}")
     print(render(rows))
 
 

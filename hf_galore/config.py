@@ -41,7 +41,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
 from .errors import GaLoreConfigError
-from .optim.validation import LOWRANK_DEFAULTS, check_choice, check_lowrank_keys
+from .optim.validation import (
+    LOWRANK_DEFAULTS,
+    ROUNDING_DEFAULTS,
+    check_choice,
+    check_lowrank_keys,
+    check_rounding_keys,
+)
 
 #: Values of ``small_weights``: what happens to a matched weight whose smaller dimension is <= rank.
 SMALL_WEIGHT_POLICIES = ("full_rank", "error")
@@ -147,6 +153,10 @@ class GaLoreConfig:
         small_weights: A matched weight whose smaller dimension is <= ``rank``
             gains nothing from projection: "full_rank" trains it at full rank
             (warned once, listed in the start-up summary), "error" refuses.
+        stochastic_rounding: Write updates into bf16 / fp16 weights with
+            unbiased stochastic rounding (every group, low-rank and full-rank);
+            ``False`` rounds to nearest, as galore-torch does (bit-parity).
+            Float32 weights are unaffected. See docs/optimizers.md.
         options: Further low-rank group keys that have no field here (e.g.
             ``{"oversample": 16}`` for the randomized projector), or that dict
             as JSON text (``--options '{"oversample": 16}'``); the keys and
@@ -214,6 +224,10 @@ class GaLoreConfig:
             "or 'error'.",
         },
     )
+    stochastic_rounding: bool = field(
+        default=True,
+        metadata={"help": "Stochastic rounding of updates into bf16/fp16 weights (False: round to nearest)."},
+    )
     # `dict | str | None` as TrainingArguments' dict fields: HfArgumentParser passes the text of
     # `--options '{"oversample": 16}'`, which `__post_init__` reads as JSON.
     options: dict[str, Any] | str | None = field(
@@ -242,14 +256,19 @@ class GaLoreConfig:
             if key not in self.group_keys():
                 raise self._unknown_key_error(key, "`options`")
         # The optimizers' own checks for every key a low-rank group will carry.
-        group = {**LOWRANK_DEFAULTS, **self.group_options()}
+        group = {**LOWRANK_DEFAULTS, **ROUNDING_DEFAULTS, **self.group_options()}
         check_lowrank_keys(group)
+        check_rounding_keys(group)
 
     # ----------------------------------------------------------------- groups
     @staticmethod
     def group_keys() -> tuple[str, ...]:
-        """Keys of a low-rank param group (``rank`` plus ``optim.validation.LOWRANK_DEFAULTS``)."""
-        return ("rank", *LOWRANK_DEFAULTS)
+        """Keys of a low-rank param group (``rank``, ``LOWRANK_DEFAULTS``, ``ROUNDING_DEFAULTS``).
+
+        The ``ROUNDING_DEFAULTS`` keys go into the full-rank groups too
+        (:meth:`rounding_options`).
+        """
+        return ("rank", *LOWRANK_DEFAULTS, *ROUNDING_DEFAULTS)
 
     def group_options(self) -> dict[str, Any]:
         """The keys every low-rank param group gets: fields named like group keys, then ``options``."""
@@ -257,6 +276,11 @@ class GaLoreConfig:
         out = {key: getattr(self, key) for key in self.group_keys() if key in fields}
         out.update(self.options)
         return out
+
+    def rounding_options(self) -> dict[str, Any]:
+        """The stochastic-rounding keys every param group gets, full-rank ones included."""
+        options = self.group_options()
+        return {key: options[key] for key in ROUNDING_DEFAULTS if key in options}
 
     # ------------------------------------------------------------- optim_args
     @classmethod
@@ -316,7 +340,7 @@ class GaLoreConfig:
             if key in fields:
                 out[key] = _parse_typed(key, raw, hints[key])
             elif key in cls.group_keys():
-                options[key] = _parse_like(key, raw, LOWRANK_DEFAULTS[key])
+                options[key] = _parse_like(key, raw, {**LOWRANK_DEFAULTS, **ROUNDING_DEFAULTS}[key])
             else:
                 raise cls._unknown_key_error(key, "`optim_args`")
         if options:

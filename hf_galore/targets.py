@@ -431,7 +431,8 @@ def _min_dim(shape: torch.Size) -> int:
 def plan_param_groups(model: nn.Module, config: GaLoreConfig, *, weight_decay: float | None = None) -> GaLorePlan:
     """Split ``model``'s trainable parameters into low-rank and full-rank, decay and no-decay groups.
 
-    Low-rank groups carry ``config.group_options()`` (``rank``, ...). Decay
+    Low-rank groups carry ``config.group_options()`` (``rank``, ...), full-rank
+    groups ``config.rounding_options()`` (``stochastic_rounding``). Decay
     groups get ``weight_decay`` when it is given (else the optimizer's
     default applies); no-decay groups get ``weight_decay=0.0``.
     """
@@ -471,13 +472,13 @@ def plan_param_groups(model: nn.Module, config: GaLoreConfig, *, weight_decay: f
         _warn_small(model, config.rank, small, len(lowrank))
     groups = []
     options = config.group_options()
+    rounding = config.rounding_options()
     for (is_target, decays), params in buckets.items():
         if not params:
             continue
         group: dict[str, Any] = {"params": params}
-        if is_target:
-            group.update(options)
-        elif not options["skip_nonfinite"]:  # the guard is a setting of every group
+        group.update(options if is_target else rounding)
+        if not is_target and not options["skip_nonfinite"]:  # the guard is a setting of every group
             group["skip_nonfinite"] = False
         if not decays:
             group["weight_decay"] = 0.0

@@ -43,6 +43,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
         scale_parameter: bool = True,
         relative_step: bool = True,
         warmup_init: bool = False,
+        stochastic_rounding: bool = True,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -54,6 +55,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
             "scale_parameter": scale_parameter,
             "relative_step": relative_step,
             "warmup_init": warmup_init,
+            "stochastic_rounding": stochastic_rounding,
         }
         super().__init__(params, defaults)
 

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
+from ..quant.rounding import add_rounded_, block_elements, scratch, write_rounded_
 from .base import GaLoreOptimizer
+from .functional import _fused_adamw_ as fused_adamw_
 from .functional import (
     adam_steps,
     adam_steps_fused,
@@ -55,8 +57,15 @@ class GaLoreAdamW(GaLoreOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        stochastic_rounding: bool = True,
     ) -> None:
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "stochastic_rounding": stochastic_rounding,
+        }
         super().__init__(params, defaults)
 
     def _validate_group(self, group):
@@ -106,6 +115,12 @@ class GaLoreAdamW(GaLoreOptimizer):
             "eps": group["eps"],
             "weight_decay": group["weight_decay"],
         }
+        rounded = [i for i, (p, s) in enumerate(zip(params, states)) if self._rounding_key(p, group, s) is not None]
+        if rounded:
+            self._step_full_rank_rounded(group, params, grads, states, rounded, hp, found_inf)
+            taken = set(rounded)
+            keep = [i for i in range(len(params)) if i not in taken]
+            params, grads, states = [params[i] for i in keep], [grads[i] for i in keep], [states[i] for i in keep]
         for indices in _by_device_and_dtype(params):
             p = [params[i] for i in indices]
             g = [grads[i].contiguous() for i in indices]  # the fused kernel reads raw memory
@@ -116,6 +131,48 @@ class GaLoreAdamW(GaLoreOptimizer):
             else:
                 with restored_where(found_inf, p + m + v):
                     adamw_full_rank_(p, g, m, v, [float(states[i]["step"]) for i in indices], **hp)
+
+    def _step_full_rank_rounded(self, group, params, grads, states, indices, hp, found_inf=None):
+        """bf16 / fp16 weights with stochastic rounding: Adam's step in blocks, then a rounded write.
+
+        torch's fused kernel writes its parameter in the parameter's dtype, so
+        per block (``block_elements``) it runs on a zeroed buffer (leaving
+        ``−lr·m̂/(√v̂ + eps)``) and the block is rounded from
+        ``W·(1 − lr·wd) + buffer`` computed in float32; blocks keep the
+        temporaries small (a whole-weight buffer costs more than the kernel).
+        Under ``found_inf`` the kernel skips, the step stays zero and the decay
+        is exactly 1, so the rounded write gives the weight back unchanged.
+        """
+        hp = dict(hp)
+        wd = hp.pop("weight_decay")
+        decay = 1.0 - hp["lr"] * wd if wd else None
+        if decay is not None and found_inf is not None:
+            decay = torch.where(found_inf.bool(), 1.0, torch.tensor(decay, dtype=torch.float32))
+        for i in indices:
+            param, grad, state = params[i], grads[i].contiguous(), states[i]
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            key = self._rounding_key(param, group, state)
+            if not fused_adamw_supports([grad, m, v]):
+                with restored_where(found_inf, [m, v]):
+                    (step,) = adam_steps([grad], [m], [v], [float(state["step"])], **hp)
+                if found_inf is not None:
+                    (step,) = zero_where(found_inf, [step])
+                add_rounded_(param, step, alpha=-1.0, decay=decay, key=key)
+                continue
+            flat_g, flat_m, flat_v = grad.view(-1), m.view(-1), v.view(-1)
+            buffer = scratch(grad.device, grad.dtype, min(block_elements(grad.device), grad.numel()), slot=1)
+
+            def fill(master, start, stop, state=state, flat_g=flat_g, flat_m=flat_m, flat_v=flat_v, buffer=buffer):
+                step = buffer[: stop - start].zero_()
+                fused_adamw_(
+                    [step], [flat_g[start:stop]], [flat_m[start:stop]], [flat_v[start:stop]], [state["step"]],
+                    weight_decay=0.0, found_inf=found_inf, **hp,
+                )
+                if decay is not None:
+                    master.mul_(decay)
+                master.add_(step)
+
+            write_rounded_(param, fill, key)
 
 
 def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[int]]:

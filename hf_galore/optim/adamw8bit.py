@@ -16,6 +16,7 @@ import torch
 
 from .._optional import require
 from ..errors import UnsupportedSetupError
+from ..quant.rounding import block_elements, scratch, write_rounded_
 from .adamw import GALORE_GROUP_DOC, GaLoreAdamW
 
 #: bitsandbytes keeps tensors smaller than this in 32-bit states (its ``min_8bit_size``).
@@ -51,12 +52,15 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        stochastic_rounding: bool = True,
     ) -> None:
         functional = _bnb_functional()
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._create_dynamic_map = functional.create_dynamic_map
         self._update_8bit = functional.optimizer_update_8bit_blockwise
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stochastic_rounding=stochastic_rounding
+        )
 
     def _qmaps_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The signed / unsigned dynamic quantization maps, shared by all states (not checkpointed)."""
@@ -158,4 +162,40 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                     raise UnsupportedSetupError(
                         f"GaLoreAdamW8bit needs contiguous parameters; got a strided one of shape {tuple(p.shape)}"
                     )
-                self._bnb_step_(p, grad, state, group, lr=lr, wd=group["weight_decay"])
+                key = self._rounding_key(p, group, state)
+                if key is None:
+                    self._bnb_step_(p, grad, state, group, lr=lr, wd=group["weight_decay"])
+                    continue
+                self._step_8bit_rounded(p, grad, state, group, lr, key)
+
+    def _step_8bit_rounded(self, param, grad, state, group, lr, key):
+        """bf16 / fp16 with stochastic rounding: bitsandbytes' kernel block by block on a small buffer.
+
+        Per block of ``block_elements`` (a multiple of the 256-value
+        quantization blocks, so the result equals one call on the whole
+        tensor) the kernel writes ``−step`` into a zeroed buffer and the block
+        is rounded from ``W·(1 − lr·wd) + buffer`` computed in float32.
+        """
+        size = block_elements(param.device)  # a power of two >= BLOCK_SIZE
+        flat_grad = grad.contiguous().view(-1)
+        flat = {k: state[k].view(-1) for k in ("state1", "state2")}
+        buffer = scratch(param.device, param.dtype, min(size, param.numel()), slot=1)
+        wd = group["weight_decay"]
+        decay = 1.0 - lr * wd if wd else None
+
+        def fill(master: torch.Tensor, start: int, stop: int) -> None:
+            step = buffer[: stop - start].zero_()
+            first, last = start // BLOCK_SIZE, -(-stop // BLOCK_SIZE)
+            block_state = {
+                "step": state["step"],
+                "state1": flat["state1"][start:stop],
+                "state2": flat["state2"][start:stop],
+                "absmax1": state["absmax1"][first:last],
+                "absmax2": state["absmax2"][first:last],
+            }
+            self._bnb_step_(step, flat_grad[start:stop], block_state, group, lr=lr, wd=0.0)
+            if decay is not None:
+                master.mul_(decay)
+            master.add_(step)
+
+        write_rounded_(param, fill, key, block_size=size)

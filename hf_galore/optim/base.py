@@ -30,18 +30,22 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import GaLoreConfigError, UnsupportedSetupError
 from ..projectors import get_projector
+from ..projectors.randomized import derive_seed
 from ..quant.int8 import int8_owner
+from ..quant.rounding import SR_DTYPES, add_rounded_
 from . import lowrank, state_checks
 from .functional import restored_where, zero_where
 from .stats import RefreshStats
 from .validation import (
     GROUP_DEFAULTS,
     LOWRANK_DEFAULTS,
+    ROUNDING_DEFAULTS,
     check_choice,
     check_full_rank_group_keys,
     check_group_keys,
     check_lowrank_keys,
     check_non_negative,
+    check_rounding_keys,
     check_torch_flags,
 )
 
@@ -137,7 +141,8 @@ class GaLoreOptimizer(Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self.galore_stats = RefreshStats()
-        super().__init__(params, defaults)
+        self._param_index: dict[torch.Tensor, int] = {}
+        super().__init__(params, {**ROUNDING_DEFAULTS, **defaults})
         # FSDP2: low-rank shards appear as DTensors in state_dict() so that
         # torch.distributed.checkpoint saves every rank's part (no-ops otherwise)
         from ..distributed import (
@@ -190,6 +195,7 @@ class GaLoreOptimizer(Optimizer):
         if group.get("lr") is not None:
             check_non_negative("lr", float(group["lr"]))
         check_non_negative("weight_decay", group.get("weight_decay", 0.0))
+        check_rounding_keys(group)
 
     # ------------------------------------------------------------------- state
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -429,15 +435,14 @@ class GaLoreOptimizer(Optimizer):
         if plan.params:
             updates, decay_lrs = self._guarded_updates(group, plan.params, plan.lows, plan.states, found_inf)
             wd = group["weight_decay"]
-            for p, update, bases, decay_lr in zip(plan.params, updates, plan.bases, decay_lrs):
+            for p, update, bases, decay_lr, state in zip(plan.params, updates, plan.bases, decay_lrs, plan.states):
+                decay = 1.0 - decay_lr * wd if wd else None
+                if decay is not None and found_inf is not None:  # times exactly 1.0: the weight stays bit-identical
+                    decay = torch.where(found_inf.bool(), 1.0, torch.tensor(decay, dtype=torch.float32)).to(p.device)
+                # a zero step and a unit decay written back (rounded or not) leave the weight as it was
                 with _int8_kept(p, found_inf):
-                    if wd:
-                        factor = 1.0 - decay_lr * wd
-                        if found_inf is not None:  # multiplying by exactly 1.0 leaves the weight bit-identical
-                            factor = torch.where(found_inf.bool(), 1.0, torch.tensor(factor, dtype=torch.float32))
-                            factor = factor.to(p.device)
-                        lowrank.decay_weight_(p, factor)
-                    lowrank.apply_update(p, update, bases, group)
+                    key = self._rounding_key(p, group, state)
+                    lowrank.apply_update(p, update, bases, group, decay=decay, rounding_key=key)
         if found_inf is None:
             return
         keep = found_inf.bool()
@@ -463,6 +468,28 @@ class GaLoreOptimizer(Optimizer):
         with restored_where(found_inf, [s[k] for s in states for k in _state_tensors(s, _NOT_MOMENTS)]):
             updates, lrs = self._lowrank_updates(group, params, grads, states)
         return zero_where(found_inf, updates), lrs
+
+    def _rounding_key(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> int | None:
+        """Seed of this step's stochastic rounding of ``param``, or ``None`` to round to nearest.
+
+        Only plain bf16 / fp16 weights in a group with ``stochastic_rounding``
+        are rounded stochastically. The key mixes the group's ``sr_seed``, the
+        parameter's position in the optimizer and its ``step`` (already
+        incremented), all saved in ``state_dict()``: a resumed run rounds as
+        the uninterrupted one. ``step`` lives on the CPU, so reading it
+        does not wait for the device.
+        """
+        if param.dtype not in SR_DTYPES or not group.get("stochastic_rounding", True):
+            return None
+        if type(param) is not torch.nn.Parameter and type(param) is not torch.Tensor:
+            return None  # tensor subclasses (FSDP2's DTensor) keep round-to-nearest
+        positions = self.__dict__.get("_param_index") or {}  # not pickled: torch's __getstate__ keeps 3 keys
+        index = positions.get(param)
+        if index is None:
+            positions = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+            self._param_index = positions
+            index = positions[param]
+        return derive_seed(int(group.get("sr_seed", 0)), index, int(state["step"]))
 
     # ---------------------------------------------------------- member hooks
     #: every state key ``_init_moments`` may create; another member's keys in a loaded state are refused
@@ -507,7 +534,11 @@ class GaLoreOptimizer(Optimizer):
         """Update a full-rank group in place (weight decay included)."""
         updates, decay_lrs = self._lowrank_updates(group, params, grads, states)
         wd = group["weight_decay"]
-        for p, update, decay_lr in zip(params, updates, decay_lrs):
+        for p, update, decay_lr, state in zip(params, updates, decay_lrs, states):
+            key = self._rounding_key(p, group, state)
+            if key is not None:
+                add_rounded_(p, update, alpha=-1.0, decay=1.0 - decay_lr * wd if wd else None, key=key)
+                continue
             if wd:
                 p.mul_(1.0 - decay_lr * wd)
             p.sub_(update.to(p.dtype))

@@ -30,7 +30,8 @@ from ..projectors.geometry import (
 from ..projectors.online_pca import ONLINE_PCA_DEFAULTS
 from ..projectors.randomized import randomized_basis
 from ..projectors.storage import get_codec
-from ..quant.int8 import int8_add_, int8_scale_
+from ..quant.int8 import int8_add_, int8_owner, int8_scale_
+from ..quant.rounding import block_elements, scratch, write_rounded_
 from .schedules import get_refresh_policy
 from .stats import RefreshStats
 
@@ -258,17 +259,37 @@ def _advance_bases(
     return True
 
 
-def apply_update(param: torch.Tensor, update: torch.Tensor, bases: list[torch.Tensor], group: dict) -> None:
-    """``W −= scale · back(update)``, fused into one ``addmm_`` per weight.
+def apply_update(
+    param: torch.Tensor,
+    update: torch.Tensor,
+    bases: list[torch.Tensor],
+    group: dict,
+    *,
+    decay: float | torch.Tensor | None = None,
+    rounding_key: int | None = None,
+) -> None:
+    """``W ← decay·W − scale · back(update)``, fused into one ``addmm_`` per weight.
 
-    An INT8 weight (``hf_galore.quant.Int8Linear``) is updated on a float32
-    copy and stored back with stochastic rounding.
+    ``decay`` is decoupled weight decay's factor (``None``: none). An INT8
+    weight (``hf_galore.quant.Int8Linear``) is updated on a float32 copy and
+    stored back with stochastic rounding. With a ``rounding_key`` (a bf16 /
+    fp16 weight whose group has ``stochastic_rounding``, see
+    ``GaLoreOptimizer._rounding_key``) the new weight is computed in float32
+    block by block and rounded stochastically; without one, as before, in the
+    weight's dtype, rounded to nearest.
     """
     if type(param) is not torch.nn.Parameter and _distributed().is_sharded_tensor(param):
+        if decay is not None:
+            decay_weight_(param, decay)
         _distributed().apply_sharded_update(param, update, bases, group)
         return
     sides = sides_for(group["proj_type"], matrix_shape(param.shape))
     alpha = -group["scale"]
+    if rounding_key is not None and int8_owner(param) is None:
+        add_to_matrix_(param, lambda matrix: _apply_rounded(matrix, update, bases, sides, alpha, decay, rounding_key))
+        return
+    if decay is not None:
+        decay_weight_(param, decay)
 
     def add_(matrix: torch.Tensor) -> None:
         project_back_add_(matrix, update, bases, sides, alpha=alpha)
@@ -276,6 +297,47 @@ def apply_update(param: torch.Tensor, update: torch.Tensor, bases: list[torch.Te
     if int8_add_(param, lambda master: add_to_matrix_(master, add_)):
         return
     add_to_matrix_(param, add_)
+
+
+def _apply_rounded(
+    matrix: torch.Tensor,
+    update: torch.Tensor,
+    bases: list[torch.Tensor],
+    sides: tuple[str, ...],
+    alpha: float,
+    decay: float | torch.Tensor | None,
+    key: int,
+) -> None:
+    """:func:`apply_update` with stochastic rounding, a block of rows at a time.
+
+    Per block: ``back(update)`` for those rows (a bf16 matmul for bf16
+    weights, as round-to-nearest uses: the product's own rounding is relative
+    to the update, not to the weight; float32 for fp16, whose small updates
+    would underflow), added to a float32 copy of the rows, then rounded.
+    """
+    dtype = matrix.dtype if matrix.dtype == torch.bfloat16 else torch.float32
+    bases = [b.to(dtype) for b in bases]
+    update = update.to(dtype)
+    cols = matrix.shape[1]
+    step = max(1, block_elements(matrix.device) // max(cols, 1))
+
+    def fill(master: torch.Tensor, start: int, stop: int) -> None:
+        """``master`` holds the flat elements [start, stop) = rows [start/cols, stop/cols)."""
+        first, last = start // cols, stop // cols
+        master = master.view(last - first, cols)
+        if decay is not None:
+            master.mul_(decay)
+        block = scratch(matrix.device, dtype, master.numel(), slot=1).view(master.shape)
+        if sides == ("right",):
+            torch.mm(update[first:last], bases[0].t(), out=block)
+        elif sides == ("left",):
+            torch.mm(bases[0][first:last], update, out=block)
+        else:
+            left, right = bases[sides.index("left")], bases[sides.index("right")]
+            torch.mm(left[first:last] @ update, right.t(), out=block)
+        master.add_(block, alpha=alpha)
+
+    write_rounded_(matrix, fill, key, block_size=step * cols)
 
 
 def decay_weight_(param: torch.Tensor, factor: float | torch.Tensor) -> None:

@@ -52,6 +52,24 @@ GROUP_DEFAULTS: dict[str, object] = {
 LOWRANK_DEFAULTS.update(GROUP_DEFAULTS)
 
 
+#: Keys of every param group, low-rank or full-rank (docs/optimizers.md, "Stochastic rounding").
+ROUNDING_DEFAULTS: dict[str, object] = {
+    # bf16 / fp16 weights: write updates with unbiased stochastic rounding (off: round to nearest,
+    # bit-identical to galore-torch and to hf_galore before the option existed); float32 weights ignore it
+    "stochastic_rounding": True,
+    # seed of the rounding noise (mixed with the parameter's position and its step)
+    "sr_seed": 0,
+}
+
+
+def check_rounding_keys(group: dict) -> None:
+    """Validate the stochastic-rounding keys of any param group (missing keys take their defaults)."""
+    value = group.get("stochastic_rounding", True)
+    if not isinstance(value, bool):
+        raise GaLoreConfigError(f"`stochastic_rounding` must be True or False, got {value!r}")
+    check_non_negative_int("sr_seed", group.get("sr_seed", 0))
+
+
 #: Keys torch and its schedulers may put in any param group, beside the optimizer's own
 #: hyper-parameters (``lr``, ``betas``, ... come from its ``defaults``); accepted in low-rank groups
 #: too, so a group copied from torch.optim.AdamW's ``param_groups`` still works. ``param_names``:

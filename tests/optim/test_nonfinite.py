@@ -286,3 +286,17 @@ def test_skip_nonfinite_reaches_every_group_from_optim_args():
 def test_a_bad_skip_nonfinite_value_is_named():
     with pytest.raises(GaLoreConfigError, match="`skip_nonfinite` must be one of"):
         GaLoreAdamW([{"params": [nn.Parameter(torch.ones(3))], "skip_nonfinite": "yes"}])
+
+
+@pytest.mark.parametrize("member", sorted(MEMBERS))
+@pytest.mark.parametrize("target", [0, 1])
+def test_a_skipped_step_with_stochastically_rounded_bf16_weights(member, target):
+    """bf16 weights are written with stochastic rounding: a zero step and a unit decay give them back unchanged."""
+    clean = [[g.to(torch.bfloat16) for g in _grads(seed)] for seed in range(6)]
+    bad = list(clean[4])
+    bad[target] = _poison(bad[target], float("nan"))
+    model_a, opt_a = _run(member, clean[:4] + [bad] + clean[4:], dtype=torch.bfloat16)
+    model_b, opt_b = _run(member, clean, dtype=torch.bfloat16)
+    assert all(g["stochastic_rounding"] for g in opt_a.param_groups)
+    _assert_same(model_a, opt_a, model_b, opt_b)
+    assert opt_a.galore_stats.skipped_steps == 1
