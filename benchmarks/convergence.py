@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results_dir", default=None,
                         help="per-run JSON (default: runs/convergence_sweep with --sweep, else runs/convergence)")
     parser.add_argument("--plot", default=None,
-                        help="PNG (default: docs/img/convergence_sweep.png with --sweep, else docs/img/convergence.png)")
+                        help="PNG (default: docs/img/convergence_sweep.png with --sweep, else runs/convergence/convergence.png)")
     parser.add_argument("--report_only", action="store_true",
                         help="--sweep: report the runs already stored, train nothing (a partial sweep says so)")
     parser.add_argument("--reuse", action="store_true",
@@ -117,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sweep_defaults = {"steps": 1000, "model_config": "llama_micro", "max_length": 64, "batch_size": 4, "eval_tokens": 8192,
                       "results_dir": "runs/convergence_sweep", "plot": "docs/img/convergence_sweep.png"}
     single_defaults = {"steps": 200, "model_config": "llama_20m", "max_length": 128, "batch_size": 8, "eval_tokens": 16384,
-                       "results_dir": "runs/convergence", "plot": "docs/img/convergence.png"}
+                       "results_dir": "runs/convergence", "plot": "runs/convergence/convergence.png"}
     for key, value in (sweep_defaults if args.sweep else single_defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
