@@ -34,8 +34,16 @@ import torch
 from transformers import TrainerCallback
 
 from .errors import GaLoreConfigError, UnsupportedSetupError
+from .memory import (
+    STEP_BYTES,
+    adafactor_state_bytes,
+    adam8bit_state_bytes,
+    adam_state_bytes,
+    basis_bytes,
+    projector_state_bytes,
+    refresh_state_bytes,
+)
 from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
-from .optim.adamw8bit import BLOCK_SIZE, MIN_8BIT_SIZE
 from .optim.base import claim_params, param_owner
 from .optim.layerwise import LayerwiseOptimizer
 from .projectors.geometry import effective_rank, projected_shape, side_size, sides_for
@@ -102,44 +110,32 @@ def _release_stale_hooks(model: torch.nn.Module, optimizer: Any) -> None:
 
 
 # ------------------------------------------------------ state-size estimate
-def _adam_moment_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-
-
-def _adam8bit_moment_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    numel = math.prod(shape)
-    if numel < MIN_8BIT_SIZE:
-        return _adam_moment_bytes(shape, dtype)
-    return 2 * numel + 2 * 4 * -(-numel // BLOCK_SIZE)
-
-
-def _adafactor_moment_bytes(shape: tuple[int, ...], dtype: torch.dtype, beta1: bool) -> int:
-    numel = math.prod(shape)
-    first = 4 * numel if beta1 else 0
-    if len(shape) >= 2:
-        return first + 4 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
-    return first + 4 * numel
-
-
 def _moment_bytes(optimizer: Any, group: dict, shape: tuple[int, ...], dtype: torch.dtype) -> int | None:
+    """The base update's state for a gradient of ``shape`` (``hf_galore.memory``'s formulas; ``None``: unknown)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
     if isinstance(optimizer, GaLoreAdamW8bit):
-        return _adam8bit_moment_bytes(shape, dtype)
+        return adam8bit_state_bytes(shape, itemsize)
     if isinstance(optimizer, GaLoreAdamW):
-        return _adam_moment_bytes(shape, dtype)
-    if isinstance(optimizer, GaLoreAdafactor):
-        return _adafactor_moment_bytes(shape, dtype, group.get("beta1") is not None)
+        return adam_state_bytes(shape, itemsize)
+    if isinstance(optimizer, GaLoreAdafactor):  # float32 statistics; a float32 first moment with `beta1`
+        first = 4 * math.prod(shape) if group.get("beta1") is not None else 0
+        return first + adafactor_state_bytes(shape, 4)
     return None
 
 
 def estimate_state_bytes(optimizer: Any) -> int | None:
-    """Optimizer-state bytes after the first step, from shapes alone (``None`` for unknown members).
+    """Optimizer-state bytes after the first refreshes, from shapes alone (``None`` for unknown members).
 
-    Exact for dense bases (``quant=None``) with the built-in base updates.
+    The same per-component formulas as ``hf_galore.estimate_memory`` (basis
+    codecs, the online-PCA finder's Adam state, the lazy policy's FIFO), so
+    the start-up summary, the estimator and the logged
+    ``galore/optimizer_state_mb`` agree.
     """
     inner = getattr(optimizer, "optimizer", None)
     if inner is not None and is_hf_galore_optimizer(inner):  # e.g. LayerwiseOptimizer around GaLoreAdamW
         return estimate_state_bytes(inner)
     total = 0
+    basis_cache: dict = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not p.requires_grad:
@@ -151,19 +147,23 @@ def estimate_state_bytes(optimizer: Any) -> int | None:
                 rank = effective_rank(group["rank"], matrix)
                 low = projected_shape(matrix, rank, sides)
                 moments = _moment_bytes(optimizer, group, low, p.dtype)
-                total += sum(side_size(s, matrix) * rank for s in sides) * p.element_size()
+                total += sum(
+                    basis_bytes(side_size(s, matrix), rank, p.dtype, group["quant"], basis_cache) for s in sides
+                )
+                total += projector_state_bytes(group["projector"], matrix, rank, sides)
+                total += refresh_state_bytes(group["refresh"])
             else:
                 moments = _moment_bytes(optimizer, group, shape, p.dtype)
             if moments is None:
                 return None
-            total += moments + 4  # + the float32 step counter
+            total += moments + STEP_BYTES
     return total
 
 
 def adamw_state_bytes(optimizer: Any) -> int:
     """What ``torch.optim.AdamW`` would hold for the same parameters (two moments + a step each)."""
     return sum(
-        _adam_moment_bytes(tuple(p.shape), p.dtype) + 4
+        adam_state_bytes(tuple(p.shape), p.element_size()) + STEP_BYTES
         for group in optimizer.param_groups
         for p in group["params"]
         if p.requires_grad
