@@ -153,6 +153,23 @@ class GaLoreOptimizer(Optimizer):
         self.register_state_dict_post_hook(sharded_state_dict_post_hook)
         self.register_load_state_dict_pre_hook(sharded_load_state_dict_pre_hook)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A deep-copied or unpickled optimizer gets fresh counters and its FSDP2 state_dict hooks back.
+
+        ``torch.optim.Optimizer`` pickles only ``defaults``, ``state`` and
+        ``param_groups``; without this the copy failed at its first ``step()``
+        (no ``galore_stats``) and lost the sharded-checkpoint hooks.
+        """
+        super().__setstate__(state)
+        self.__dict__.setdefault("galore_stats", RefreshStats())
+        self.__dict__.setdefault("_param_index", {})
+        from ..distributed import sharded_load_state_dict_pre_hook, sharded_state_dict_post_hook
+
+        if sharded_state_dict_post_hook not in self._optimizer_state_dict_post_hooks.values():
+            self.register_state_dict_post_hook(sharded_state_dict_post_hook)
+        if sharded_load_state_dict_pre_hook not in self._optimizer_load_state_dict_pre_hooks.values():
+            self.register_load_state_dict_pre_hook(sharded_load_state_dict_pre_hook)
+
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if isinstance(param_group, dict) and "rank" in param_group:  # the keys as written, before defaults

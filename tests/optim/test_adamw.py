@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from hf_galore import GaLoreAdamW, GaLoreConfigError, UnsupportedSetupError
+from hf_galore import GaLoreAdafactor, GaLoreAdamW, GaLoreConfigError, UnsupportedSetupError
 from hf_galore.projectors.geometry import sides_for
 from tests.helpers import max_param_diff, regression_batch, split_groups, tiny_mlp, train
 
@@ -339,6 +339,21 @@ def test_save_weights_only_load_continue_is_bit_exact():
     for p, q in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
     assert all(isinstance(s["step"], torch.Tensor) for s in opt.state.values())
+
+
+@pytest.mark.parametrize("cls,hp", [(GaLoreAdamW, {"lr": 1e-2}), (GaLoreAdafactor, {"lr": 1e-2, "relative_step": False})])
+def test_deep_copied_optimizer_continues_like_the_original(cls, hp):
+    """``copy.deepcopy`` (and pickling) kept only torch's three keys: the copy failed at its first step."""
+    model = tiny_mlp()
+    opt = cls(split_groups(model, rank=4, update_proj_gap=3), **hp)
+    train(model, opt, 4)
+    model_copy, opt_copy = copy.deepcopy((model, opt))
+    train(model, opt, 5)
+    train(model_copy, opt_copy, 5)
+    for p, q in zip(model.parameters(), model_copy.parameters()):
+        assert torch.equal(p, q)
+    assert opt_copy.galore_stats.refreshes == 3  # fresh counters: the copy refreshed once (step 6) for each of 3 weights
+    assert len(opt_copy._optimizer_state_dict_post_hooks) == len(opt._optimizer_state_dict_post_hooks)
 
 
 def test_state_dict_holds_only_tensors_and_scalars():
