@@ -271,17 +271,22 @@ def prepare_model_for_int8_weights(
     from ..targets import TargetModulesError, select_target_modules
 
     selection = select_target_modules(model, target_modules, exclude_modules)
-    linears = [(name, m) for name, m in selection.modules.items() if type(m) is nn.Linear]
-    if not linears:
+    names = [name for name, m in selection.modules.items() if type(m) is nn.Linear]
+    matched = list(selection.modules)[:5]
+    # Keep names only: a list of the layers themselves would hold every float weight alive until
+    # the last one is converted (peak = float model + INT8 model instead of about the float model).
+    del selection
+    if not names:
         raise TargetModulesError(
             f"`target_modules`={target_modules!r} matched no nn.Linear of the model (matched: "
-            f"{list(selection.modules)[:5]!r}); INT8 weights replace nn.Linear layers only"
+            f"{matched!r}); INT8 weights replace nn.Linear layers only"
         )
-    for index, (name, module) in enumerate(linears):
+    for index, name in enumerate(names):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear.from_linear(module, group_size=group_size, seed=derive_seed(seed, index)))
-    return [name for name, _ in linears]
+        layer = Int8Linear.from_linear(getattr(parent, child), group_size=group_size, seed=derive_seed(seed, index))
+        setattr(parent, child, layer)  # the float layer is freed here unless the caller holds it
+    return names
 
 
 @torch.no_grad()

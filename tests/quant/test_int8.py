@@ -312,3 +312,23 @@ def test_dequantize_keeps_a_shared_layer_shared():
     model.alias = model[0]  # the same layer under a second name (tied weights)
     dequantize_int8_weights(model)
     assert type(model.alias) is nn.Linear and model.alias is model[0]
+
+
+def test_prepare_frees_each_float_weight_as_it_converts(monkeypatch):
+    """Layer by layer: when layer k is converted, the float weights of layers < k are gone (issue 18:
+    keeping them all alive until the end made the peak the float model plus the INT8 one)."""
+    import weakref
+
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
+    originals = [weakref.ref(layer.weight) for layer in model]
+    alive_at_call = []
+    original_from_linear = Int8Linear.from_linear.__func__
+
+    def recording(cls, linear, **kwargs):
+        alive_at_call.append(sum(ref() is not None for ref in originals))
+        return original_from_linear(cls, linear, **kwargs)
+
+    monkeypatch.setattr(Int8Linear, "from_linear", classmethod(recording))
+    assert prepare_model_for_int8_weights(model, ["0", "1", "2", "3"], group_size=16) == ["0", "1", "2", "3"]
+    assert alive_at_call == [4, 3, 2, 1]
+    assert all(ref() is None for ref in originals)
