@@ -13,10 +13,11 @@ from .distributed import check_supported_engine, register_layerwise_ddp_hook, sy
 from .errors import GaLoreConfigError, HfGaloreError, StateMismatchError, UnsupportedSetupError
 from .memory import MemoryEstimate, estimate_memory
 from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreOptimizer, RefreshStats
-from .optim.layerwise import LayerwiseOptimizer, register_layerwise_trainer_optimizers
+from .optim.layerwise import LayerwiseOptimizer
 from .quant import Int8Linear, dequantize_int8_weights, prepare_model_for_int8_weights
 from .targets import TargetModulesError, galore_param_groups
 from .trainer import create_optimizer, install_import_hook, register_trainer_optimizer, register_with_transformers
+from .trainer_layerwise import register_layerwise_trainer_optimizers
 
 __version__ = "0.1.0"
 

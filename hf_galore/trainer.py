@@ -326,7 +326,10 @@ def _patch_trainer_module(module: ModuleType) -> None:
         _HOOK.handlers_table = table
         _install_handlers()
     from .callback import AutoGaLoreCallback
+    from .trainer_layerwise import install_trainer_support
 
+    # the real grad_norm for layer-wise optimizers, before any Trainer reads one the hooks consumed
+    install_trainer_support()
     defaults = getattr(module, "DEFAULT_CALLBACKS", None)
     if isinstance(defaults, list) and AutoGaLoreCallback not in defaults:
         defaults.append(AutoGaLoreCallback)

@@ -22,8 +22,8 @@ from hf_galore import (
     UnsupportedSetupError,
     create_optimizer,
 )
-from hf_galore.optim import layerwise as layerwise_module
-from hf_galore.optim.layerwise import check_trainer_args
+from hf_galore import trainer_layerwise as layerwise_module
+from hf_galore.trainer_layerwise import check_trainer_args
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
