@@ -47,7 +47,7 @@ from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .optim.base import claim_params, param_owner
 from .optim.layerwise import LayerwiseOptimizer
 from .projectors.geometry import effective_rank, projected_shape, side_size, sides_for
-from .trainer import (
+from .trainer_args import (
     EXPLICIT_PATH,
     config_from_training_args,
     hook_error,
@@ -291,7 +291,7 @@ class GaLoreCallback(TrainerCallback):
         if is_hf_galore_optimizer(unwrap_optimizer(kwargs.get("optimizer"))):
             return  # built explicitly (`optimizers=`): its own config was checked then
         from .targets import plan_param_groups
-        from .trainer import check_supported_engine
+        from .trainer_args import check_supported_engine
 
         check_supported_engine(args)
         config = config_from_training_args(args)

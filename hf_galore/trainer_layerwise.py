@@ -17,6 +17,7 @@ from .errors import UnsupportedSetupError
 from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .optim.base import GaLoreOptimizer
 from .optim.layerwise import LayerwiseOptimizer, as_layerwise
+from .trainer_args import TRAINER_OPTIMIZERS, register_trainer_optimizer
 
 
 def check_trainer_args(optimizer: LayerwiseOptimizer, args: Any, scaler: Any = None) -> None:
@@ -106,9 +107,7 @@ def _layerwise_builder(optimizer_class: type[GaLoreOptimizer], regular_name: str
     """A Trainer builder for ``<regular_name>_layerwise``: the regular builder's kwargs, run layer-wise."""
 
     def build(groups, hp, config):
-        from . import trainer
-
-        _, kwargs = trainer.TRAINER_OPTIMIZERS[regular_name].build(groups, hp, config)
+        _, kwargs = TRAINER_OPTIMIZERS[regular_name].build(groups, hp, config)
         clip = float(getattr(hp, "max_grad_norm", 0.0) or 0.0)
         if clip > 0:
             _warn_per_param_clip(clip)
@@ -140,16 +139,14 @@ def _warn_per_param_clip(clip: float) -> None:
 
 def register_layerwise_trainer_optimizers() -> None:
     """Register ``galore_adamw_layerwise``, ``galore_adamw_8bit_layerwise``, ``galore_adafactor_layerwise``."""
-    from . import trainer
-
     for regular_name, cls in (
         ("galore_adamw", GaLoreAdamW),
         ("galore_adamw_8bit", GaLoreAdamW8bit),
         ("galore_adafactor", GaLoreAdafactor),
     ):
         name = f"{regular_name}_layerwise"
-        if name not in trainer.TRAINER_OPTIMIZERS:
-            trainer.register_trainer_optimizer(name, _layerwise_builder(cls, regular_name), layerwise=True)
+        if name not in TRAINER_OPTIMIZERS:
+            register_trainer_optimizer(name, _layerwise_builder(cls, regular_name), layerwise=True)
 
 
 __all__ = [
