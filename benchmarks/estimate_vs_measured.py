@@ -90,7 +90,7 @@ def _build(method: str, config, dtype: torch.dtype, rank: int):
         if base == "online_pca":
             options = {"projector": "online_pca"}
         if base == "q_galore":
-            from hf_galore.quant import prepare_model_for_int8_weights
+            from hf_galore import prepare_model_for_int8_weights
 
             prepare_model_for_int8_weights(model, "all-linear")
             # gap 1: the lazy policy's cosine FIFO appears at the second refresh

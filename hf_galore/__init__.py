@@ -11,10 +11,11 @@ from __future__ import annotations
 from .config import GaLoreConfig
 from .distributed import check_supported_engine, register_layerwise_ddp_hook, synchronize_bases
 from .errors import GaLoreConfigError, HfGaloreError, StateMismatchError, UnsupportedSetupError
+from .int8_targets import prepare_model_for_int8_weights
 from .memory import MemoryEstimate, estimate_memory
 from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreOptimizer, RefreshStats
 from .optim.layerwise import LayerwiseOptimizer
-from .quant import Int8Linear, dequantize_int8_weights, prepare_model_for_int8_weights
+from .quant import Int8Linear, dequantize_int8_weights
 from .targets import TargetModulesError, galore_param_groups
 from .trainer import create_optimizer, install_import_hook, register_trainer_optimizer, register_with_transformers
 from .trainer_layerwise import register_layerwise_trainer_optimizers

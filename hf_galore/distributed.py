@@ -47,13 +47,16 @@ import torch
 
 from .errors import UnsupportedSetupError
 from .optim import lowrank
+from .optim.engines import register_engine
 from .optim.schedules import get_refresh_policy
 from .projectors import get_projector
 from .projectors.geometry import effective_rank, sides_for, subspace_overlap
 from .projectors.storage import get_codec
 
 __all__ = [
+    "FSDP2_ENGINE",
     "BroadcastBasisSync",
+    "FSDP2Engine",
     "apply_sharded_update",
     "check_supported_engine",
     "is_sharded_tensor",
@@ -860,3 +863,30 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[str, int]:
                     out["full_rank"] += nbytes
     out["total"] = sum(out.values())
     return out
+
+
+class FSDP2Engine:
+    """The FSDP2 engine the algorithm calls for ``DTensor`` shards (``hf_galore.optim.engines``).
+
+    The same refresh / projection / update as on one device, run on this
+    rank's row shard: bases are computed from the gathered gradient where a
+    refresh needs it, projected and applied shard by shard.
+    """
+
+    def handles(self, tensor: Any) -> bool:
+        return is_sharded_tensor(tensor)
+
+    def project_gradient(self, param, grad, state, group, stats, *, step_flag=None):
+        return project_sharded_gradient(param, grad, state, group, stats, step_flag=step_flag)
+
+    def apply_update(self, param, update, bases, group) -> None:
+        apply_sharded_update(param, update, bases, group)
+
+    def state_dict_post_hook(self, optimizer, state_dict):
+        return sharded_state_dict_post_hook(optimizer, state_dict)
+
+    def load_state_dict_pre_hook(self, optimizer, state_dict):
+        return sharded_load_state_dict_pre_hook(optimizer, state_dict)
+
+
+FSDP2_ENGINE = register_engine(FSDP2Engine())

@@ -137,7 +137,8 @@ def test_online_pca_counts_the_basis_optimizer_state(dtype):
 def test_q_galore_int8_weights_int4_bases_lazy_refresh(dtype):
     """Q-GaLore: INT8 target weights (quant/int8.py), INT4 bases, 8-bit moments, lazy-refresh FIFO."""
     pytest.importorskip("bitsandbytes")
-    from hf_galore.quant import Int8Linear, prepare_model_for_int8_weights
+    from hf_galore import prepare_model_for_int8_weights
+    from hf_galore.quant import Int8Linear
 
     reference = tiny_llama(DTYPES[dtype])
     model = tiny_llama(DTYPES[dtype])

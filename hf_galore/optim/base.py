@@ -33,7 +33,7 @@ from ..projectors import get_projector
 from ..projectors.randomized import derive_seed
 from ..quant.int8 import int8_owner
 from ..quant.rounding import SR_DTYPES, add_rounded_
-from . import lowrank, state_checks
+from . import engines, lowrank, state_checks
 from .functional import restored_where, zero_where
 from .stats import RefreshStats
 from .validation import (
@@ -143,15 +143,10 @@ class GaLoreOptimizer(Optimizer):
         self.galore_stats = RefreshStats()
         self._param_index: dict[torch.Tensor, int] = {}
         super().__init__(params, {**ROUNDING_DEFAULTS, **defaults})
-        # FSDP2: low-rank shards appear as DTensors in state_dict() so that
+        # sharded engines (FSDP2): low-rank shards appear as DTensors in state_dict() so that
         # torch.distributed.checkpoint saves every rank's part (no-ops otherwise)
-        from ..distributed import (
-            sharded_load_state_dict_pre_hook,
-            sharded_state_dict_post_hook,
-        )
-
-        self.register_state_dict_post_hook(sharded_state_dict_post_hook)
-        self.register_load_state_dict_pre_hook(sharded_load_state_dict_pre_hook)
+        self.register_state_dict_post_hook(engines.state_dict_post_hook)
+        self.register_load_state_dict_pre_hook(engines.load_state_dict_pre_hook)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A deep-copied or unpickled optimizer gets fresh counters and its FSDP2 state_dict hooks back.
@@ -163,12 +158,10 @@ class GaLoreOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("galore_stats", RefreshStats())
         self.__dict__.setdefault("_param_index", {})
-        from ..distributed import sharded_load_state_dict_pre_hook, sharded_state_dict_post_hook
-
-        if sharded_state_dict_post_hook not in self._optimizer_state_dict_post_hooks.values():
-            self.register_state_dict_post_hook(sharded_state_dict_post_hook)
-        if sharded_load_state_dict_pre_hook not in self._optimizer_load_state_dict_pre_hooks.values():
-            self.register_load_state_dict_pre_hook(sharded_load_state_dict_pre_hook)
+        if engines.state_dict_post_hook not in self._optimizer_state_dict_post_hooks.values():
+            self.register_state_dict_post_hook(engines.state_dict_post_hook)
+        if engines.load_state_dict_pre_hook not in self._optimizer_load_state_dict_pre_hooks.values():
+            self.register_load_state_dict_pre_hook(engines.load_state_dict_pre_hook)
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -32,20 +32,14 @@ from ..projectors.randomized import randomized_basis
 from ..projectors.storage import get_codec
 from ..quant.int8 import int8_add_, int8_owner, int8_scale_
 from ..quant.rounding import block_elements, scratch, write_rounded_
+from .engines import engine_for
 from .schedules import get_refresh_policy
 from .stats import RefreshStats
 
 
-def _distributed():
-    """``hf_galore.distributed``, imported on use (it imports this module)."""
-    from .. import distributed
-
-    return distributed
-
-
 def is_sharded(tensor: torch.Tensor) -> bool:
-    """``True`` for an FSDP2 ``DTensor`` shard (its state has shard shapes)."""
-    return type(tensor) is not torch.nn.Parameter and _distributed().is_sharded_tensor(tensor)
+    """``True`` for a tensor a sharded engine owns (an FSDP2 ``DTensor`` shard: its state has shard shapes)."""
+    return engine_for(tensor) is not None
 
 
 def basis_key(side: str) -> str:
@@ -197,8 +191,9 @@ def project_gradient(
     it is called and read on the host only when a refresh is due, so that a
     skipped step keeps the basis.
     """
-    if type(grad) is not torch.Tensor and _distributed().is_sharded_tensor(grad):
-        return _distributed().project_sharded_gradient(param, grad, state, group, stats, step_flag=step_flag)
+    engine = engine_for(grad)
+    if engine is not None:
+        return engine.project_gradient(param, grad, state, group, stats, step_flag=step_flag)
     matrix = as_matrix(grad)
     sides = sides_for(group["proj_type"], matrix.shape)
     step = int(state["step"])
@@ -278,10 +273,11 @@ def apply_update(
     block by block and rounded stochastically; without one, as before, in the
     weight's dtype, rounded to nearest.
     """
-    if type(param) is not torch.nn.Parameter and _distributed().is_sharded_tensor(param):
+    engine = engine_for(param)
+    if engine is not None:
         if decay is not None:
             decay_weight_(param, decay)
-        _distributed().apply_sharded_update(param, update, bases, group)
+        engine.apply_update(param, update, bases, group)
         return
     sides = sides_for(group["proj_type"], matrix_shape(param.shape))
     alpha = -group["scale"]

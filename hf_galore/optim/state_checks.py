@@ -23,6 +23,7 @@ import torch
 from ..errors import StateMismatchError
 from ..projectors.geometry import effective_rank, matrix_shape, sides_for
 from ..projectors.storage import get_codec
+from .engines import engine_for
 from .lowrank import basis_key
 from .validation import LOWRANK_DEFAULTS
 
@@ -113,10 +114,11 @@ def _member_keys(cls: type) -> frozenset[str]:
 
 def _foreign_keys(optimizer: GaLoreOptimizer, state: dict) -> list[str]:
     """Moment keys other GaLore members use that this one never does (another optimizer's state)."""
-    from .base import GaLoreOptimizer
-
+    # the family's root (``GaLoreOptimizer``, which declares ``_moment_shapes``), found without importing
+    # ``base`` (it imports this module)
+    root = next(c for c in reversed(type(optimizer).__mro__) if "_moment_shapes" in c.__dict__)
     known: set[str] = set()
-    stack = [GaLoreOptimizer]
+    stack = [root]
     while stack:
         cls = stack.pop()
         known |= _member_keys(cls)
@@ -190,9 +192,7 @@ def check_loadable(optimizer: GaLoreOptimizer, state_dict: dict) -> None:
                     f"{', '.join(f'`{k}`' for k in foreign)} belong to another GaLore optimizer, not {name}: "
                     "the state_dict was saved by a different optimizer. " + _START_FRESH + "."
                 )
-            from ..distributed import is_sharded_tensor
-
-            if is_sharded_tensor(param):  # shard shapes: checked by the FSDP2 load hook
+            if engine_for(param) is not None:  # shard shapes: checked by the engine's load hook
                 continue
             mismatch = find_mismatch(optimizer, param, state, group)
             if mismatch is None and "rank" in group:

@@ -10,7 +10,6 @@ from .int8 import (
     int8_owner,
     int8_scale_,
     int8_weight_bytes,
-    prepare_model_for_int8_weights,
     quantize_rows,
 )
 
@@ -22,6 +21,5 @@ __all__ = [
     "int8_owner",
     "int8_scale_",
     "int8_weight_bytes",
-    "prepare_model_for_int8_weights",
     "quantize_rows",
 ]

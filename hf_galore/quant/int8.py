@@ -40,7 +40,7 @@ Int8 weights must sit in a low-rank (``rank``) param group.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -248,45 +248,6 @@ def int8_scale_(param: torch.Tensor, factor: float) -> bool:
         return False
     owner.weight_scale.mul_(factor)
     return True
-
-
-def prepare_model_for_int8_weights(
-    model: nn.Module,
-    target_modules: str | Iterable[str],
-    *,
-    group_size: int = DEFAULT_WEIGHT_GROUP_SIZE,
-    exclude_modules: str | Iterable[str] | None = None,
-    seed: int = 0,
-) -> list[str]:
-    """Replace the targeted ``nn.Linear`` layers of ``model`` by :class:`Int8Linear`, in place.
-
-    ``target_modules`` / ``exclude_modules`` follow the same rules as
-    GaLore's (``hf_galore.targets``: PEFT's suffix lists, full-match regex,
-    ``"all-linear"`` without the output head). Then build the optimizer as
-    usual (``galore_param_groups`` with the same targets): those weights are
-    in a low-rank group and their updates are applied with stochastic
-    rounding. Returns the replaced names. Q-GaLore's default group size is
-    256 (``--weight_group_size``).
-    """
-    from ..targets import TargetModulesError, select_target_modules
-
-    selection = select_target_modules(model, target_modules, exclude_modules)
-    names = [name for name, m in selection.modules.items() if type(m) is nn.Linear]
-    matched = list(selection.modules)[:5]
-    # Keep names only: a list of the layers themselves would hold every float weight alive until
-    # the last one is converted (peak = float model + INT8 model instead of about the float model).
-    del selection
-    if not names:
-        raise TargetModulesError(
-            f"`target_modules`={target_modules!r} matched no nn.Linear of the model (matched: "
-            f"{matched!r}); INT8 weights replace nn.Linear layers only"
-        )
-    for index, name in enumerate(names):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = Int8Linear.from_linear(getattr(parent, child), group_size=group_size, seed=derive_seed(seed, index))
-        setattr(parent, child, layer)  # the float layer is freed here unless the caller holds it
-    return names
 
 
 @torch.no_grad()

@@ -9,14 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from hf_galore import GaLoreAdamW
+from hf_galore import GaLoreAdamW, prepare_model_for_int8_weights
 from hf_galore.errors import GaLoreConfigError
 from hf_galore.quant import (
     Int8Linear,
     dequantize_rows,
     int8_add_,
     int8_weight_bytes,
-    prepare_model_for_int8_weights,
     quantize_rows,
 )
 
