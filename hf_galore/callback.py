@@ -148,7 +148,8 @@ def estimate_state_bytes(optimizer: Any) -> int | None:
                 low = projected_shape(matrix, rank, sides)
                 moments = _moment_bytes(optimizer, group, low, p.dtype)
                 total += sum(
-                    basis_bytes(side_size(s, matrix), rank, p.dtype, group["quant"], basis_cache) for s in sides
+                    basis_bytes(side_size(s, matrix), rank, p.dtype, group["quant"], basis_cache, group=group)
+                    for s in sides
                 )
                 total += projector_state_bytes(group["projector"], matrix, rank, sides)
                 total += refresh_state_bytes(group["refresh"])

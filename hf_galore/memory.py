@@ -384,15 +384,19 @@ def _stored_bytes(store: Callable[[dict], None]) -> int:
     return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
 
 
-def basis_bytes(k: int, r: int, dtype: torch.dtype, quant: str | None, _cache: dict | None = None) -> int:
+def basis_bytes(
+    k: int, r: int, dtype: torch.dtype, quant: str | None, _cache: dict | None = None, *, group: dict | None = None
+) -> int:
     """Bytes of a ``k × r`` basis as stored by the ``quant`` codec.
 
     Quantized codecs are measured by encoding a random basis of the same
-    shape, so the figure follows the codec's real layout (packing, scales).
+    shape, so the figure follows the codec's real layout (packing, scales);
+    ``group`` carries the codec's options (``quant_group_size``), defaults otherwise.
     """
     if quant is None:
         return dense_basis_bytes(k, r, torch.empty((), dtype=dtype).element_size())
-    key = (k, r, dtype, quant)
+    options = tuple(sorted((key, value) for key, value in (group or {}).items() if key.startswith("quant_")))
+    key = (k, r, dtype, quant, options)
     if _cache is not None and key in _cache:
         return _cache[key]
     from .projectors.storage import CODECS
@@ -403,7 +407,7 @@ def basis_bytes(k: int, r: int, dtype: torch.dtype, quant: str | None, _cache: d
             f"(registered: {format_choices(CODECS)})"
         )
     basis = torch.randn(k, r, generator=torch.Generator().manual_seed(0))
-    value = _stored_bytes(lambda state: CODECS[quant].encode(state, "basis", basis, dtype))
+    value = _stored_bytes(lambda state: CODECS[quant].encode(state, "basis", basis, dtype, group=group))
     if _cache is not None:
         _cache[key] = value
     return value

@@ -211,14 +211,14 @@ def test_a_skipped_step_leaves_int8_codes_scales_and_rounding_stream_as_they_wer
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("optimizer_name", ["GaLoreAdamW", "GaLoreAdafactor"])
+@pytest.mark.parametrize("optimizer_name", ["GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdafactor"])
 def test_int8_weight_moves_like_the_float_weight_for_every_optimizer(optimizer_name):
     """Regression (issue 13): Adafactor's ``scale_parameter`` read the RMS of the all-zero INT8 placeholder,
     so the INT8 weight moved ~1/50 as far as the same weight in float."""
     import hf_galore
 
     cls = getattr(hf_galore, optimizer_name)
-    kwargs = {"lr": 1e-2} if optimizer_name == "GaLoreAdamW" else {"lr": 1e-2, "relative_step": False}
+    kwargs = {"lr": 1e-2, "relative_step": False} if optimizer_name == "GaLoreAdafactor" else {"lr": 1e-2}
     displacement = {}
     for kind in ("float", "int8"):
         model = make_model()
