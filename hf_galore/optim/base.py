@@ -177,21 +177,7 @@ class GaLoreOptimizer(Optimizer):
         check_choice("skip_nonfinite", group["skip_nonfinite"], (True, False))
         self._validate_group(group)
         if "rank" in group:
-            for key, value in LOWRANK_DEFAULTS.items():
-                group.setdefault(key, value)
-            check_lowrank_keys(group)
-            for p in group["params"]:
-                if p.dim() < 2:
-                    raise GaLoreConfigError(
-                        f"a parameter of shape {tuple(p.shape)} is in a low-rank group (`rank`="
-                        f"{group['rank']!r}); projection needs a weight with >= 2 dimensions. "
-                        "Put biases, norms and other 1-D tensors in a group without `rank`."
-                    )
-                if not p.is_floating_point():
-                    raise GaLoreConfigError(
-                        f"a parameter of dtype {p.dtype} is in a low-rank group; only floating-point "
-                        "weights can be projected"
-                    )
+            self._complete_lowrank_group(group)
         elif any(int8_owner(p) is not None for p in group["params"]):
             raise GaLoreConfigError(
                 "an INT8 weight (`Int8Linear.weight`, see `prepare_model_for_int8_weights`) is in a group "
@@ -199,6 +185,26 @@ class GaLoreOptimizer(Optimizer):
                 "Put it in a low-rank group, or lower `rank` below its smaller dimension"
             )
         claim_params(group["params"], self)
+
+    @staticmethod
+    def _complete_lowrank_group(group: dict[str, Any]) -> None:
+        """Fill a group's missing low-rank keys with their defaults and check it (at construction, or when
+        ``rank`` was added to a full-rank group during training)."""
+        for key, value in LOWRANK_DEFAULTS.items():
+            group.setdefault(key, value)
+        check_lowrank_keys(group)
+        for p in group["params"]:
+            if p.dim() < 2:
+                raise GaLoreConfigError(
+                    f"a parameter of shape {tuple(p.shape)} is in a low-rank group (`rank`="
+                    f"{group['rank']!r}); projection needs a weight with >= 2 dimensions. "
+                    "Put biases, norms and other 1-D tensors in a group without `rank`."
+                )
+            if not p.is_floating_point():
+                raise GaLoreConfigError(
+                    f"a parameter of dtype {p.dtype} is in a low-rank group; only floating-point "
+                    "weights can be projected"
+                )
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Per-member hyper-parameter checks; the base checks what all share."""
@@ -340,6 +346,9 @@ class GaLoreOptimizer(Optimizer):
         def guarded(group: dict) -> bool:
             return scaler_flag is not None or bool(group["skip_nonfinite"])
 
+        for group, _, _ in work:
+            if "rank" in group and "update_proj_gap" not in group:  # `rank` added to a full-rank group mid-run
+                self._complete_lowrank_group(group)
         upfront: dict[str, torch.Tensor | None] = {}
 
         def step_flag() -> torch.Tensor | None:  # refresh steps only
@@ -383,6 +392,10 @@ class GaLoreOptimizer(Optimizer):
         grads: list[torch.Tensor],
         found_inf: torch.Tensor | None,
     ) -> None:
+        for p in params:
+            state = self.state.get(p)
+            if state and any(key.startswith("basis_") for key in state):  # `rank` removed mid-run
+                self._refit_state(p, state, group)  # low-rank moments must never reach a full-rank kernel
         states = [self._state_for(p) for p in params]
         for g, s in zip(grads, states):
             self._init_moments(s, g, group)

@@ -259,3 +259,49 @@ def test_state_that_fits_is_never_remade(member, keys):
         opt.load_state_dict(opt.state_dict())  # and its own checkpoint loads
         _state_cases.train(model, opt, 2)
     assert opt.galore_stats.state_resets == 0
+
+
+_EDIT_RANK = """
+import warnings, torch
+from hf_galore import GaLoreAdamW
+torch.manual_seed(0)
+w = torch.nn.Parameter(torch.randn(32, 16))
+group = {{"params": [w], "rank": 4}} if {drop} else {{"params": [w]}}
+opt = GaLoreAdamW([group], lr=1e-2)
+lowrank_keys = set(opt.param_groups[0]) - {{"params", "lr", "betas", "eps", "weight_decay", "skip_nonfinite",
+    "stochastic_rounding", "sr_seed", "maximize", "foreach", "capturable", "differentiable", "fused",
+    "decoupled_weight_decay", "amsgrad"}}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for step in range(6):
+        w.grad = torch.randn(32, 16, generator=torch.Generator().manual_seed(step))
+        if step == 3:
+            if {drop}:
+                for key in lowrank_keys:
+                    del opt.param_groups[0][key]
+            else:
+                opt.param_groups[0]["rank"] = 4
+        opt.step()
+shapes = {{k: tuple(v.shape) for k, v in opt.state[w].items() if torch.is_tensor(v) and v.dim()}}
+print(shapes, opt.galore_stats.state_resets, sum("no longer fits" in str(c.message) for c in caught))
+"""
+
+
+@pytest.mark.parametrize(
+    "drop,expected",
+    [
+        # rank added to a full-rank group mid-run: was KeyError 'projector'
+        (False, "{'basis_right': (16, 4), 'exp_avg': (32, 4), 'exp_avg_sq': (32, 4)} 1 1"),
+        # rank removed mid-run: low-rank moments reached the full-rank fused kernel (heap corruption)
+        (True, "{'exp_avg': (32, 16), 'exp_avg_sq': (32, 16)} 1 1"),
+    ],
+)
+def test_rank_added_to_or_removed_from_a_group_mid_run_remakes_the_state(drop, expected):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _EDIT_RANK.format(drop=drop)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == expected
