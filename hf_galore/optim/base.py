@@ -266,9 +266,13 @@ class GaLoreOptimizer(Optimizer):
         Shapes only, no device sync. The new state is that of a new weight:
         basis computed at this step, moments and ``step`` from zero (so Adam's
         bias correction and the refresh schedule restart). Warned once,
-        counted in ``galore_stats.state_resets``.
+        counted in ``galore_stats.state_resets``. In a full-rank group only a
+        state left by a removed ``rank`` (it holds a basis) can misfit, since
+        loads are checked on load: other full-rank states skip the comparison.
         """
         if "step" not in state or lowrank.is_sharded(param):
+            return
+        if "rank" not in group and not any(key.startswith("basis_") for key in state):
             return
         mismatch = state_checks.find_mismatch(self, param, state, group)
         if mismatch is None:
@@ -393,9 +397,7 @@ class GaLoreOptimizer(Optimizer):
         found_inf: torch.Tensor | None,
     ) -> None:
         for p in params:
-            state = self.state.get(p)
-            if state and any(key.startswith("basis_") for key in state):  # `rank` removed mid-run
-                self._refit_state(p, state, group)  # low-rank moments must never reach a full-rank kernel
+            self._refit_state(p, self.state[p], group)
         states = [self._state_for(p) for p in params]
         for g, s in zip(grads, states):
             self._init_moments(s, g, group)
