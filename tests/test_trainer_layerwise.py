@@ -42,7 +42,7 @@ class TokenData(helpers.TokenData):
         super().__init__(VOCAB, SEQ, n, seed)
 
 
-def make_trainer(tmp_path, optimizers=(None, None), name="out", **overrides) -> Trainer:
+def make_trainer(tmp_path, optimizers=(None, None), name="out", model=None, **overrides) -> Trainer:
     kwargs = {
         "output_dir": str(tmp_path / name),
         "optim": "galore_adamw_layerwise",
@@ -63,7 +63,7 @@ def make_trainer(tmp_path, optimizers=(None, None), name="out", **overrides) -> 
     }
     kwargs.update(overrides)
     return Trainer(
-        model=tiny_llama(),
+        model=tiny_llama() if model is None else model,
         args=TrainingArguments(**kwargs),
         train_dataset=TokenData(),
         optimizers=optimizers,
@@ -202,24 +202,7 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 def _train(tmp_path, model, name, optim, **overrides) -> Trainer:
-    kwargs = {
-        "output_dir": str(tmp_path / name),
-        "optim": optim,
-        "optim_target_modules": ["attn", "mlp"],
-        "optim_args": "rank=4, update_proj_gap=2",
-        "max_steps": 2,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-2,
-        "report_to": [],
-        "use_cpu": True,
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 0,
-        "data_seed": 0,
-        "max_grad_norm": 0.0,
-        **overrides,
-    }
-    trainer = Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=TokenData())
+    trainer = make_trainer(tmp_path, name=name, model=model, optim=optim, max_steps=2, **overrides)
     trainer.train()
     return trainer
 
