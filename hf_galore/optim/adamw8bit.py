@@ -23,6 +23,11 @@ from .adamw import GALORE_GROUP_DOC, GaLoreAdamW
 MIN_8BIT_SIZE = 4096
 #: bitsandbytes' block size for block-wise quantized states.
 BLOCK_SIZE = 256
+#: Values per bitsandbytes call. Its CPU kernel dequantizes both moments, the gradient and
+#: the weight to float32 for the whole tensor (about 28 bytes of temporaries per value: 3.4 GiB
+#: for a 131M-value embedding); calling it on slices of whole 256-value blocks gives the same
+#: result with bounded temporaries.
+CALL_ELEMENTS = 1 << 22
 
 
 def _bnb_functional():
@@ -97,12 +102,37 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
 
     def _bnb_step_(self, target: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, lr: float, wd: float):
-        """Run bitsandbytes' fused 8-bit AdamW kernel on ``target`` in place."""
+        """Run bitsandbytes' fused 8-bit AdamW kernel on ``target`` in place, ``CALL_ELEMENTS`` values per call.
+
+        Slices start on 256-value block boundaries and the kernel is
+        element-wise apart from each block's scale, so the result is the one
+        of a single call on the whole tensor.
+        """
+        numel = target.numel()
+        if numel <= CALL_ELEMENTS:
+            self._bnb_call_(target, grad.contiguous(), state, group, lr, wd)
+            return
+        flat_target, flat_grad = target.view(-1), grad.contiguous().view(-1)
+        flat1, flat2 = state["state1"].view(-1), state["state2"].view(-1)
+        for start in range(0, numel, CALL_ELEMENTS):
+            stop = min(start + CALL_ELEMENTS, numel)
+            first, last = start // BLOCK_SIZE, -(-stop // BLOCK_SIZE)
+            part = {
+                "step": state["step"],
+                "state1": flat1[start:stop],
+                "state2": flat2[start:stop],
+                "absmax1": state["absmax1"][first:last],
+                "absmax2": state["absmax2"][first:last],
+            }
+            self._bnb_call_(flat_target[start:stop], flat_grad[start:stop], part, group, lr, wd)
+
+    def _bnb_call_(self, target: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, lr: float, wd: float):
+        """One call of bitsandbytes' fused 8-bit AdamW kernel (keyword arguments only)."""
         qmap1, qmap2 = self._qmaps_on(grad.device)
         beta1, beta2 = group["betas"]
         self._update_8bit(
             optimizer_name="adam",
-            g=grad.contiguous(),
+            g=grad,
             p=target,
             state1=state["state1"],
             state2=state["state2"],
