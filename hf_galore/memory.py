@@ -83,6 +83,9 @@ class MemoryEstimate:
 
     ``optimizer_states`` includes ``projection_bases`` (the GaLore bases,
     reported separately because the papers count them differently).
+    ``transient`` is the largest working set of one refresh or one weight's
+    update (float32 copies, sketches, kernel temporaries), which lives on
+    top of ``total`` for a moment: ``peak = total + transient``.
     """
 
     method: str
@@ -96,11 +99,17 @@ class MemoryEstimate:
     total_params: int = 0
     trainable_params: int = 0
     lowrank_params: int = 0
+    transient: int = 0
     notes: tuple[str, ...] = ()
     total: int = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "total", self.weights + self.gradients + self.optimizer_states + self.activations)
+
+    @property
+    def peak(self) -> int:
+        """The predicted high-water mark of a step: ``total`` plus the largest transient working set."""
+        return self.total + self.transient
 
     @property
     def weights_and_states(self) -> int:
@@ -111,6 +120,7 @@ class MemoryEstimate:
         """Plain JSON-ready dict; byte fields keep the names of the dataclass."""
         out = dataclasses.asdict(self)
         out["notes"] = list(self.notes)
+        out["peak"] = self.peak
         return out
 
     def to_table(self) -> str:
@@ -123,6 +133,8 @@ class MemoryEstimate:
             ("  of which projection_bases", self.projection_bases),
             ("activations", self.activations),
             ("total", self.total),
+            ("transient (refresh / update)", self.transient),
+            ("peak", self.peak),
         ]
         width = max(len(name) for name, _ in rows)
         lines = [head, f"{'component':<{width}}  {'bytes':>17}  {'GiB':>9}  {'GB':>9}"]
@@ -214,6 +226,55 @@ def activation_bytes(
     if checkpointing:
         return layers * tokens * e * hidden + tokens * per_layer + rope + head
     return layers * (tokens * per_layer + rope) + head
+
+
+#: Values per bitsandbytes 8-bit call (``optim/adamw8bit.CALL_ELEMENTS``) and the float32 bytes its
+#: CPU kernel makes per value: both moments, the gradient, the weight, the denominator, the two
+#: re-quantized outputs (``bitsandbytes/backends/cpu/ops.py``).
+BNB_CALL_ELEMENTS = 1 << 22
+BNB_CPU_BYTES_PER_VALUE = 28
+
+
+def refresh_transient_bytes(projector: str, side: int, other: int, rank: int, *, oversample: int = 8) -> int:
+    """Temporaries of one basis refresh of a ``side × other`` gradient (``side``: the projected dimension).
+
+    Every finder starts from a float32 copy of the gradient (``4·k·n``).
+    The randomized finder (and ``auto`` above its switch point) adds, with
+    ``w = rank + oversample``: the sketch ``Ω`` and ``AᵀQ`` (``n × w``),
+    ``B = QᵀA`` (``w × n``), ``AΩ``, ``Q`` and ``Z = ABᵀ`` (``k × w``), and the
+    float64 ``BBᵀ`` with its eigenvectors (``w × w``). The exact SVD
+    (``svd``, ``online_pca``'s first basis) adds LAPACK's copy of the input
+    and ``Vᵀ`` (``k × n`` each) and ``U`` with the divide-and-conquer
+    workspace (about ``5·k²``, float32): an approximation of gesdd's
+    documented workspace, not a count of tensors.
+    """
+    if projector == "randomized":
+        w = min(rank + oversample, side, other)
+        return 4 * side * other + 4 * (2 * other * w + w * other + 3 * side * w) + 8 * 2 * w * w
+    k = min(side, other)
+    n = max(side, other)
+    return 4 * side * other + 2 * 4 * k * n + 5 * 4 * k * k
+
+
+def update_transient_bytes(base: str, shape: Sequence[int], low_shape: Sequence[int] | None, *, int8: bool) -> int:
+    """Temporaries of one weight's update: the base optimizer's kernel and the projection back.
+
+    8-bit Adam runs bitsandbytes' CPU kernel on at most
+    ``BNB_CALL_ELEMENTS`` values per call (``28`` bytes each), plus, for a
+    low-rank gradient, the float32 buffer the step is read from. An INT8
+    weight is updated on a float32 copy (``4·m·n``) and its dequantized
+    values (another ``4·m·n``). Float weights are updated in place, or in
+    blocks of 2¹⁸ values with stochastic rounding (bounded, ignored here).
+    32-bit Adam and Adafactor use the projected gradient's size in float32
+    for their temporaries.
+    """
+    numel = math.prod(shape)
+    low = math.prod(low_shape) if low_shape is not None else numel
+    if base == "adam8bit":
+        kernel = min(low, BNB_CALL_ELEMENTS) * BNB_CPU_BYTES_PER_VALUE + (4 * low if low_shape is not None else 0)
+    else:
+        kernel = 3 * 4 * low
+    return kernel + (2 * 4 * numel if int8 else 0)
 
 
 # ----------------------------------------------------------------------- methods
@@ -476,6 +537,7 @@ def estimate_memory(
     proj_type: str = "std",
     activation_checkpointing: bool = False,
     train_non_targets: bool | None = None,
+    projector: str | None = None,
 ) -> MemoryEstimate:
     """Bytes of weights, gradients, optimizer states (bases included) and activations for one step.
 
@@ -496,6 +558,9 @@ def estimate_memory(
         train_non_targets: LoRA only: also train the non-target weights
             (embeddings, head, norms) at full rank, as the GaLore paper's LoRA
             baseline does (Table 6). Default ``False`` (peft's default).
+        projector: the basis finder, for methods with a basis (default: the
+            method's own); it decides per-weight finder state and the
+            refresh's transient working set.
     """
     if method not in METHODS:
         raise GaLoreConfigError(f"`method` must be one of {format_choices(METHODS)}, got {method!r}")
@@ -512,6 +577,14 @@ def estimate_memory(
     torch_dtype = DTYPES[dtype]
     e = torch.empty((), dtype=torch_dtype).element_size()
     state_bytes = BASE_STATES[spec.base]
+    if projector is not None:
+        from .projectors import PROJECTORS
+
+        if not spec.lowrank:
+            raise GaLoreConfigError(f"`projector` applies to methods with a basis; {method!r} has none")
+        if projector not in PROJECTORS:
+            raise GaLoreConfigError(f"`projector` must be one of {format_choices(PROJECTORS)}, got {projector!r}")
+    finder = projector or spec.projector
 
     model, config = resolve_model(model_or_config)
     uses_targets = spec.lowrank or spec.lora
@@ -523,18 +596,20 @@ def estimate_memory(
     weights = gradients = states = bases = 0
     total_params = trainable_params = lowrank_params = 0
     largest_grad = 0
+    transient = 0
     small_weights = 0
     float_targets = 0  # projected, but kept in `dtype` by the INT8-weight methods (not an nn.Linear)
     basis_cache: dict = {}
     notes: list[str] = []
 
     def train_full(shape: Sequence[int]) -> None:
-        nonlocal gradients, states, trainable_params, largest_grad
+        nonlocal gradients, states, trainable_params, largest_grad, transient
         numel = math.prod(shape)
         trainable_params += numel
         gradients += numel * e
         largest_grad = max(largest_grad, numel * e)
         states += STEP_BYTES + state_bytes(shape, e)
+        transient = max(transient, update_transient_bytes(spec.base, shape, None, int8=False))
 
     for _, param in model.named_parameters():
         shape = tuple(param.shape)
@@ -565,7 +640,8 @@ def estimate_memory(
             weights += numel * e
             train_full(shape)
             continue
-        if spec.int8_weights and id(param) in int8_targets:
+        int8 = spec.int8_weights and id(param) in int8_targets
+        if int8:
             weights += int8_weight_bytes(shape, e)
         else:
             weights += numel * e
@@ -580,7 +656,12 @@ def estimate_memory(
         weight_bases = sum(
             basis_bytes(side_size(side, matrix_shape), r, torch_dtype, spec.quant, basis_cache) for side in sides
         )
-        extra = projector_state_bytes(spec.projector, matrix_shape, r, sides) + refresh_state_bytes(spec.refresh)
+        extra = projector_state_bytes(finder, matrix_shape, r, sides) + refresh_state_bytes(spec.refresh)
+        refresh = max(
+            refresh_transient_bytes(finder, side_size(side, matrix_shape), numel // side_size(side, matrix_shape), r)
+            for side in sides
+        )
+        transient = max(transient, refresh, update_transient_bytes(spec.base, matrix_shape, low_shape, int8=int8))
         bases += weight_bases
         states += STEP_BYTES + state_bytes(low_shape, e) + weight_bases + extra
 
@@ -620,6 +701,7 @@ def estimate_memory(
         total_params=total_params,
         trainable_params=trainable_params,
         lowrank_params=lowrank_params,
+        transient=transient,
         notes=tuple(notes),
     )
 

@@ -1,0 +1,439 @@
+"""One real training step of LLaMA-7B on this machine's CPU: peak resident memory beside ``estimate_memory``.
+
+The GaLore paper's headline is that 8-bit GaLore (layer-wise) trains LLaMA-7B
+within a 24 GB card, and Q-GaLore within 16 GB. A GPU is not always at hand,
+but the host's resident set is a measurement of the same bytes: the model is
+LLaMA-7B (GaLore Table 5 shape, 6.74B parameters) in bf16 with activation
+checkpointing, batch ``--batch`` × ``--seq`` tokens, every attention / MLP
+weight (224) projected at ``--rank``; one forward, one backward with the
+layer-wise updates (and the cold refresh of every basis) inside it.
+
+Methods (each runs in a fresh process, so peaks do not leak between them):
+
+* ``galore_8bit_layerwise``: ``GaLoreAdamW8bit`` in a ``LayerwiseOptimizer``;
+* ``q_galore_layerwise``: the same after ``prepare_model_for_int8_weights``
+  (INT8 weights, converted layer by layer), with INT4 bases and the lazy
+  refresh policy (Q-GaLore).
+
+Measured per method, from the tensors and from the kernel's accounting:
+weights (distinct storages of parameters and buffers), optimizer state
+(Σ bytes of every state tensor), the peak of live gradients (hooks before and
+after each update), activations (resident growth over the forward pass), and
+the peak resident set (``VmHWM``, reset before the step) — beside
+``estimate_memory`` for the same setup, whose ``peak`` adds the transient
+working set of one refresh or update to its total.
+
+The model is built on the meta device and materialised in place with a
+cheap deterministic init (uniform, std 0.02, one seeded generator per
+tensor): nothing pays for the float32 random initialisation of
+``from_config``. The process lowers glibc's mmap threshold to 64 KiB itself
+(``mallopt``), so freed temporaries go back to the system at once instead of
+staying in the heap; ``--no-allocator-tuning`` measures without it.
+
+    python benchmarks/llama7b_step.py --method galore_8bit_layerwise --projector randomized
+    python benchmarks/llama7b_step.py --method q_galore_layerwise --projector randomized
+    python benchmarks/llama7b_step.py --report          # the table from the saved results
+    python benchmarks/llama7b_step.py --preset tiny --method all --out /tmp/x.json   # seconds, a smoke test
+
+Results are saved per method to ``--out`` (JSON, default
+``benchmarks/results/llama7b_step.json``) as soon as a method finishes; a
+rerun skips methods already there unless ``--rerun``. Before starting, the
+script checks that the machine has the memory the estimate needs and
+refuses with a clear message otherwise (``--force`` to try anyway).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+METHODS = ("galore_8bit_layerwise", "q_galore_layerwise")
+#: A small LLaMA for smoke tests (seconds on a CPU).
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 172,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "llama7b_step.json"
+GIB = 2**30
+#: Headroom the machine must have above the estimated peak before a run starts.
+MARGIN_BYTES = GIB // 2
+
+
+# ------------------------------------------------------------------ arguments
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--method", default="all", help=f"one of {', '.join(METHODS)}, a comma-separated list, or all (default)"
+    )
+    parser.add_argument("--preset", default="llama_7b", help="shipped preset (llama_60m … llama_7b) or tiny")
+    parser.add_argument("--rank", type=int, default=None, help="projection rank (default 1024; tiny: 8)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument(
+        "--projector", default=None, help="basis finder (default: the package's default, as a user would get)"
+    )
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default %(default)s)")
+    parser.add_argument("--rerun", action="store_true", help="measure methods already in --out again")
+    parser.add_argument("--report", action="store_true", help="print the table from --out and exit")
+    parser.add_argument("--force", action="store_true", help="run even if free memory is below the estimate")
+    parser.add_argument(
+        "--no-allocator-tuning",
+        dest="allocator_tuning",
+        action="store_false",
+        help="leave glibc's malloc settings alone (measures the allocator's retention too)",
+    )
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rank is None:
+        args.rank = 8 if args.preset == "tiny" else 1024
+    for name in ("rank", "batch", "seq"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    methods = METHODS if args.method == "all" else tuple(m.strip() for m in args.method.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        parser.error(f"--method {args.method!r}: unknown {unknown}; valid: {', '.join(METHODS)} or all")
+    args.methods = methods
+    return args
+
+
+# ------------------------------------------------------------- process memory
+def _status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def _reset_peak() -> None:
+    """Reset ``VmHWM`` to the current resident size (Linux ``clear_refs`` 5)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def _available_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable line")
+
+
+def limit_allocator_retention() -> bool:
+    """Make glibc return freed blocks over 64 KiB to the system at once (``mallopt(M_MMAP_THRESHOLD)``).
+
+    Why: glibc raises its mmap threshold (up to 32 MiB) each time a mapped
+    block is freed, so later temporaries of a refresh or an update come from
+    the heap, which it keeps; a 7B step then holds gigabytes of freed
+    memory. Fixing the threshold (which also turns the dynamic raise off)
+    keeps the resident set equal to the live tensors. Returns ``False``
+    where glibc is not the allocator.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 16))
+
+
+# --------------------------------------------------------------------- model
+def _config(preset: str):
+    from transformers import LlamaConfig
+
+    if preset == "tiny":
+        return LlamaConfig(**TINY)
+    from hf_galore.memory import load_preset
+
+    return load_preset(preset)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, mininterval=1.0)
+
+
+def build_model(config, dtype, seed: int = 0):
+    """LLaMA on the meta device, materialised on the CPU with a cheap deterministic init (no float32 pass)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to(dtype)
+    model.to_empty(device="cpu")
+    # non-persistent buffers (RoPE's inverse frequencies) were never materialised: rebuild them
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=config)
+    bound = 0.02 * math.sqrt(3.0)  # uniform(-b, b) has std 0.02, the config's initializer_range
+    params = list(model.named_parameters())
+    with torch.no_grad(), _progress(len(params), "build") as bar:
+        for index, (name, param) in enumerate(params):
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                generator = torch.Generator().manual_seed(seed * 100_003 + index)
+                param.uniform_(-bound, bound, generator=generator)
+            bar.update()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def build_optimizer(method: str, model, args: argparse.Namespace):
+    """(LayerwiseOptimizer, the GaLoreAdamW8bit inside it) through the public API."""
+    import hf_galore
+    from hf_galore.optim.layerwise import LayerwiseOptimizer
+
+    options: dict[str, Any] = {}
+    if args.projector is not None:
+        options["projector"] = args.projector
+    if method == "q_galore_layerwise":
+        options.update(quant="int4", refresh="lazy")
+    config = hf_galore.GaLoreConfig(rank=args.rank, target_modules="all-linear", **options)
+    groups = hf_galore.galore_param_groups(model, config)
+    inner = hf_galore.GaLoreAdamW8bit(groups, lr=args.lr)
+    return LayerwiseOptimizer(inner), inner
+
+
+def _distinct_bytes(tensors) -> int:
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def _state_bytes(optimizer) -> int:
+    return sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for value in state.values()
+        if hasattr(value, "element_size")
+    )
+
+
+def estimate(method: str, config, args: argparse.Namespace):
+    import hf_galore
+
+    return hf_galore.estimate_memory(
+        config,
+        method,
+        rank=args.rank,
+        dtype="bf16",
+        batch_size=args.batch,
+        seq_len=args.seq,
+        activation_checkpointing=True,
+    )
+
+
+# ---------------------------------------------------------------- one method
+def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Build, prepare, and run one step of ``method`` in this process; the measured figures."""
+    import torch
+
+    tuned = limit_allocator_retention() if args.allocator_tuning else False
+    torch.manual_seed(0)
+    config = _config(args.preset)
+    expected = estimate(method, config, args)
+    needed = expected.peak + MARGIN_BYTES
+    available = _available_bytes()
+    if available < needed and not args.force:
+        raise SystemExit(
+            f"{method}: the estimate needs {needed / GIB:.2f} GiB (peak {expected.peak / GIB:.2f} GiB + "
+            f"{MARGIN_BYTES / GIB:.1f} GiB margin) but only {available / GIB:.2f} GiB is available; "
+            "free memory or pass --force"
+        )
+    result: dict[str, Any] = {
+        "method": method,
+        "preset": args.preset,
+        "rank": args.rank,
+        "batch": args.batch,
+        "seq": args.seq,
+        "projector": args.projector,
+        "allocator_tuning": tuned,
+        "threads": torch.get_num_threads(),
+    }
+    import bitsandbytes.functional  # noqa: F401  (libraries loaded before the baseline is read)
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    result["baseline_rss"] = _status_bytes("VmRSS")  # the interpreter and libraries, before any tensor
+    started = time.perf_counter()
+    _reset_peak()
+    model = build_model(config, torch.bfloat16)
+    result["build_seconds"] = time.perf_counter() - started
+    result["build_peak"] = _status_bytes("VmHWM")
+    if method == "q_galore_layerwise":
+        from hf_galore import prepare_model_for_int8_weights
+
+        started = time.perf_counter()
+        _reset_peak()
+        prepare_model_for_int8_weights(model, "all-linear", progress=True)
+        result["int8_seconds"] = time.perf_counter() - started
+        result["int8_peak"] = _status_bytes("VmHWM")
+    optimizer, inner = build_optimizer(method, model, args)
+    params = [p for group in inner.param_groups for p in group["params"]]
+    buffers = list(model.buffers())
+    result["weights"] = _distinct_bytes([*model.parameters(), *buffers])
+
+    # live gradients: counted by a hook that runs before the layer-wise update (registered
+    # after it, hooks run in order: so the count hook is put first by re-registering)
+    live, peak_grads, sizes = [0], [0], {}
+    bar = _progress(len(params), "backward (update + refresh per weight)")
+
+    def count(p) -> None:
+        sizes[id(p)] = p.grad.numel() * p.grad.element_size()
+        live[0] += sizes[id(p)]
+        peak_grads[0] = max(peak_grads[0], live[0])
+
+    def drop(p) -> None:
+        live[0] -= sizes.pop(id(p), 0)
+        bar.update()
+
+    optimizer.remove_hooks()
+    for p in params:
+        p.register_post_accumulate_grad_hook(count)
+    optimizer.register_hooks()
+    for p in params:
+        p.register_post_accumulate_grad_hook(drop)
+
+    layers = model.model.layers
+    forward_bar = _progress(len(layers), "forward")
+    handles = [layer.register_forward_hook(lambda *_: forward_bar.update()) for layer in layers]
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+
+    before_step = _status_bytes("VmRSS")
+    _reset_peak()
+    started = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    result["forward_seconds"] = time.perf_counter() - started
+    result["activations_rss"] = _status_bytes("VmRSS") - before_step
+    forward_bar.close()
+    for handle in handles:
+        handle.remove()
+    started = time.perf_counter()
+    loss.backward()
+    optimizer.step()
+    result["backward_seconds"] = time.perf_counter() - started
+    bar.close()
+    result["peak"] = _status_bytes("VmHWM")
+    result["rss_after"] = _status_bytes("VmRSS")
+    result["gradients"] = peak_grads[0]
+    result["states"] = _state_bytes(inner)
+    result["loss_before"] = loss.item()
+    with torch.no_grad():
+        result["loss_after"] = float(model(input_ids=ids, labels=ids).loss)
+    return result
+
+
+# ----------------------------------------------------------------- the table
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _key(args: argparse.Namespace, method: str) -> str:
+    return f"{method}|{args.preset}|r{args.rank}|{args.batch}x{args.seq}|{args.projector or 'default'}"
+
+
+def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """Measured vs estimated per component; the estimate is recomputed with today's code."""
+    lines = []
+    for got in results:
+        est = estimate(got["method"], _config(got["preset"]), argparse.Namespace(**{**vars(args), **got}))
+        rows = [
+            ("weights", est.weights, got["weights"]),
+            ("optimizer states", est.optimizer_states, got["states"]),
+            ("gradients (peak live)", est.gradients, got["gradients"]),
+            ("activations (RSS growth over forward)", est.activations, got["activations_rss"]),
+            (
+                "above the steady state (activations + gradient + transient; peak - RSS after the step)",
+                est.activations + est.gradients + est.transient,
+                got["peak"] - got["rss_after"],
+            ),
+            ("peak (VmHWM - interpreter and libraries)", est.peak, got["peak"] - got["baseline_rss"]),
+        ]
+        lines.append(
+            f"\n{got['method']}: {got['preset']}, rank {got['rank']}, batch {got['batch']} x {got['seq']}, "
+            f"projector {got['projector'] or 'default'}, allocator tuning {got['allocator_tuning']}, "
+            f"{got['threads']} threads"
+        )
+        lines.append("| component | estimate GiB | measured GiB | measured / estimate |")
+        lines.append("|---|---:|---:|---:|")
+        for name, e, m in rows:
+            ratio = f"{m / e:.3f}" if e else "n/a"
+            lines.append(f"| {name} | {e / GIB:.3f} | {m / GIB:.3f} | {ratio} |")
+        timing = (
+            f"build {got['build_seconds']:.0f} s (peak {got['build_peak'] / GIB:.2f} GiB)"
+            + (
+                f", INT8 conversion {got['int8_seconds']:.0f} s (peak {got['int8_peak'] / GIB:.2f} GiB)"
+                if "int8_seconds" in got
+                else ""
+            )
+            + f", forward {got['forward_seconds']:.0f} s, backward with updates {got['backward_seconds']:.0f} s; "
+            f"loss {got['loss_before']:.3f} -> {got['loss_after']:.3f}; resident after the step "
+            f"{got['rss_after'] / GIB:.2f} GiB; peak VmHWM {got['peak'] / GIB:.2f} GiB including "
+            f"{got['baseline_rss'] / GIB:.2f} GiB of interpreter and libraries"
+        )
+        lines.append(timing)
+    return "\n".join(lines)
+
+
+def _run_child(argv: list[str], method: str) -> dict[str, Any]:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *argv, "--child", method],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{method} failed (exit {proc.returncode}); its messages are above")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
+    if args.child:
+        print(json.dumps(measure(args.child, args)))
+        return 0
+    saved = _load(args.out)
+    if not args.report:
+        for method in args.methods:
+            key = _key(args, method)
+            if key in saved and not args.rerun:
+                print(f"{method}: already measured in {args.out} (--rerun to measure again)", file=sys.stderr)
+                continue
+            saved[key] = _run_child(argv, method)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(saved, indent=1, sort_keys=True))
+    chosen = [saved[_key(args, m)] for m in args.methods if _key(args, m) in saved]
+    if not chosen:
+        print(f"no results for {', '.join(args.methods)} in {args.out}", file=sys.stderr)
+        return 1
+    print(render(chosen, args))
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())
