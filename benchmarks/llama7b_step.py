@@ -16,7 +16,7 @@ Methods (each runs in a fresh process, so peaks do not leak between them):
   refresh policy (Q-GaLore).
 
 Measured per method, from the tensors and from the kernel's accounting:
-weights (distinct storages of parameters and buffers), optimizer state
+weights (distinct storages of parameters and INT8 codes and scales), optimizer state
 (Σ bytes of every state tensor), the peak of live gradients (hooks before and
 after each update), activations (resident growth over the forward pass), and
 the peak resident set (``VmHWM``, reset before the step) — beside
@@ -291,7 +291,10 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         result["int8_peak"] = _status_bytes("VmHWM")
     optimizer, inner = build_optimizer(method, model, args)
     params = [p for group in inner.param_groups for p in group["params"]]
-    buffers = list(model.buffers())
+    from hf_galore import Int8Linear
+
+    # parameters and the INT8 layers' codes and scales (not RoPE's tables, which no estimate counts)
+    buffers = [b for m in model.modules() if isinstance(m, Int8Linear) for b in m.buffers()]
     result["weights"] = _distinct_bytes([*model.parameters(), *buffers])
 
     # live gradients: counted by a hook that runs before the layer-wise update (registered
@@ -317,7 +320,11 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
     layers = model.model.layers
     forward_bar = _progress(len(layers), "forward")
-    handles = [layer.register_forward_hook(lambda *_: forward_bar.update()) for layer in layers]
+
+    def advance(*_) -> None:  # a forward hook must return None, or it replaces the layer's output
+        forward_bar.update()
+
+    handles = [layer.register_forward_hook(advance) for layer in layers]
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
 
     before_step = _status_bytes("VmRSS")
@@ -402,6 +409,7 @@ def _run_child(argv: list[str], method: str) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), *argv, "--child", method],
         env=env,
+        check=False,
         stdout=subprocess.PIPE,
         text=True,
     )

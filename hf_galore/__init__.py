@@ -11,7 +11,7 @@ from __future__ import annotations
 from .config import GaLoreConfig
 from .distributed import check_supported_engine, register_layerwise_ddp_hook, synchronize_bases
 from .errors import GaLoreConfigError, HfGaloreError, StateMismatchError, UnsupportedSetupError
-from .int8_targets import prepare_model_for_int8_weights
+from .int8_targets import load_checkpoint_into_int8, prepare_model_for_int8_weights
 from .memory import MemoryEstimate, estimate_memory
 from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, GaLoreOptimizer, RefreshStats
 from .optim.layerwise import LayerwiseOptimizer
@@ -62,6 +62,7 @@ __all__ = [
     "dequantize_int8_weights",
     "estimate_memory",
     "galore_param_groups",
+    "load_checkpoint_into_int8",
     "prepare_model_for_int8_weights",
     "register_layerwise_ddp_hook",
     "register_trainer_optimizer",

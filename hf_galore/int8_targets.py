@@ -7,10 +7,15 @@ lives beside target selection, above the INT8 layer itself
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
+import torch
 from torch import nn
 
+from .errors import GaLoreConfigError
 from .projectors.randomized import derive_seed
 from .quant.int8 import DEFAULT_WEIGHT_GROUP_SIZE, Int8Linear
 from .targets import TargetModulesError, select_target_modules
@@ -40,10 +45,8 @@ def prepare_model_for_int8_weights(
     its INT8 layer replaces it, so the peak stays about the float model's
     size (plus one layer), not float + INT8. On a model built on the meta
     device the INT8 layers are created on the meta device too (nothing is
-    quantized): materialise them with ``model.to_empty(device=...)`` and
-    load a float checkpoint with ``load_state_dict`` — each dense weight
-    is quantized as it is loaded (docs/projectors.md, "Loading a checkpoint
-    into INT8 layers").
+    quantized), and a float checkpoint loads straight into them — each dense weight
+    is quantized as it is loaded (:func:`load_checkpoint_into_int8`).
     """
     selection = select_target_modules(model, target_modules, exclude_modules)
     names = [name for name, m in selection.modules.items() if type(m) is nn.Linear]
@@ -69,10 +72,81 @@ def prepare_model_for_int8_weights(
     return names
 
 
-def _progress_bar(total: int):
+def _progress_bar(total: int, desc: str = "INT8 weights", unit: str = "layer"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="INT8 weights", unit="layer")
+    return tqdm(total=total, desc=desc, unit=unit)
 
 
-__all__ = ["prepare_model_for_int8_weights"]
+def checkpoint_files(checkpoint: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The safetensors files of a checkpoint: a file, a list of files, or a directory (sharded or not)."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path = Path(checkpoint)
+        if path.is_dir():
+            index = path / "model.safetensors.index.json"
+            if index.is_file():
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                return [path / shard for shard in shards]
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise GaLoreConfigError(f"`checkpoint` directory {str(path)!r} holds no *.safetensors file")
+            return files
+        paths = [path]
+    else:
+        paths = [Path(p) for p in checkpoint]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing or not paths:
+        raise GaLoreConfigError(f"`checkpoint`: no such safetensors file(s): {missing or checkpoint!r}")
+    return paths
+
+
+def load_checkpoint_into_int8(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> nn.Module:
+    """Load a float (or INT8) safetensors checkpoint into a model whose targets are INT8 layers, shard by shard.
+
+    The model is built without storage and its targets replaced first, so
+    the float model never exists in memory; the peak is the INT8 model plus
+    one shard::
+
+        from accelerate import init_empty_weights
+        with init_empty_weights():  # parameters on the meta device, buffers (RoPE) real
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+        prepare_model_for_int8_weights(model, "all-linear")
+        load_checkpoint_into_int8(model, "path/to/checkpoint_dir")
+
+    Each shard is read to ``device`` and assigned (``load_state_dict(...,
+    assign=True)``); a dense weight of an INT8 layer is quantized as it
+    arrives, exactly as ``prepare_model_for_int8_weights`` quantizes a float
+    layer. Tied weights are re-tied at the end. Raises
+    :class:`~hf_galore.errors.GaLoreConfigError` naming the tensors the
+    checkpoint did not provide (still on the meta device).
+    """
+    files = checkpoint_files(checkpoint)
+    from safetensors.torch import load_file
+
+    bar = _progress_bar(len(files), desc="checkpoint shards", unit="shard") if progress else None
+    for path in files:
+        shard = load_file(str(path), device=str(device))
+        model.load_state_dict(shard, strict=False, assign=True)
+        del shard
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        shown = ", ".join(empty[:8]) + (f" and {len(empty) - 8} more" if len(empty) > 8 else "")
+        raise GaLoreConfigError(
+            f"`checkpoint` {[str(f) for f in files]} did not provide {len(empty)} tensor(s) of the model: {shown}"
+        )
+    return model
+
+
+__all__ = ["checkpoint_files", "load_checkpoint_into_int8", "prepare_model_for_int8_weights"]

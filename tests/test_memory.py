@@ -340,6 +340,8 @@ BAD_INPUT = [
     (("llama_60m", "galore"), {"target_modules": ["q_prj"]}, "Closest module names: 'q_proj'"),
     (("llama_60m", "galore"), {"train_non_targets": True}, "`method='lora'` only"),
     (("llama_61m", "galore"), {}, "llama_60m"),
+    (("llama_60m", "galore"), {"projector": "qr"}, "`projector` must be one of"),
+    (("llama_60m", "adamw"), {"projector": "svd"}, "`projector` applies to methods with a basis"),
     ((3.5, "galore"), {}, "`model_or_config` must be"),
 ]
 
@@ -459,3 +461,35 @@ def test_roberta_base_full_finetuning_matches_table4():
     est = estimate_memory(config, "adamw")
     assert est.total_params == 124_647_170
     assert est.weights_and_states / 1e6 == pytest.approx(747, rel=0.002)
+
+
+# --------------------------------------------------------------------- transients
+def test_peak_is_total_plus_the_largest_transient():
+    est = estimate_memory("llama_7b", "galore_8bit_layerwise", rank=1024, activation_checkpointing=True)
+    assert est.transient > 0
+    assert est.peak == est.total + est.transient
+    assert est.to_dict()["peak"] == est.peak
+    assert f"{est.peak:,}" in est.to_table()
+
+
+def test_transient_is_the_largest_refresh_or_update_by_hand():
+    """One 96 x 200 linear at rank 16 (left side): the refresh's and the update's temporaries, counted."""
+    from hf_galore.memory import BNB_CPU_BYTES_PER_VALUE
+
+    model = nn.Sequential(nn.Linear(200, 96, bias=False))
+    k, n, w = 96, 200, 16 + 8
+    randomized = 4 * k * n + 4 * (2 * n * w + w * n + 3 * k * w) + 8 * 2 * w * w
+    svd = 4 * k * n + 2 * 4 * k * n + 5 * 4 * k * k
+    est = estimate_memory(model, "galore", rank=16, target_modules=["0"], dtype="fp32", projector="randomized")
+    assert est.transient == max(randomized, 3 * 4 * 16 * n)
+    assert estimate_memory(model, "galore", rank=16, target_modules=["0"], dtype="fp32").transient == svd
+    eight = estimate_memory(model, "galore_8bit", rank=16, target_modules=["0"], dtype="fp32", projector="randomized")
+    assert eight.transient == max(randomized, 16 * n * (BNB_CPU_BYTES_PER_VALUE + 4))
+    q = estimate_memory(model, "q_galore", rank=16, target_modules=["0"], dtype="fp32", projector="randomized")
+    assert q.transient == max(randomized, 16 * n * (BNB_CPU_BYTES_PER_VALUE + 4) + 2 * 4 * k * n)
+
+
+def test_randomized_refresh_needs_less_than_exact_svd_on_7b_shapes():
+    from hf_galore.memory import refresh_transient_bytes
+
+    assert refresh_transient_bytes("randomized", 4096, 11008, 1024) < refresh_transient_bytes("svd", 4096, 11008, 1024)

@@ -191,6 +191,8 @@ class Int8Linear(nn.Linear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         dense = state_dict.pop(prefix + "weight", None)
+        if dense is not None and 0 not in dense.stride() and self.weight_int8.is_meta:
+            self._materialize_(dense.device)
         weight = self._parameters["weight"]
         self._parameters["weight"] = None
         try:
@@ -201,6 +203,23 @@ class Int8Linear(nn.Linear):
             self._parameters["weight"] = weight
         if dense is not None and 0 not in dense.stride():
             self.store_(dense)
+
+    def _materialize_(self, device: torch.device) -> None:
+        """Give a layer built on the meta device real (empty) codes and scales on ``device``.
+
+        Why: a float checkpoint can then be loaded straight into INT8 layers
+        (``hf_galore.load_checkpoint_into_int8``) without the float model ever
+        existing; ``store_`` fills them as each dense weight arrives.
+        """
+        placeholder = self._parameters["weight"]
+        self.weight_int8 = torch.empty_like(self.weight_int8, device=device)
+        self.weight_scale = torch.empty_like(self.weight_scale, device=device)
+        fresh = nn.Parameter(
+            torch.zeros((), dtype=placeholder.dtype, device=device).expand(self.out_features, self.in_features),
+            requires_grad=placeholder.requires_grad,
+        )
+        setattr(fresh, _OWNER_ATTR, weakref.ref(self))
+        self.weight = fresh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Int8LinearFunction.apply(x, self.weight, self.weight_int8, self.weight_scale, self.bias, self.group_size)
