@@ -17,8 +17,12 @@ one per weight), ``galore/refresh_seconds`` (time spent in them),
 one it replaced since the previous log: 1 = same subspace; absent when no
 basis was replaced), ``galore/optimizer_state_mb`` (bytes of all optimizer
 state tensors) and ``galore/skipped_steps`` (steps skipped for a NaN/Inf
-gradient). At train end a layer-wise optimizer's gradient hooks are removed,
-so the model outlives them. ``import hf_galore`` adds the callback to every Trainer; it is
+gradient). For a layer-wise optimizer the callback also refuses, at train
+start, Trainer settings it cannot honour, and sets every training log's
+``grad_norm`` to the global pre-clip norm the gradient hooks recorded (the
+Trainer's own norm comes after the hooks freed every gradient); both through
+public callback events only. At train end a layer-wise optimizer's gradient
+hooks are removed, so the model outlives them. ``import hf_galore`` adds the callback to every Trainer; it is
 inert unless an hf_galore optimizer is in use, and several instances on one
 Trainer act as one.
 """
@@ -54,6 +58,7 @@ from .trainer_args import (
     is_galore_optim,
     optim_name,
 )
+from .trainer_layerwise import check_trainer_args, logged_grad_norm, loss_scaler
 
 _OWNER_ATTR = "_hf_galore_callback"
 _PEERS_ATTR = "_hf_galore_callbacks"
@@ -332,6 +337,8 @@ class GaLoreCallback(TrainerCallback):
             )
         if not ours:
             return
+        if isinstance(inner, LayerwiseOptimizer):  # before any step: settings it cannot honour stop here
+            check_trainer_args(inner, args, loss_scaler(optimizer))
         self._optimizer = inner
         if args.world_size > 1:  # DDP: every rank uses rank 0's basis, by construction (docs/distributed.md)
             from .distributed import synchronize_bases
@@ -400,11 +407,16 @@ class GaLoreCallback(TrainerCallback):
         if owner is None or logs is None or getattr(state, _LOGGED_ATTR, None) is logs:
             return
         setattr(state, _LOGGED_ATTR, logs)
-        if owner._optimizer is None or not owner.log_stats:
+        if owner._optimizer is None:
             return
         if any(k.startswith(("eval_", "test_")) for k in logs) or "train_runtime" in logs:
             return
-        extra = owner.stats()
+        extra = owner.stats() if owner.log_stats else {}
+        grad_norm = logged_grad_norm(owner._optimizer) if "loss" in logs else None
+        if grad_norm is not None:  # layer-wise: the Trainer's own norm came after the hooks freed every gradient
+            extra["grad_norm"] = grad_norm
+        if not extra:
+            return
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)

@@ -5,13 +5,15 @@ is imported (now, or later — importing it costs seconds, so ``import
 hf_galore`` does not do it) the hook runs (:func:`register_with_transformers`
 runs it on demand) and
 
-* wraps ``Trainer.get_optimizer_cls_and_kwargs`` so the GaLore optim names
-  (galore_adamw, galore_adamw_8bit, galore_adafactor and the ``*_layerwise``
-  ones) build hf_galore optimizers — transformers' own GaLore path, which
-  needs galore-torch, passes only the learning rate and silently drops
-  unknown ``optim_args`` keys, is never reached for these names;
-* puts the same builders into ``transformers.trainer_optimizer._OPTIMIZER_HANDLERS``
-  where that table exists (transformers >= 5), for code that dispatches on it;
+* routes the GaLore optim names (galore_adamw, galore_adamw_8bit,
+  galore_adafactor and the ``*_layerwise`` ones) to hf_galore's builders —
+  transformers' own GaLore path, which needs galore-torch, passes only the
+  learning rate and silently drops unknown ``optim_args`` keys, is never
+  reached for these names. How depends on the release line, and is decided in
+  one place (:mod:`hf_galore.compat_transformers`): on transformers >= 5 the
+  builders go into its optimizer handler table and no ``Trainer`` attribute is
+  replaced; on 4.x the public static ``Trainer.get_optimizer_cls_and_kwargs``
+  is wrapped;
 * appends :class:`~hf_galore.callback.GaLoreCallback` to the Trainer's default
   callbacks (it stays inert unless a GaLore optimizer is in use).
 
@@ -20,8 +22,8 @@ Optimizers are data: ``TRAINER_OPTIMIZERS`` maps an optim name to a builder
 :func:`register_trainer_optimizer` adds one (names must be members of
 transformers' ``OptimizerNames`` to be accepted by ``TrainingArguments``).
 
-Where the hook cannot be installed (a transformers version without
-``Trainer.get_optimizer_cls_and_kwargs``), a warning says so at import of
+Where the hook cannot be installed (a release without what its line should
+have), a warning says so at import of
 ``transformers.trainer`` and the explicit path always works::
 
     Trainer(..., optimizers=(hf_galore.create_optimizer(model, args), None))
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from torch.optim import Optimizer
 
+from .compat_transformers import hook_optimizer_dispatch
 from .config import GaLoreConfig
 from .errors import GaLoreConfigError, UnsupportedSetupError, format_choices
 from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
@@ -170,15 +173,8 @@ def create_optimizer(
 
 
 # ------------------------------------------------------------------- hooking
-def _wrapped_get_optimizer_cls_and_kwargs(original: Callable) -> Callable:
-    def get_optimizer_cls_and_kwargs(args, model=None):
-        if is_galore_optim(optim_name(args)):
-            return trainer_optimizer_cls_and_kwargs(args, model)
-        return original(args, model)
-
-    get_optimizer_cls_and_kwargs.__doc__ = original.__doc__
-    get_optimizer_cls_and_kwargs.__hf_galore_original__ = original
-    return get_optimizer_cls_and_kwargs
+def _claims(args: Any) -> bool:
+    return is_galore_optim(optim_name(args))
 
 
 def _handler(ctx: Any) -> tuple[type, dict]:
@@ -198,26 +194,15 @@ HOOK_STATE.on_register = _install_handlers
 
 
 def _patch_trainer_module(module: ModuleType) -> None:
-    trainer_cls = getattr(module, "Trainer", None)
-    raw = trainer_cls.__dict__.get("get_optimizer_cls_and_kwargs") if trainer_cls is not None else None
-    if not isinstance(raw, staticmethod):
-        raise UnsupportedSetupError(
-            "this transformers version has no static `Trainer.get_optimizer_cls_and_kwargs`, the hook hf_galore "
-            f"uses for `optim='galore_*'`; build the optimizer explicitly: {EXPLICIT_PATH}"
-        )
-    original = raw.__func__
-    if not hasattr(original, "__hf_galore_original__"):
-        trainer_cls.get_optimizer_cls_and_kwargs = staticmethod(_wrapped_get_optimizer_cls_and_kwargs(original))
-    table_module = sys.modules.get("transformers.trainer_optimizer")
-    table = getattr(table_module, "_OPTIMIZER_HANDLERS", None)
-    if isinstance(table, dict):
+    # transformers >= 5: handlers in its optimizer table, nothing on Trainer replaced; 4.x: the
+    # public static `get_optimizer_cls_and_kwargs` wrapped (hf_galore.compat_transformers decides)
+    table = hook_optimizer_dispatch(module, _claims, trainer_optimizer_cls_and_kwargs)
+    if table is not None:
         HOOK_STATE.handlers_table = table
         _install_handlers()
     from .callback import AutoGaLoreCallback
-    from .trainer_layerwise import install_trainer_support
 
-    # the real grad_norm for layer-wise optimizers, before any Trainer reads one the hooks consumed
-    install_trainer_support()
+    # the callback checks layer-wise settings and logs the real grad_norm (public callback events)
     defaults = getattr(module, "DEFAULT_CALLBACKS", None)
     if isinstance(defaults, list) and AutoGaLoreCallback not in defaults:
         defaults.append(AutoGaLoreCallback)

@@ -3,9 +3,10 @@
 The integration half of layer-wise mode (the optimizer itself is
 ``hf_galore.optim.layerwise``, which knows nothing of transformers): builders
 for ``optim="galore_*_layerwise"``, the checks of Trainer settings that
-layer-wise mode cannot honour, and the Trainer support that logs the real
-gradient norm (installed when ``transformers.trainer`` is imported, see
-``hf_galore.trainer``).
+layer-wise mode cannot honour, and the ``grad_norm`` a training log must
+carry. ``GaLoreCallback`` applies the last two through public callback events
+(``on_train_begin``, ``on_log``); no ``Trainer`` method is replaced, so no
+transformers release can switch them off by renaming one.
 """
 
 from __future__ import annotations
@@ -52,55 +53,37 @@ def check_trainer_args(optimizer: LayerwiseOptimizer, args: Any, scaler: Any = N
         )
 
 
-def install_trainer_support() -> bool:
-    """Teach ``transformers.Trainer`` to clip and log the gradient norm of a layer-wise optimizer.
+def loss_scaler(optimizer: Any) -> Any:
+    """The fp16 loss scaler accelerate attached to the Trainer's optimizer wrapper (``None``: no scaling).
 
-    The Trainer computes ``grad_norm`` with ``accelerator.clip_grad_norm_``
-    after backward, when a layer-wise optimizer has already freed every
-    gradient, so it would log 0 and clip nothing. We wrap the Trainer's two
-    private helpers (``_clip_grad_norm``, ``_get_grad_norm``): for a
-    :class:`LayerwiseOptimizer` they check the arguments
-    (:func:`check_trainer_args`) and return the norm the hooks recorded
-    (clipping already happened per parameter); every other optimizer goes
-    through the original code. Idempotent; returns ``False`` when the
-    installed transformers has no such helpers (layer-wise training then
-    still works, but the logged ``grad_norm`` is not the real one).
+    ``AcceleratedOptimizer.scaler`` is the accelerator's ``GradScaler``; the
+    callback sees only the optimizer, so it looks along the ``.optimizer``
+    chain for the first ``scaler``.
     """
-    try:
-        from transformers import Trainer
-    except ImportError:
-        return False
-    if getattr(Trainer, "_hf_galore_layerwise", False):
-        return True
-    if not (callable(getattr(Trainer, "_clip_grad_norm", None)) and callable(getattr(Trainer, "_get_grad_norm", None))):
-        return False
-    original_clip = Trainer._clip_grad_norm
-    original_get = Trainer._get_grad_norm
-
-    def _layerwise_of(trainer) -> LayerwiseOptimizer | None:
-        optimizer = as_layerwise(trainer.optimizer)
-        if optimizer is not None:
-            check_trainer_args(optimizer, trainer.args, getattr(trainer.accelerator, "scaler", None))
-        return optimizer
-
-    def _clip_grad_norm(self, model):
-        optimizer = _layerwise_of(self)
+    for _ in range(8):
         if optimizer is None:
-            return original_clip(self, model)
-        return optimizer.current_grad_norm()
+            return None
+        scaler = getattr(optimizer, "scaler", None)
+        if scaler is not None:
+            return scaler
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
 
-    def _get_grad_norm(self, model, grad_norm=None):
-        optimizer = _layerwise_of(self)
-        if optimizer is None:
-            return original_get(self, model, grad_norm=grad_norm)
-        return optimizer.current_grad_norm() if grad_norm is None else grad_norm
 
-    _clip_grad_norm.__doc__ = original_clip.__doc__
-    _get_grad_norm.__doc__ = original_get.__doc__
-    Trainer._clip_grad_norm = _clip_grad_norm
-    Trainer._get_grad_norm = _get_grad_norm
-    Trainer._hf_galore_layerwise = True
-    return True
+def logged_grad_norm(optimizer: Any) -> float | None:
+    """The ``grad_norm`` a training log must carry for a layer-wise optimizer (``None``: not layer-wise, or no step yet).
+
+    The global pre-clip norm of the last committed step, which the hooks
+    accumulated (:attr:`LayerwiseOptimizer.last_grad_norm`). The Trainer's own
+    norm is computed after backward, when a layer-wise optimizer has already
+    freed every gradient, so it reads 0 (or, on transformers 4.x with
+    ``max_grad_norm=0``, is not logged at all); ``GaLoreCallback.on_log``
+    writes this value instead, before any reporting callback sees the log.
+    """
+    layerwise = as_layerwise(optimizer)
+    if layerwise is None or layerwise.last_grad_norm is None:
+        return None
+    return float(layerwise.last_grad_norm)
 
 
 def _layerwise_builder(optimizer_class: type[GaLoreOptimizer], regular_name: str):
@@ -111,7 +94,6 @@ def _layerwise_builder(optimizer_class: type[GaLoreOptimizer], regular_name: str
         clip = float(getattr(hp, "max_grad_norm", 0.0) or 0.0)
         if clip > 0:
             _warn_per_param_clip(clip)
-        install_trainer_support()
         return LayerwiseOptimizer, {
             "optimizer_class": optimizer_class,
             "per_param_max_norm": clip if clip > 0 else None,
@@ -151,6 +133,7 @@ def register_layerwise_trainer_optimizers() -> None:
 
 __all__ = [
     "check_trainer_args",
-    "install_trainer_support",
+    "logged_grad_norm",
+    "loss_scaler",
     "register_layerwise_trainer_optimizers",
 ]

@@ -23,10 +23,11 @@ from hf_galore import (
     create_optimizer,
 )
 from hf_galore import trainer_layerwise as layerwise_module
-from hf_galore.trainer_layerwise import check_trainer_args
+from hf_galore.callback import GaLoreCallback
+from hf_galore.trainer_layerwise import check_trainer_args, loss_scaler
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from tests import helpers
 
@@ -82,6 +83,26 @@ def _logged(trainer: Trainer, key: str) -> list[float]:
     return [entry[key] for entry in trainer.state.log_history if key in entry and "loss" in entry]
 
 
+#: The oracle's ``max_grad_norm``: clips nothing (coefficient clamped to exactly 1), but makes every
+#: transformers release log the norm (4.x logs ``grad_norm`` only when clipping is on).
+NO_CLIP = 1e9
+
+
+def regular_oracle(tmp_path, **overrides) -> Trainer:
+    """The regular optimizer in the same Trainer: its ``grad_norm`` is torch's ``clip_grad_norm_`` of the real gradients."""
+    return make_trainer(tmp_path, optim="galore_adamw", name="regular", **{"max_grad_norm": NO_CLIP, **overrides})
+
+
+class LogRecorder(TrainerCallback):
+    """A callback passed by the user, so it runs after the reporting integrations: what a reporter sees."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
 NAME_CASES = [
     ("galore_adamw_layerwise", GaLoreAdamW),
     ("galore_adamw_8bit_layerwise", GaLoreAdamW8bit),
@@ -115,15 +136,16 @@ def test_config_layerwise_flag_builds_it_explicitly():
 @pytest.mark.parametrize("accumulation,checkpointing", [(1, False), (2, True)])
 def test_matches_regular_trainer_with_schedule_and_grad_norm(tmp_path, accumulation, checkpointing):
     setup = {"gradient_accumulation_steps": accumulation, "gradient_checkpointing": checkpointing}
-    regular = make_trainer(tmp_path, optim="galore_adamw", name="regular", **setup)
-    layerwise = make_trainer(tmp_path, name="layerwise", **setup)
+    regular = regular_oracle(tmp_path, **setup)
+    layerwise = make_trainer(tmp_path, name="layerwise", **setup)  # max_grad_norm=0: no clipping either
     regular.train()
     layerwise.train()
     assert isinstance(layerwise.optimizer.optimizer, LayerwiseOptimizer)  # inside accelerate's wrapper
     assert _max_diff(_params(regular), _params(layerwise)) <= 1e-6
     assert _max_diff(_params(regular), [p.detach() for p in tiny_llama().parameters()]) > 1e-3
     lrs = _logged(layerwise, "learning_rate")
-    assert lrs == pytest.approx(_logged(regular, "learning_rate")) and lrs[0] > lrs[-1] > 0
+    # decays linearly (transformers < 4.51 logs the rate after the step: the last one is 0)
+    assert lrs == pytest.approx(_logged(regular, "learning_rate")) and lrs[0] > lrs[-1] >= 0
     norms = _logged(layerwise, "grad_norm")
     assert len(norms) == 4 and min(norms) > 0
     assert norms == pytest.approx(_logged(regular, "grad_norm"), rel=1e-4)
@@ -133,15 +155,61 @@ def test_matches_regular_trainer_with_schedule_and_grad_norm(tmp_path, accumulat
 
 
 @pytest.mark.slow
-def test_max_grad_norm_clips_per_parameter_and_logs_the_global_norm(tmp_path):
-    regular = make_trainer(tmp_path, optim="galore_adamw", name="regular", max_steps=1)
+def test_max_grad_norm_clips_per_parameter_and_logs_the_global_norm(tmp_path, monkeypatch):
+    """The logged grad_norm is the global pre-clip norm, in log_history and for every reporting callback.
+
+    The Trainer's own norm comes after the hooks freed every gradient (5.x
+    logs 0.0; 4.x with clipping too): ``GaLoreCallback.on_log`` replaces it
+    before the user's callbacks and the reporting integrations see the log.
+    """
+    monkeypatch.setattr(layerwise_module, "_WARNED_CLIP", set())
+    regular = regular_oracle(tmp_path, max_steps=1)
+    recorder = LogRecorder()
     clipped = make_trainer(tmp_path, name="clipped", max_steps=2, max_grad_norm=0.05)
+    clipped.add_callback(recorder)
     unclipped = make_trainer(tmp_path, name="unclipped", max_steps=2)
-    for trainer in (regular, clipped, unclipped):
-        trainer.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for trainer in (regular, clipped, unclipped):
+            trainer.train()
+    assert sum("clips each weight's gradient to norm 0.05" in str(w.message) for w in caught) == 1
+    assert clipped.optimizer.optimizer.per_param_max_norm == 0.05
     first = _logged(clipped, "grad_norm")[0]
     assert first == pytest.approx(_logged(regular, "grad_norm")[0], rel=1e-4) and first > 0.05
+    reported = [entry["grad_norm"] for entry in recorder.logs if "loss" in entry]
+    assert reported == _logged(clipped, "grad_norm") and len(reported) == 2
     assert _max_diff(_params(clipped), _params(unclipped)) > 1e-4  # clipping changed the update
+
+
+class ClipEachWeight(TrainerCallback):
+    """Clips every gradient on its own with torch, just before the regular optimizer steps."""
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = max_norm
+        self.clipped = 0
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        for p in model.parameters():
+            if p.grad is not None:
+                self.clipped += int(p.grad.norm() > self.max_norm)
+                torch.nn.utils.clip_grad_norm_([p], self.max_norm)
+
+
+@pytest.mark.slow
+def test_clipping_is_per_parameter(tmp_path):
+    """Layer-wise ``max_grad_norm=c`` equals the regular optimizer on gradients clipped weight by weight by torch."""
+    clip = 0.05
+    reference = ClipEachWeight(clip)
+    regular = regular_oracle(tmp_path, max_steps=2)
+    regular.add_callback(reference)
+    clipped = make_trainer(tmp_path, name="clipped", max_steps=2, max_grad_norm=clip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        regular.train()
+        clipped.train()
+    assert reference.clipped > 0  # the threshold bites
+    assert _max_diff(_params(regular), _params(clipped)) <= 1e-6
+    assert _logged(clipped, "grad_norm") == pytest.approx(_logged(regular, "grad_norm"), rel=1e-4)
 
 
 @pytest.mark.slow
@@ -180,6 +248,18 @@ def test_refused_trainer_setups(args, kwargs, scaler, message):
     optimizer = LayerwiseOptimizer(GaLoreAdamW(tiny_llama().parameters()), **kwargs)
     with pytest.raises(UnsupportedSetupError, match=message):
         check_trainer_args(optimizer, SimpleNamespace(**args), scaler)
+
+
+def test_the_callback_refuses_fp16_loss_scaling_at_train_begin(tmp_path):
+    """The scaler is read from accelerate's optimizer wrapper (``AcceleratedOptimizer.scaler``), the callback's view."""
+    trainer = make_trainer(tmp_path)
+    inner = trainer.create_optimizer()
+    scaler = object()
+    wrapper = SimpleNamespace(optimizer=inner, scaler=scaler)
+    assert loss_scaler(wrapper) is scaler and loss_scaler(SimpleNamespace(optimizer=inner)) is None
+    callback = GaLoreCallback(print_summary=False)
+    with pytest.raises(UnsupportedSetupError, match="fp16 loss scaling.*bf16=True"):
+        callback.on_train_begin(trainer.args, TrainerState(), None, model=trainer.model, optimizer=wrapper)
 
 
 @pytest.mark.slow
