@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from .compat_transformers import check_optim_args_split
 from .errors import GaLoreConfigError, UnsupportedSetupError
 from .memory import (
     STEP_BYTES,
@@ -301,6 +302,7 @@ class GaLoreCallback(TrainerCallback):
 
         check_supported_engine(args)
         config = config_from_training_args(args)
+        check_optim_args_split(getattr(args, "optim_args", None))
         if model is not None:
             plan_param_groups(model, config)
 

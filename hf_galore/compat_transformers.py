@@ -28,7 +28,7 @@ from typing import Any
 
 from packaging.version import Version
 
-from .errors import UnsupportedSetupError
+from .errors import GaLoreConfigError, UnsupportedSetupError
 from .trainer_args import EXPLICIT_PATH
 
 #: First transformers release whose Trainer dispatches optim names through ``_OPTIMIZER_HANDLERS``.
@@ -47,6 +47,27 @@ def uses_optimizer_table(version: Version | str | None = None) -> bool:
     """True on the release lines whose Trainer dispatches through the handler table (>= 5)."""
     version = transformers_version() if version is None else Version(str(version))
     return version.release >= OPTIMIZER_TABLE_SINCE.release
+
+
+def check_optim_args_split(optim_args: str | None, version: Version | str | None = None) -> None:
+    """Refuse, with hf_galore's words, an ``optim_args`` that transformers >= 5 cannot split.
+
+    On the table route transformers splits ``optim_args`` into ``key=value``
+    pairs before any handler runs and fails with a bare ``ValueError`` on an
+    entry without exactly one ``=`` (an empty one after a trailing comma, which
+    hf_galore's own parser skips). ``GaLoreCallback`` calls this at
+    ``Trainer(...)``, after hf_galore's own checks. 4.x never splits it.
+    """
+    if not optim_args or not isinstance(optim_args, str) or not uses_optimizer_table(version):
+        return
+    for item in optim_args.replace(" ", "").split(","):
+        if item.count("=") != 1:
+            raise GaLoreConfigError(
+                f"`optim_args`={optim_args!r} has the entry {item!r}, which transformers "
+                f"{version or transformers_version()} cannot split into one key=value (it parses "
+                "`optim_args` itself before hf_galore reads it): remove empty entries such as a trailing "
+                "comma, and write each entry as key=value"
+            )
 
 
 def _wrap_static(trainer_cls: type, claims: Callable[[Any], bool], build: Callable[[Any, Any], tuple]) -> None:
@@ -108,6 +129,7 @@ def hook_optimizer_dispatch(
 
 __all__ = [
     "OPTIMIZER_TABLE_SINCE",
+    "check_optim_args_split",
     "hook_optimizer_dispatch",
     "transformers_version",
     "uses_optimizer_table",

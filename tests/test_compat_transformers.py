@@ -19,11 +19,12 @@ import pytest
 
 from hf_galore.compat_transformers import (
     OPTIMIZER_TABLE_SINCE,
+    check_optim_args_split,
     hook_optimizer_dispatch,
     transformers_version,
     uses_optimizer_table,
 )
-from hf_galore.errors import UnsupportedSetupError
+from hf_galore.errors import GaLoreConfigError, UnsupportedSetupError
 from hf_galore.trainer_args import EXPLICIT_PATH
 
 transformers = pytest.importorskip("transformers")
@@ -82,6 +83,41 @@ def test_5x_without_the_table_is_an_error_naming_the_explicit_path(monkeypatch):
     with pytest.raises(UnsupportedSetupError, match=r"_OPTIMIZER_HANDLERS.*transformers >= 5.0.0") as info:
         hook_optimizer_dispatch(_fake_trainer_module(staticmethod(len)), bool, lambda a, m: None, version="5.3.0")
     assert EXPLICIT_PATH in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["rank=4,", "rank=4,,scale=0.5", "rank=4, scale", "rank=4=5"])
+def test_5x_refuses_optim_args_transformers_cannot_split(text):
+    with pytest.raises(GaLoreConfigError, match=r"cannot split into one key=value.*trailing comma"):
+        check_optim_args_split(text, version="5.0.0")
+    check_optim_args_split(text, version="4.47.1")  # 4.x never splits it: hf_galore's parser reads it
+    check_optim_args_split("rank=4, update_proj_gap=2", version="5.0.0")
+    check_optim_args_split(None, version="5.0.0")
+
+
+def test_a_trailing_comma_on_the_installed_release(tmp_path):
+    """5.x: refused at ``Trainer(...)`` in hf_galore's words (was transformers' bare ValueError); 4.x: accepted."""
+    from transformers import Trainer, TrainingArguments
+
+    from tests import helpers
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        optim="galore_adamw",
+        optim_target_modules=["attn"],
+        optim_args="rank=4,",
+        report_to=[],
+        use_cpu=True,
+    )
+
+    def build():
+        return Trainer(model=helpers.tiny_llama(0), args=args, train_dataset=helpers.TokenData(64, 16, 4, 1))
+
+    if uses_optimizer_table(transformers_version()):
+        with pytest.raises(GaLoreConfigError, match="'rank=4,'.*trailing comma"):
+            build()
+    else:
+        optimizer = build().create_optimizer()
+        assert next(g["rank"] for g in optimizer.param_groups if "rank" in g) == 4
 
 
 def test_the_installed_release_takes_its_lines_route():
