@@ -1,7 +1,7 @@
 """The one version-gated shim for transformers: how an ``optim`` name reaches hf_galore's builders.
 
 Everything else hf_galore does in the Trainer goes through public surfaces on
-every supported release (``>=4.46,<6``): callbacks (``GaLoreCallback``: checks,
+every supported release (``>=4.47,<6``): callbacks (``GaLoreCallback``: checks,
 logs, the layer-wise ``grad_norm``), the optimizer, ``TrainerState``. Only the
 optimizer dispatch differs by release line, and it is decided here, by version:
 
