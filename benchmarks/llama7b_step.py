@@ -174,18 +174,18 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, file=sys.stderr, mininterval=1.0)
 
 
-def build_model(config, dtype, seed: int = 0):
-    """LLaMA on the meta device, materialised on the CPU with a cheap deterministic init (no float32 pass)."""
+def build_model(config, dtype, seed: int = 0, device: str = "cpu"):
+    """LLaMA on the meta device, materialised on ``device`` with a cheap deterministic init (no float32 pass)."""
     import torch
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.to(dtype)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     # non-persistent buffers (RoPE's inverse frequencies) were never materialised: rebuild them
     rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config=config)
+    model.model.rotary_emb = type(rotary)(config=config).to(device)
     bound = 0.02 * math.sqrt(3.0)  # uniform(-b, b) has std 0.02, the config's initializer_range
     params = list(model.named_parameters())
     with torch.no_grad(), _progress(len(params), "build") as bar:
@@ -193,7 +193,7 @@ def build_model(config, dtype, seed: int = 0):
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
             else:
-                generator = torch.Generator().manual_seed(seed * 100_003 + index)
+                generator = torch.Generator(device=device).manual_seed(seed * 100_003 + index)
                 param.uniform_(-bound, bound, generator=generator)
             bar.update()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -202,12 +202,11 @@ def build_model(config, dtype, seed: int = 0):
     return model
 
 
-def build_optimizer(method: str, model, args: argparse.Namespace):
-    """(LayerwiseOptimizer, the GaLoreAdamW8bit inside it) through the public API."""
+def build_optimizer(method: str, model, args: argparse.Namespace, **options: Any):
+    """(LayerwiseOptimizer, the GaLoreAdamW8bit inside it) through the public API; ``options``: GaLoreConfig's."""
     import hf_galore
     from hf_galore.optim.layerwise import LayerwiseOptimizer
 
-    options: dict[str, Any] = {}
     if args.projector is not None:
         options["projector"] = args.projector
     if method == "q_galore_layerwise":
