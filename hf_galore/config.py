@@ -8,9 +8,10 @@ the Trainer's ``optim_args`` string and round-trips through JSON.
 
 How a setting flows through the package (one place to add it):
 
-* Low-rank param-group keys are defined once, in ``optim/validation.py``
-  (``LOWRANK_DEFAULTS`` for the default, ``check_lowrank_keys`` for the
-  check). A dataclass field with the same name (``rank``, ``scale``, ...) is
+* Low-rank param-group keys are declared once, by their component
+  (``options``: default, check, help; the algorithm's own in
+  ``optim/validation.CORE_OPTIONS``) and read from the registries
+  (``lowrank_options``). A dataclass field with the same name (``rank``, ``scale``, ...) is
   copied into every low-rank group by :meth:`GaLoreConfig.group_options`
   (used by ``targets.galore_param_groups``) and validated by
   ``check_lowrank_keys`` in ``__post_init__``; no per-field wiring.
@@ -40,17 +41,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
+from .declare import parse_text
 from .errors import GaLoreConfigError
 from .optim.validation import (
-    LOWRANK_DEFAULTS,
+    CORE_OPTIONS,
+    GROUP_DEFAULTS,
     ROUNDING_DEFAULTS,
     check_choice,
     check_lowrank_keys,
     check_rounding_keys,
+    lowrank_defaults,
+    lowrank_options,
 )
 
 #: Values of ``small_weights``: what happens to a matched weight whose smaller dimension is <= rank.
 SMALL_WEIGHT_POLICIES = ("full_rank", "error")
+
+#: The algorithm's group keys that are fields here: their defaults are declared once, in ``CORE_OPTIONS``.
+_CORE = {option.name: option for option in CORE_OPTIONS}
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -101,10 +109,11 @@ def _options_from_text(value: object) -> object:
             f"`options` must be a dict or a JSON object such as '{{\"oversample\": 16}}', got {value!r}{reason}"
         )
     options = {}
+    declared = lowrank_options()
     for key, raw in data.items():
-        if isinstance(raw, str) and key in LOWRANK_DEFAULTS and not isinstance(LOWRANK_DEFAULTS[key], str):
+        if isinstance(raw, str) and key in declared and not isinstance(declared[key].default, str):
             try:
-                raw = _parse_like(key, raw, LOWRANK_DEFAULTS[key])
+                raw = declared[key].parse(raw)
             except GaLoreConfigError:
                 pass  # kept as text: the key's own check names it with the valid range
         options[key] = raw
@@ -168,29 +177,29 @@ class GaLoreConfig:
         metadata={"help": "Rank of the gradient projection."},
     )
     update_proj_gap: int = field(
-        default=200,
+        default=_CORE["update_proj_gap"].default,
         metadata={
             "help": "Optimizer steps between basis refreshes.",
         },
     )
     scale: float = field(
-        default=0.25,
+        default=_CORE["scale"].default,
         metadata={"help": "Scale alpha of the projected-back update."},
     )
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = field(
-        default="std",
+        default=_CORE["proj_type"].default,
         metadata={"help": "Projected side(s): std, reverse_std, left, right or full."},
     )
     projector: str = field(
-        default="svd",
+        default=_CORE["projector"].default,
         metadata={"help": "How the basis is found (registered projector name)."},
     )
     quant: str | None = field(
-        default=None,
+        default=_CORE["quant"].default,
         metadata={"help": "How the basis is stored: None (dense) or a registered codec."},
     )
     refresh: str = field(
-        default="fixed",
+        default=_CORE["refresh"].default,
         metadata={"help": "Refresh policy (registered name); 'fixed' = every update_proj_gap steps."},
     )
     # HfArgumentParser reads `list[str] | str | None` as `str`; `nargs` makes `--target_modules
@@ -211,7 +220,7 @@ class GaLoreConfig:
         metadata={"help": "Update each weight in its gradient hook (layer-wise mode)."},
     )
     skip_nonfinite: bool = field(
-        default=True,
+        default=GROUP_DEFAULTS["skip_nonfinite"],
         metadata={
             "help": "Skip an optimizer step whose gradients hold NaN/Inf, keeping weights and state (False: "
             "update anyway, as torch AdamW). Applies to every param group.",
@@ -225,7 +234,7 @@ class GaLoreConfig:
         },
     )
     stochastic_rounding: bool = field(
-        default=True,
+        default=ROUNDING_DEFAULTS["stochastic_rounding"],
         metadata={"help": "Stochastic rounding of updates into bf16/fp16 weights (False: round to nearest)."},
     )
     # `dict | str | None` as TrainingArguments' dict fields: HfArgumentParser passes the text of
@@ -256,19 +265,19 @@ class GaLoreConfig:
             if key not in self.group_keys():
                 raise self._unknown_key_error(key, "`options`")
         # The optimizers' own checks for every key a low-rank group will carry.
-        group = {**LOWRANK_DEFAULTS, **ROUNDING_DEFAULTS, **self.group_options()}
+        group = {**lowrank_defaults(), **ROUNDING_DEFAULTS, **self.group_options()}
         check_lowrank_keys(group)
         check_rounding_keys(group)
 
     # ----------------------------------------------------------------- groups
     @staticmethod
     def group_keys() -> tuple[str, ...]:
-        """Keys of a low-rank param group (``rank``, ``LOWRANK_DEFAULTS``, ``ROUNDING_DEFAULTS``).
+        """Keys of a low-rank param group (``rank``, every declared option, ``ROUNDING_DEFAULTS``).
 
         The ``ROUNDING_DEFAULTS`` keys go into the full-rank groups too
         (:meth:`rounding_options`).
         """
-        return ("rank", *LOWRANK_DEFAULTS, *ROUNDING_DEFAULTS)
+        return ("rank", *lowrank_options(), *ROUNDING_DEFAULTS)
 
     def group_options(self) -> dict[str, Any]:
         """The keys every low-rank param group gets: fields named like group keys, then ``options``."""
@@ -340,7 +349,7 @@ class GaLoreConfig:
             if key in fields:
                 out[key] = _parse_typed(key, raw, hints[key])
             elif key in cls.group_keys():
-                options[key] = _parse_like(key, raw, {**LOWRANK_DEFAULTS, **ROUNDING_DEFAULTS}[key])
+                options[key] = parse_text(key, raw, {**lowrank_defaults(), **ROUNDING_DEFAULTS}[key])
             else:
                 raise cls._unknown_key_error(key, "`optim_args`")
         if options:
@@ -405,13 +414,6 @@ class GaLoreConfig:
     def from_json_file(cls, path: str | os.PathLike) -> GaLoreConfig:
         with open(path, encoding="utf-8") as fh:
             return cls.from_json_string(fh.read())
-
-
-def _parse_like(key: str, raw: str, default: Any) -> Any:
-    """Parse ``raw`` by the type of a group key's default (``None`` defaults accept text or none)."""
-    if default is None:
-        return None if raw.lower() in _NONE else raw
-    return _parse_typed(key, raw, type(default))
 
 
 def _parse_typed(key: str, raw: str, hint: Any) -> Any:

@@ -39,18 +39,24 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .declare import layout_bytes
 from .errors import GaLoreConfigError, UnsupportedSetupError, format_choices
+from .optim.members import BASE_OPTIMIZERS
+from .optim.schedules import REFRESH_POLICIES
+from .optim.validation import check_lowrank_keys, lowrank_defaults, lowrank_options
+from .projectors import PROJECTORS
 from .projectors.geometry import (
     PROJ_TYPES,
     as_matrix,
     effective_rank,
+    matrix_shape,
     projected_shape,
     side_size,
     sides_for,
@@ -149,37 +155,36 @@ class MemoryEstimate:
 
 
 # ------------------------------------------------------------------- pure formulas
-def adam_state_bytes(shape: Sequence[int], itemsize: int) -> int:
-    """``exp_avg`` + ``exp_avg_sq`` in the gradient's dtype."""
-    return 2 * math.prod(shape) * itemsize
+def weight_state_bytes(
+    optimizer: type,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    group: Mapping[str, Any],
+    basis_cache: dict | None = None,
+) -> int:
+    """Optimizer-state bytes of one weight of ``shape`` in ``group``, from the components' declarations.
 
-
-def adam8bit_state_bytes(shape: Sequence[int], itemsize: int) -> int:
-    """Two uint8 moments + two float32 block maxima; small tensors stay 16/32-bit (bitsandbytes' rule)."""
-    numel = math.prod(shape)
-    if numel < MIN_8BIT_SIZE:
-        return adam_state_bytes(shape, itemsize)
-    return 2 * numel + 2 * 4 * -(-numel // BLOCK_SIZE)
-
-
-def adafactor_state_bytes(shape: Sequence[int], itemsize: int) -> int:
-    """Factored float32 second moment (row + column), no first moment (β₁ = None, the default)."""
-    if len(shape) >= 2:
-        batch = math.prod(shape[:-2])
-        return 4 * (math.prod(shape[:-1]) + batch * shape[-1])
-    return 4 * math.prod(shape)
-
-
-BASE_STATES: dict[str, Callable[[Sequence[int], int], int]] = {
-    "adam": adam_state_bytes,
-    "adam8bit": adam8bit_state_bytes,
-    "adafactor": adafactor_state_bytes,
-}
-
-
-def dense_basis_bytes(k: int, r: int, itemsize: int) -> int:
-    """A dense ``k × r`` basis in the weight's dtype (``quant=None``)."""
-    return k * r * itemsize
+    ``optimizer`` is a ``GaLoreOptimizer`` subclass. A full-rank weight (no
+    ``rank`` in ``group``, or fewer than 2 dimensions) holds ``step`` and the
+    base update's state of its own shape. A low-rank weight holds ``step``,
+    the base update's state of the projected gradient, one basis per side as
+    its codec stores it, and whatever the group's projector and refresh policy
+    declare (``state_layout``). The memory estimate and the start-up summary
+    both call this, so they agree with each other and with the tensors held.
+    """
+    shape = tuple(int(s) for s in shape)
+    if "rank" not in group or len(shape) < 2:
+        return STEP_BYTES + optimizer.state_bytes(shape, dtype, group)
+    matrix = matrix_shape(shape)
+    sides = sides_for(group["proj_type"], matrix)
+    rank = effective_rank(group["rank"], matrix)
+    total = STEP_BYTES + optimizer.state_bytes(projected_shape(matrix, rank, sides), dtype, group)
+    total += sum(
+        basis_bytes(side_size(side, matrix), rank, dtype, group["quant"], basis_cache, group=group) for side in sides
+    )
+    for registry, key in ((PROJECTORS, "projector"), (REFRESH_POLICIES, "refresh")):
+        total += layout_bytes(registry.lookup(group[key]).state_layout(matrix, rank, sides, group))
+    return total
 
 
 def activation_bytes(
@@ -228,53 +233,27 @@ def activation_bytes(
     return layers * (tokens * per_layer + rope) + head
 
 
-#: Values per bitsandbytes 8-bit call (``optim/adamw8bit.CALL_ELEMENTS``) and the float32 bytes its
-#: CPU kernel makes per value: both moments, the gradient, the weight, the denominator, the two
-#: re-quantized outputs (``bitsandbytes/backends/cpu/ops.py``).
-BNB_CALL_ELEMENTS = 1 << 22
-BNB_CPU_BYTES_PER_VALUE = 28
-
-
 def refresh_transient_bytes(projector: str, side: int, other: int, rank: int, *, oversample: int = 8) -> int:
-    """Temporaries of one basis refresh of a ``side × other`` gradient (``side``: the projected dimension).
+    """Temporaries of one basis refresh of a ``side × other`` gradient, as the finder declares them.
 
-    Every finder starts from a float32 copy of the gradient (``4·k·n``).
-    The randomized finder (and ``auto`` above its switch point) adds, with
-    ``w = rank + oversample``: the sketch ``Ω`` and ``AᵀQ`` (``n × w``),
-    ``B = QᵀA`` (``w × n``), ``AΩ``, ``Q`` and ``Z = ABᵀ`` (``k × w``), and the
-    float64 ``BBᵀ`` with its eigenvectors (``w × w``). The exact SVD
-    (``svd``, ``online_pca``'s first basis) adds LAPACK's copy of the input
-    and ``Vᵀ`` (``k × n`` each) and ``U`` with the divide-and-conquer
-    workspace (about ``5·k²``, float32): an approximation of gesdd's
-    documented workspace, not a count of tensors.
+    ``BasisFinder.refresh_transient_bytes`` (exact SVD by default, the
+    randomized finder's sketch in ``projectors/randomized.py``).
     """
-    if projector == "randomized":
-        w = min(rank + oversample, side, other)
-        return 4 * side * other + 4 * (2 * other * w + w * other + 3 * side * w) + 8 * 2 * w * w
-    k = min(side, other)
-    n = max(side, other)
-    return 4 * side * other + 2 * 4 * k * n + 5 * 4 * k * k
+    finder = PROJECTORS.lookup(projector)
+    return finder.refresh_transient_bytes(side, other, rank, {**lowrank_defaults(), "oversample": oversample})
 
 
-def update_transient_bytes(base: str, shape: Sequence[int], low_shape: Sequence[int] | None, *, int8: bool) -> int:
-    """Temporaries of one weight's update: the base optimizer's kernel and the projection back.
-
-    8-bit Adam runs bitsandbytes' CPU kernel on at most
-    ``BNB_CALL_ELEMENTS`` values per call (``28`` bytes each), plus, for a
-    low-rank gradient, the float32 buffer the step is read from. An INT8
-    weight is updated on a float32 copy (``4·m·n``) and its dequantized
-    values (another ``4·m·n``). Float weights are updated in place, or in
-    blocks of 2¹⁸ values with stochastic rounding (bounded, ignored here).
-    32-bit Adam and Adafactor use the projected gradient's size in float32
-    for their temporaries.
-    """
-    numel = math.prod(shape)
-    low = math.prod(low_shape) if low_shape is not None else numel
-    if base == "adam8bit":
-        kernel = min(low, BNB_CALL_ELEMENTS) * BNB_CPU_BYTES_PER_VALUE + (4 * low if low_shape is not None else 0)
-    else:
-        kernel = 3 * 4 * low
-    return kernel + (2 * 4 * numel if int8 else 0)
+def update_transient_bytes(
+    base: str | type, shape: Sequence[int], low_shape: Sequence[int] | None, *, int8: bool
+) -> int:
+    """Temporaries of one weight's update: the base optimizer's kernel (its ``update_transient_bytes``) and,
+    for an INT8 weight, the float32 copy it is updated on (``4·m·n``) and its dequantized values (another
+    ``4·m·n``). Float weights are updated in place, or in blocks of 2¹⁸ values with stochastic rounding
+    (bounded, ignored here)."""
+    optimizer = BASE_OPTIMIZERS.lookup(base) if isinstance(base, str) else base
+    like = tuple(low_shape) if low_shape is not None else tuple(shape)
+    kernel = optimizer.update_transient_bytes(like, lowrank=low_shape is not None)
+    return kernel + (2 * 4 * math.prod(shape) if int8 else 0)
 
 
 # ----------------------------------------------------------------------- methods
@@ -283,7 +262,7 @@ class MethodSpec:
     """How one training method stores weights and optimizer state."""
 
     name: str
-    base: str  # key of BASE_STATES
+    base: str  # a registered base optimizer (``hf_galore.optim.members.BASE_OPTIMIZERS``)
     lowrank: bool = False
     projector: str = "svd"
     quant: str | None = None
@@ -299,18 +278,18 @@ register_method = METHODS.register
 
 
 _BASE_METHODS = (
-    MethodSpec("adamw", "adam", summary="AdamW on every weight (torch.optim.AdamW / GaLoreAdamW without `rank`)"),
-    MethodSpec("adamw8bit", "adam8bit", summary="8-bit AdamW on every weight (GaLoreAdamW8bit without `rank`)"),
+    MethodSpec("adamw", "adamw", summary="AdamW on every weight (torch.optim.AdamW / GaLoreAdamW without `rank`)"),
+    MethodSpec("adamw8bit", "adamw8bit", summary="8-bit AdamW on every weight (GaLoreAdamW8bit without `rank`)"),
     MethodSpec("adafactor", "adafactor", summary="Adafactor on every weight (GaLoreAdafactor without `rank`)"),
-    MethodSpec("galore", "adam", lowrank=True, summary="GaLoreAdamW, exact-SVD basis"),
-    MethodSpec("galore_8bit", "adam8bit", lowrank=True, summary="GaLoreAdamW8bit, exact-SVD basis"),
+    MethodSpec("galore", "adamw", lowrank=True, summary="GaLoreAdamW, exact-SVD basis"),
+    MethodSpec("galore_8bit", "adamw8bit", lowrank=True, summary="GaLoreAdamW8bit, exact-SVD basis"),
     MethodSpec("galore_adafactor", "adafactor", lowrank=True, summary="GaLoreAdafactor, exact-SVD basis"),
     MethodSpec(
-        "online_pca", "adam", lowrank=True, projector="online_pca", summary="GaLoreAdamW, Online Subspace Descent basis"
+        "online_pca", "adamw", lowrank=True, projector="online_pca", summary="GaLoreAdamW, Online Subspace Descent basis"
     ),
     MethodSpec(
         "q_galore",
-        "adam8bit",
+        "adamw8bit",
         lowrank=True,
         quant="int4",
         int8_weights=True,
@@ -323,7 +302,7 @@ for _spec in _BASE_METHODS:
     register_method(
         dataclasses.replace(_spec, name=f"{_spec.name}_layerwise", layerwise=True, summary=_spec.summary + ", layer-wise")
     )
-register_method(MethodSpec("lora", "adam", lora=True, summary="LoRA adapters on the targets, AdamW (peft)"))
+register_method(MethodSpec("lora", "adamw", lora=True, summary="LoRA adapters on the targets, AdamW (peft)"))
 
 
 # ------------------------------------------------------------------ model lookup
@@ -454,8 +433,8 @@ def basis_bytes(
     shape, so the figure follows the codec's real layout (packing, scales);
     ``group`` carries the codec's options (``quant_group_size``), defaults otherwise.
     """
-    if quant is None:
-        return dense_basis_bytes(k, r, torch.empty((), dtype=dtype).element_size())
+    if quant is None:  # a dense k × r basis in the weight's dtype
+        return k * r * torch.empty((), dtype=dtype).element_size()
     options = tuple(sorted((key, value) for key, value in (group or {}).items() if key.startswith("quant_")))
     key = (k, r, dtype, quant, options)
     if _cache is not None and key in _cache:
@@ -538,6 +517,8 @@ def estimate_memory(
     activation_checkpointing: bool = False,
     train_non_targets: bool | None = None,
     projector: str | None = None,
+    optimizer: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> MemoryEstimate:
     """Bytes of weights, gradients, optimizer states (bases included) and activations for one step.
 
@@ -560,7 +541,15 @@ def estimate_memory(
             baseline does (Table 6). Default ``False`` (peft's default).
         projector: the basis finder, for methods with a basis (default: the
             method's own); it decides per-weight finder state and the
-            refresh's transient working set.
+            refresh's transient working set. Shorthand for
+            ``options={"projector": ...}``.
+        optimizer: a registered base optimizer (``"adamw"``, ``"adamw8bit"``,
+            ``"adafactor"`` or one registered with ``register_base_optimizer``)
+            instead of the method's.
+        options: low-rank group keys instead of the method's (``projector``,
+            ``quant``, ``refresh``, or any registered component's option such as
+            ``lazy_queue``), checked as the optimizers check them; GaLore
+            methods only (``rank`` and ``proj_type`` have their own arguments).
     """
     if method not in METHODS:
         raise GaLoreConfigError(f"`method` must be one of {format_choices(METHODS)}, got {method!r}")
@@ -576,15 +565,18 @@ def estimate_memory(
         raise GaLoreConfigError("`train_non_targets` applies to `method='lora'` only")
     torch_dtype = DTYPES[dtype]
     e = torch.empty((), dtype=torch_dtype).element_size()
-    state_bytes = BASE_STATES[spec.base]
     if projector is not None:
-        from .projectors import PROJECTORS
-
         if not spec.lowrank:
             raise GaLoreConfigError(f"`projector` applies to methods with a basis; {method!r} has none")
-        if projector not in PROJECTORS:
-            raise GaLoreConfigError(f"`projector` must be one of {format_choices(PROJECTORS)}, got {projector!r}")
-    finder = projector or spec.projector
+        if (options or {}).get("projector", projector) != projector:
+            raise GaLoreConfigError(
+                f"`projector`={projector!r} and `options['projector']`={options['projector']!r} disagree; keep one"
+            )
+        options = {**(options or {}), "projector": projector}
+    base = BASE_OPTIMIZERS.lookup(spec.base if optimizer is None else optimizer)
+    full_group = base.default_hyperparams()
+    group = _lowrank_group(spec, base, rank, proj_type, options)
+    finder = PROJECTORS.lookup(group["projector"])
 
     model, config = resolve_model(model_or_config)
     uses_targets = spec.lowrank or spec.lora
@@ -608,8 +600,8 @@ def estimate_memory(
         trainable_params += numel
         gradients += numel * e
         largest_grad = max(largest_grad, numel * e)
-        states += STEP_BYTES + state_bytes(shape, e)
-        transient = max(transient, update_transient_bytes(spec.base, shape, None, int8=False))
+        states += weight_state_bytes(base, shape, torch_dtype, full_group)
+        transient = max(transient, update_transient_bytes(base, shape, None, int8=False))
 
     for _, param in model.named_parameters():
         shape = tuple(param.shape)
@@ -630,8 +622,8 @@ def estimate_memory(
         if not param.requires_grad:  # frozen by the user: stored, never updated
             weights += numel * e
             continue
-        matrix_shape = tuple(as_matrix(torch.empty(shape, device="meta")).shape) if param.dim() >= 2 else shape
-        if is_target and rank >= min(matrix_shape):
+        matrix = matrix_shape(shape) if param.dim() >= 2 else shape
+        if is_target and rank >= min(matrix):
             # galore_param_groups trains these at full rank (projecting saves nothing); INT8
             # weights need a projected group, so Q-GaLore leaves them in float too.
             small_weights += 1
@@ -646,24 +638,23 @@ def estimate_memory(
         else:
             weights += numel * e
             float_targets += spec.int8_weights
-        sides = sides_for(proj_type, matrix_shape)
-        r = effective_rank(rank, matrix_shape)
+        sides = sides_for(proj_type, matrix)
+        r = effective_rank(rank, matrix)
         lowrank_params += numel
         trainable_params += numel
         gradients += numel * e
         largest_grad = max(largest_grad, numel * e)
-        low_shape = projected_shape(matrix_shape, r, sides)
-        weight_bases = sum(
-            basis_bytes(side_size(side, matrix_shape), r, torch_dtype, spec.quant, basis_cache) for side in sides
-        )
-        extra = projector_state_bytes(finder, matrix_shape, r, sides) + refresh_state_bytes(spec.refresh)
-        refresh = max(
-            refresh_transient_bytes(finder, side_size(side, matrix_shape), numel // side_size(side, matrix_shape), r)
+        bases += sum(
+            basis_bytes(side_size(side, matrix), r, torch_dtype, group["quant"], basis_cache, group=group)
             for side in sides
         )
-        transient = max(transient, refresh, update_transient_bytes(spec.base, matrix_shape, low_shape, int8=int8))
-        bases += weight_bases
-        states += STEP_BYTES + state_bytes(low_shape, e) + weight_bases + extra
+        states += weight_state_bytes(base, shape, torch_dtype, group, basis_cache)
+        refresh = max(
+            finder.refresh_transient_bytes(side_size(side, matrix), numel // side_size(side, matrix), r, group)
+            for side in sides
+        )
+        low_shape = projected_shape(matrix, r, sides)
+        transient = max(transient, refresh, update_transient_bytes(base, matrix, low_shape, int8=int8))
 
     if small_weights:
         notes.append(
@@ -706,30 +697,33 @@ def estimate_memory(
     )
 
 
-def projector_state_bytes(projector: str, shape: Sequence[int], rank: int, sides: Iterable[str]) -> int:
-    """Per-weight state a basis finder keeps beyond the basis itself.
-
-    SVD and randomized finders keep none. Online Subspace Descent
-    (``projectors/online_pca.py``, arXiv:2408.12857) runs Adam on the basis:
-    per side a float32 ``exp_avg`` and ``exp_avg_sq`` of ``k × r`` and a
-    float32 ``step``, created at the first step after the initial SVD.
-    """
-    if projector != "online_pca":
-        return 0
-    return sum(2 * 4 * side_size(side, shape) * rank + STEP_BYTES for side in sides)
-
-
-def refresh_state_bytes(refresh: str) -> int:
-    """Per-weight tensors of the refresh policy: the lazy policy's float32 cosine FIFO.
-
-    ``schedules.LazyRefresh`` (Q-GaLore's layer-adaptive gap) creates it at
-    a weight's second refresh; ``lazy_queue`` defaults to 5 values.
-    """
-    if refresh != "lazy":
-        return 0
-    from .optim.schedules import LAZY_DEFAULTS
-
-    return 4 * int(LAZY_DEFAULTS["lazy_queue"])
+def _lowrank_group(
+    spec: MethodSpec, base: type, rank: int, proj_type: str, options: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The low-rank param group the method's optimizer would get (defaults, the method's components, ``options``)."""
+    options = dict(options or {})
+    if options and not spec.lowrank:
+        raise GaLoreConfigError(f"`options` apply to GaLore methods only, not to `method`={spec.name!r}")
+    valid = lowrank_options()
+    for key in options:
+        if key in ("rank", "proj_type"):
+            raise GaLoreConfigError(f"`options` sets {key!r}: pass `{key}=` to estimate_memory directly")
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise GaLoreConfigError(f"unknown key {key!r} in `options`.{hint} Valid keys: {', '.join(sorted(valid))}")
+    group = {
+        **base.default_hyperparams(),
+        **lowrank_defaults(),
+        "projector": spec.projector,
+        "quant": spec.quant,
+        "refresh": spec.refresh,
+        **options,
+        "rank": rank,
+        "proj_type": proj_type,
+    }
+    check_lowrank_keys(group)
+    return group
 
 
 __all__ = [
@@ -742,4 +736,5 @@ __all__ = [
     "preset_names",
     "register_method",
     "select_target_modules",
+    "weight_state_bytes",
 ]

@@ -14,9 +14,12 @@ them and lives in :mod:`hf_galore.projectors.geometry`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
+
+from ..declare import Option, StateTensor
 
 Side = Literal["left", "right"]
 
@@ -34,6 +37,20 @@ class BasisFinder(ABC):
     name: ClassVar[str]
     #: ``True`` when :meth:`track` must run on every step, not only at refreshes
     tracks_every_step: ClassVar[bool] = False
+    #: the group keys this finder reads, with defaults and checks (every low-rank group accepts them)
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def state_layout(
+        self, shape: tuple[int, int], rank: int, sides: Sequence[Side], group: dict
+    ) -> dict[str, StateTensor]:
+        """The tensors this finder keeps in a weight's state beyond the basis, once it has stepped.
+
+        ``shape`` is the weight's 2-D shape, ``rank`` the effective rank. The
+        memory estimate and the start-up summary count these bytes; under
+        FSDP2 the finder runs on rank 0 of the shard group and its state is
+        replicated from there. None by default.
+        """
+        return {}
 
     @abstractmethod
     def find(
