@@ -168,8 +168,9 @@ class GaLoreConfig:
             Float32 weights are unaffected. See docs/optimizers.md.
         options: Further low-rank group keys that have no field here (e.g.
             ``{"oversample": 16}`` for the randomized projector), or that dict
-            as JSON text (``--options '{"oversample": 16}'``); the keys and
-            their defaults are listed in ``optim/validation.py``.
+            as JSON text (``--options '{"oversample": 16}'``); each component
+            declares its keys and defaults (``options``), and
+            ``hf_galore.optim.validation.lowrank_options()`` lists them all.
     """
 
     rank: int = field(

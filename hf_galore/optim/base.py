@@ -493,7 +493,9 @@ class GaLoreOptimizer(Optimizer):
             return self._lowrank_updates(group, params, grads, states)
         if self._native_found_inf:  # the member leaves its state as it was and returns zero steps
             return self._lowrank_updates(group, params, grads, states, found_inf=found_inf)
-        with restored_where(found_inf, [s[k] for s in states for k in _state_tensors(s, _NOT_MOMENTS)]):
+        declared = type(self).state_keys  # what the base update writes; bases, finder and policy state are not
+        moments = [s[k] for s in states for k in _state_tensors(s) if k in declared]
+        with restored_where(found_inf, moments):
             updates, lrs = self._lowrank_updates(group, params, grads, states)
         return zero_where(found_inf, updates), lrs
 
@@ -622,9 +624,6 @@ class _Projected:
     saved: list = field(default_factory=list)
 
 
-#: Prefixes of state keys the base update never writes: the counter, the basis (any codec), OSD's
-#: tracking state and the refresh policy's state.
-_NOT_MOMENTS = ("step", "basis_", "osd_", "lazy_", "refresh_")
 
 
 @contextlib.contextmanager
