@@ -118,10 +118,13 @@ def estimate_state_bytes(optimizer: Any) -> int | None:
         return None
     total = 0
     basis_cache: dict = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.requires_grad:
-                total += weight_state_bytes(type(optimizer), tuple(p.shape), p.dtype, group, basis_cache)
+    try:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    total += weight_state_bytes(type(optimizer), tuple(p.shape), p.dtype, group, basis_cache)
+    except NotImplementedError:  # a member that declares no state layout
+        return None
     return total
 
 

@@ -27,7 +27,6 @@ from ..projectors.geometry import (
     sides_for,
     subspace_overlap,
 )
-from ..projectors.online_pca import ONLINE_PCA_DEFAULTS
 from ..projectors.randomized import randomized_basis
 from ..projectors.storage import get_codec
 from ..quant.int8 import int8_add_, int8_owner, int8_scale_
@@ -222,11 +221,9 @@ def project_gradient(
 
 
 def projects_before_tracking(group: dict) -> bool:
-    """True for an online finder (OSD) with ``osd_order="project_then_update"`` (the default)."""
-    return (
-        get_projector(group["projector"]).tracks_every_step
-        and group.get("osd_order", ONLINE_PCA_DEFAULTS["osd_order"]) == "project_then_update"
-    )
+    """True for an online finder that projects before it tracks (OSD with ``osd_order="project_then_update"``)."""
+    finder = get_projector(group["projector"])
+    return finder.tracks_every_step and finder.projects_first(group)
 
 
 def _advance_bases(

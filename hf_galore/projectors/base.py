@@ -70,6 +70,10 @@ class BasisFinder(ABC):
         may use it as a warm start.
         """
 
+    def projects_first(self, group: dict) -> bool:
+        """Whether a step projects with the basis it had before :meth:`track` moves it (OSD's Alg. 1 order)."""
+        return False
+
     def track(
         self,
         matrix: torch.Tensor,

@@ -116,6 +116,9 @@ class OnlinePCAFinder(BasisFinder):
             layout[f"osd_{side}_step"] = StateTensor((), torch.float32)
         return layout
 
+    def projects_first(self, group):
+        return group.get("osd_order", ONLINE_PCA_DEFAULTS["osd_order"]) == "project_then_update"
+
     def find(self, matrix, rank, side, *, previous, state, group):
         if previous is None or previous.shape[1] != rank:
             basis = top_singular_basis(matrix, rank, side)
