@@ -3,8 +3,12 @@
 The figures are *what hf_galore's optimizers really hold*, not the papers'
 rounded formulas: for a model that fits in memory the optimizer-state and
 weight bytes equal, to the byte, the tensors our optimizers keep after a step
-(``tests/test_memory.py`` checks that). Every formula is written once below,
-as a small pure function, and documented in ``docs/memory.md``.
+(``tests/test_memory.py`` checks that). Optimizer state is never computed
+from a component's name here: each base optimizer, basis finder and refresh
+policy declares its per-weight tensors (``state_layout``) and each codec is
+measured by encoding a basis; :func:`weight_state_bytes` adds them up, for
+this estimate and for the Trainer's start-up summary alike. The formulas are
+documented in ``docs/memory.md``.
 
 Per parameter tensor of ``numel`` elements stored in ``dtype`` (``e`` bytes):
 
@@ -14,6 +18,8 @@ Per parameter tensor of ``numel`` elements stored in ``dtype`` (``e`` bytes):
   each weight in its gradient hook and free the gradient at once, so only the
   largest single gradient is counted (GaLore §4.3, arXiv:2403.03507);
 * optimizer state: a 4-byte float32 ``step`` per trainable tensor, plus
+
+  the declared base update's state, e.g.
 
   - Adam: ``exp_avg`` and ``exp_avg_sq`` in ``dtype``: ``2·numel·e``;
   - 8-bit Adam: ``2·numel`` uint8 + ``2·⌈numel/256⌉`` float32 block maxima
@@ -63,10 +69,6 @@ from .projectors.geometry import (
 )
 from .registry import Registry
 
-#: bitsandbytes keeps tensors smaller than this in 16/32-bit states (its ``min_8bit_size``).
-MIN_8BIT_SIZE = 4096
-#: bitsandbytes' block size for block-wise quantized states.
-BLOCK_SIZE = 256
 #: ``state["step"]``: a float32 scalar tensor per trainable tensor (as torch.optim.AdamW).
 STEP_BYTES = 4
 
