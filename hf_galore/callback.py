@@ -39,19 +39,11 @@ from transformers import TrainerCallback
 
 from .compat_transformers import check_optim_args_split
 from .errors import GaLoreConfigError, UnsupportedSetupError
-from .memory import (
-    STEP_BYTES,
-    adafactor_state_bytes,
-    adam8bit_state_bytes,
-    adam_state_bytes,
-    basis_bytes,
-    projector_state_bytes,
-    refresh_state_bytes,
-)
-from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .memory import STEP_BYTES, weight_state_bytes
+from .optim import GaLoreAdamW, GaLoreOptimizer
 from .optim.base import claim_params, param_owner
 from .optim.layerwise import LayerwiseOptimizer
-from .projectors.geometry import effective_rank, projected_shape, side_size, sides_for
+from .projectors.geometry import effective_rank
 from .trainer_args import (
     EXPLICIT_PATH,
     config_from_training_args,
@@ -116,61 +108,36 @@ def _release_stale_hooks(model: torch.nn.Module, optimizer: Any) -> None:
 
 
 # ------------------------------------------------------ state-size estimate
-def _moment_bytes(optimizer: Any, group: dict, shape: tuple[int, ...], dtype: torch.dtype) -> int | None:
-    """The base update's state for a gradient of ``shape`` (``hf_galore.memory``'s formulas; ``None``: unknown)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if isinstance(optimizer, GaLoreAdamW8bit):
-        return adam8bit_state_bytes(shape, itemsize)
-    if isinstance(optimizer, GaLoreAdamW):
-        return adam_state_bytes(shape, itemsize)
-    if isinstance(optimizer, GaLoreAdafactor):  # float32 statistics; a float32 first moment with `beta1`
-        first = 4 * math.prod(shape) if group.get("beta1") is not None else 0
-        return first + adafactor_state_bytes(shape, 4)
-    return None
-
-
 def estimate_state_bytes(optimizer: Any) -> int | None:
     """Optimizer-state bytes after the first refreshes, from shapes alone (``None`` for unknown members).
 
-    The same per-component formulas as ``hf_galore.estimate_memory`` (basis
-    codecs, the online-PCA finder's Adam state, the lazy policy's FIFO), so
-    the start-up summary, the estimator and the logged
-    ``galore/optimizer_state_mb`` agree.
+    Each weight is counted by ``hf_galore.memory.weight_state_bytes``, the
+    formula ``estimate_memory`` uses, from the components' declarations (the
+    base optimizer's ``state_layout``, the basis codec, the projector's and
+    refresh policy's ``state_layout``), so the start-up summary, the estimator
+    and the logged ``galore/optimizer_state_mb`` agree.
     """
     inner = getattr(optimizer, "optimizer", None)
     if inner is not None and is_hf_galore_optimizer(inner):  # e.g. LayerwiseOptimizer around GaLoreAdamW
         return estimate_state_bytes(inner)
+    if not isinstance(optimizer, GaLoreOptimizer):
+        return None
     total = 0
     basis_cache: dict = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if not p.requires_grad:
-                continue
-            shape = tuple(p.shape)
-            if "rank" in group and p.dim() >= 2:
-                matrix = (shape[0], math.prod(shape[1:]))
-                sides = sides_for(group["proj_type"], matrix)
-                rank = effective_rank(group["rank"], matrix)
-                low = projected_shape(matrix, rank, sides)
-                moments = _moment_bytes(optimizer, group, low, p.dtype)
-                total += sum(
-                    basis_bytes(side_size(s, matrix), rank, p.dtype, group["quant"], basis_cache, group=group)
-                    for s in sides
-                )
-                total += projector_state_bytes(group["projector"], matrix, rank, sides)
-                total += refresh_state_bytes(group["refresh"])
-            else:
-                moments = _moment_bytes(optimizer, group, shape, p.dtype)
-            if moments is None:
-                return None
-            total += moments + STEP_BYTES
+    try:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    total += weight_state_bytes(type(optimizer), tuple(p.shape), p.dtype, group, basis_cache)
+    except NotImplementedError:  # a member that declares no state layout
+        return None
     return total
 
 
 def adamw_state_bytes(optimizer: Any) -> int:
     """What ``torch.optim.AdamW`` would hold for the same parameters (two moments + a step each)."""
     return sum(
-        adam_state_bytes(tuple(p.shape), p.element_size()) + STEP_BYTES
+        STEP_BYTES + GaLoreAdamW.state_bytes(tuple(p.shape), p.dtype, {})
         for group in optimizer.param_groups
         for p in group["params"]
         if p.requires_grad

@@ -48,6 +48,7 @@ import torch
 from .errors import UnsupportedSetupError
 from .optim import lowrank
 from .optim.engines import register_engine
+from .optim.members import follows_gradient
 from .optim.schedules import get_refresh_policy
 from .projectors import get_projector
 from .projectors.geometry import effective_rank, sides_for, subspace_overlap
@@ -758,9 +759,12 @@ def apply_sharded_update(
 
 # ------------------------------------------------------------------ checkpoints
 def _sharded_state_layouts(
-    param: Any, group: dict
+    param: Any, group: dict, moment_keys: Iterable[str]
 ) -> tuple[_Rows, dict[str, tuple[tuple[int, int], int]]]:
-    """Global shape and split dimension of each low-rank state key this module keeps as a local shard."""
+    """Global shape and split dimension of each low-rank state key this module keeps as a local shard.
+
+    ``moment_keys``: the base optimizer's keys that follow the gradient (``members.follows_gradient``).
+    """
     rows = _Rows(param)
     m, n = _global_matrix_shape(param)
     sides = sides_for(group["proj_type"], (m, n))
@@ -776,7 +780,7 @@ def _sharded_state_layouts(
     else:  # r x r, replicated: identical on every rank, already checkpoint-safe
         moment = None
     if moment is not None:
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in moment_keys:
             layouts[key] = moment
     return rows, layouts
 
@@ -803,7 +807,7 @@ def sharded_state_dict_post_hook(
         for param, pid in zip(group["params"], saved["params"]):
             if pid not in packed or not is_sharded_tensor(param):
                 continue
-            rows, layouts = _sharded_state_layouts(param, group)
+            rows, layouts = _sharded_state_layouts(param, group, follows_gradient(type(optimizer)))
             entry = dict(packed[pid])
             for key, (shape, dim) in layouts.items():
                 value = entry.get(key)

@@ -66,6 +66,8 @@ def test_state_estimate_equals_measured_bytes(cls, kwargs, proj_type):
         {"projector": "randomized"},
         {"refresh": "lazy"},
         {"quant": "int4", "refresh": "lazy", "projector": "online_pca"},
+        # the FIFO's declared length is the group's (it was the default 5 whatever the group said)
+        {"refresh": "lazy", "options": {"lazy_queue": 7}},
     ],
     ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
 )

@@ -1,7 +1,7 @@
 """Conformance matrix: every registered component in combination, with the same checks for each.
 
 Each part is tested alone elsewhere; bugs hide where parts meet. The matrix
-crosses every base optimizer with every registered projector, basis codec,
+crosses every registered base optimizer (``BASE_OPTIMIZERS``) with every registered projector, basis codec,
 refresh policy and ``proj_type``, with float or INT8 weights (read from the
 registries, so a new component joins automatically), reduced to a pairwise
 covering set: every pair of values of any two factors appears in at least one
@@ -23,8 +23,9 @@ import itertools
 import pytest
 import torch
 
-from hf_galore import GaLoreAdafactor, GaLoreAdamW, LayerwiseOptimizer, prepare_model_for_int8_weights
+from hf_galore import LayerwiseOptimizer, prepare_model_for_int8_weights
 from hf_galore.callback import estimate_state_bytes, optimizer_state_bytes
+from hf_galore.optim.members import BASE_OPTIMIZERS
 from hf_galore.optim.schedules import REFRESH_POLICIES
 from hf_galore.optim.state_checks import find_mismatch
 from hf_galore.projectors import PROJECTORS
@@ -33,20 +34,14 @@ from hf_galore.projectors.storage import CODECS
 from hf_galore.quant import Int8Linear
 from tests.helpers import max_param_diff, split_groups, tiny_mlp, train
 
+#: Hyper-parameters of the matrix's runs; a member not listed gets ``DEFAULT_HYPERPARAMS``.
+HYPERPARAMS = {"adafactor": {"lr": 1e-2, "relative_step": False, "weight_decay": 0.1}}
+DEFAULT_HYPERPARAMS = {"lr": 1e-2, "weight_decay": 0.1}
+#: members that need an optional package
+REQUIRES = {"adamw8bit": "bitsandbytes"}
 
-def _adamw8bit(params, **kwargs):
-    from hf_galore import GaLoreAdamW8bit
-
-    return GaLoreAdamW8bit(params, **kwargs)
-
-
-OPTIMIZERS = {
-    "adamw": (GaLoreAdamW, {"lr": 1e-2, "weight_decay": 0.1}),
-    "adamw8bit": (_adamw8bit, {"lr": 1e-2, "weight_decay": 0.1}),
-    "adafactor": (GaLoreAdafactor, {"lr": 1e-2, "relative_step": False, "weight_decay": 0.1}),
-}
 FACTORS = {
-    "optimizer": sorted(OPTIMIZERS),
+    "optimizer": sorted(BASE_OPTIMIZERS),
     "projector": sorted(PROJECTORS),
     "quant": sorted(CODECS, key=str),
     "refresh": sorted(REFRESH_POLICIES),
@@ -92,9 +87,10 @@ def _model(case: dict, seed: int = 0, weights: str | None = None) -> torch.nn.Mo
 
 
 def _build(case: dict, model: torch.nn.Module, layerwise: bool = False):
-    if case["optimizer"] == "adamw8bit":
-        pytest.importorskip("bitsandbytes")
-    cls, hp = OPTIMIZERS[case["optimizer"]]
+    name = case["optimizer"]
+    if name in REQUIRES:
+        pytest.importorskip(REQUIRES[name])
+    cls, hp = BASE_OPTIMIZERS[name], HYPERPARAMS.get(name, DEFAULT_HYPERPARAMS)
     keys = {
         "rank": 4,
         "update_proj_gap": 2,
@@ -125,6 +121,11 @@ def test_every_pair_of_component_values_is_covered():
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_component_combination_conforms(case):
+    check_combination(case)
+
+
+def check_combination(case: dict) -> None:
+    """The matrix's checks for one combination (components registered at run time included)."""
     # resume: save -> weights_only load -> continue == never stopping, bit for bit
     model = _model(case)
     optimizer = _build(case, model)

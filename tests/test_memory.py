@@ -474,7 +474,7 @@ def test_peak_is_total_plus_the_largest_transient():
 
 def test_transient_is_the_largest_refresh_or_update_by_hand():
     """One 96 x 200 linear at rank 16 (left side): the refresh's and the update's temporaries, counted."""
-    from hf_galore.memory import BNB_CPU_BYTES_PER_VALUE
+    from hf_galore.optim.adamw8bit import CPU_KERNEL_BYTES_PER_VALUE as BNB_CPU_BYTES_PER_VALUE
 
     model = nn.Sequential(nn.Linear(200, 96, bias=False))
     k, n, w = 96, 200, 16 + 8

@@ -45,3 +45,20 @@ def test_unknown_names_list_the_valid_ones(bad):
 )
 def test_shipped_members(registry, expected):
     assert set(registry) == expected
+
+
+def test_unregister_removes_the_entry_and_names_unknown_ones():
+    registry = Registry("widget", "widget")
+    entry = registry.register(SimpleNamespace(name="a"))
+    assert registry.unregister("a") is entry and "a" not in registry
+    with pytest.raises(GaLoreConfigError, match="`widget` must be one of"):
+        registry.unregister("a")
+
+
+def test_a_component_whose_option_clashes_is_not_registered():
+    from hf_galore.declare import Option, check_positive_int
+
+    clash = SimpleNamespace(name="clashing", options=(Option("oversample", 99, check_positive_int),))
+    with pytest.raises(GaLoreConfigError, match="'oversample' is declared by both projector 'randomized'"):
+        PROJECTORS.register(clash)
+    assert "clashing" not in PROJECTORS

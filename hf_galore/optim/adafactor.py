@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from ..declare import StateKey
 from ..errors import GaLoreConfigError
 from ..quant.int8 import weight_values
 from .adamw import GALORE_GROUP_DOC
 from .base import GaLoreOptimizer
 from .functional import adafactor_step, rms
+from .members import register_base_optimizer
 from .validation import check_beta, check_positive
 
 
+@register_base_optimizer
 class GaLoreAdafactor(GaLoreOptimizer):
     __doc__ = (
         """Adafactor (arXiv:1804.04235) whose statistics live in the projected subspace.
@@ -76,17 +79,26 @@ class GaLoreAdafactor(GaLoreOptimizer):
         if len(group["eps"]) != 2:
             raise GaLoreConfigError(f"`eps` must be a pair (eps1, eps2), got {group['eps']!r}")
 
-    _moment_keys = frozenset({"exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col"})
+    name = "adafactor"
+    # float32 statistics whatever the gradient's dtype; the factored second moment is neither
+    # sharded nor rotated with the gradient
+    state_keys: ClassVar[dict[str, StateKey]] = {
+        "exp_avg": StateKey(torch.float32, follows_gradient=True, rotate="linear"),
+        "exp_avg_sq": StateKey(torch.float32, follows_gradient=True, rotate="squared"),
+        "exp_avg_sq_row": StateKey(torch.float32),
+        "exp_avg_sq_col": StateKey(torch.float32),
+    }
     _group_identity = ("relative_step", "clip_threshold", "decay_rate")
 
-    def _moment_shapes(self, like, group, state):
-        shapes = {"exp_avg": like} if group["beta1"] is not None else {}
+    @classmethod
+    def state_layout(cls, like, group, state, *, dtype):
+        shapes = {"exp_avg": like} if group.get("beta1") is not None else {}
         if len(like) >= 2:
             shapes["exp_avg_sq_row"] = like[:-1]
             shapes["exp_avg_sq_col"] = like[:-2] + like[-1:]
         else:
             shapes["exp_avg_sq"] = like
-        return shapes
+        return {key: cls._entry(key, shape, dtype) for key, shape in shapes.items()}
 
     def _init_moments(self, state, like, group):
         if "exp_avg_sq" in state or "exp_avg_sq_row" in state:

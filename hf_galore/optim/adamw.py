@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from ..declare import StateKey
 from ..quant.rounding import add_rounded_, block_elements, scratch, write_rounded_
 from .base import GaLoreOptimizer
 from .functional import _fused_adamw_ as fused_adamw_
@@ -19,6 +20,7 @@ from .functional import (
     restored_where,
     zero_where,
 )
+from .members import register_base_optimizer
 from .validation import check_beta, check_non_negative
 
 GALORE_GROUP_DOC = """
@@ -33,6 +35,7 @@ GALORE_GROUP_DOC = """
 """
 
 
+@register_base_optimizer
 class GaLoreAdamW(GaLoreOptimizer):
     __doc__ = (
         """AdamW whose moments live in a rank-``r`` subspace of each projected weight's gradient.
@@ -75,11 +78,16 @@ class GaLoreAdamW(GaLoreOptimizer):
         check_beta("betas[1]", beta2)
         check_non_negative("eps", group["eps"])
 
-    _moment_keys = frozenset({"exp_avg", "exp_avg_sq"})
+    name = "adamw"
+    state_keys: ClassVar[dict[str, StateKey]] = {
+        "exp_avg": StateKey(follows_gradient=True, rotate="linear"),
+        "exp_avg_sq": StateKey(follows_gradient=True, rotate="squared"),
+    }
     _group_identity = ("betas",)
 
-    def _moment_shapes(self, like, group, state):
-        return {"exp_avg": like, "exp_avg_sq": like}
+    @classmethod
+    def state_layout(cls, like, group, state, *, dtype):
+        return {key: cls._entry(key, like, dtype) for key in ("exp_avg", "exp_avg_sq")}
 
     def _init_moments(self, state, like, group):
         if "exp_avg" not in state:

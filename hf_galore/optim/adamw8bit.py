@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from .._optional import require
+from ..declare import StateKey
 from ..errors import UnsupportedSetupError
 from ..quant.rounding import block_elements, scratch, write_rounded_
 from .adamw import GALORE_GROUP_DOC, GaLoreAdamW
+from .members import register_base_optimizer
 
 #: bitsandbytes keeps tensors smaller than this in 32-bit states (its ``min_8bit_size``).
 MIN_8BIT_SIZE = 4096
@@ -28,12 +30,16 @@ BLOCK_SIZE = 256
 #: for a 131M-value embedding); calling it on slices of whole 256-value blocks gives the same
 #: result with bounded temporaries.
 CALL_ELEMENTS = 1 << 22
+#: float32 bytes its CPU kernel makes per value: both moments, the gradient, the weight, the
+#: denominator, the two re-quantized outputs (``bitsandbytes/backends/cpu/ops.py``).
+CPU_KERNEL_BYTES_PER_VALUE = 28
 
 
 def _bnb_functional():
     return require("bitsandbytes.functional", "GaLoreAdamW8bit")
 
 
+@register_base_optimizer
 class GaLoreAdamW8bit(GaLoreAdamW):
     __doc__ = (
         """GaLoreAdamW with both moments stored in 8 bits (block-wise, 256 values per block).
@@ -76,16 +82,33 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             )
         return self._qmaps[device]
 
-    _moment_keys = GaLoreAdamW._moment_keys | {"state1", "state2", "absmax1", "absmax2"}
+    name = "adamw8bit"
+    # uint8 codes and float32 block maxima: local on every FSDP2 rank, kept as they are by rotate_moments
+    state_keys: ClassVar[dict[str, StateKey]] = {
+        **GaLoreAdamW.state_keys,
+        "state1": StateKey(torch.uint8),
+        "state2": StateKey(torch.uint8),
+        "absmax1": StateKey(torch.float32),
+        "absmax2": StateKey(torch.float32),
+    }
 
-    def _moment_shapes(self, like, group, state):
+    @classmethod
+    def update_transient_bytes(cls, like, *, lowrank):
+        """bitsandbytes' CPU kernel on at most ``CALL_ELEMENTS`` values per call, plus, for a low-rank
+        gradient, the float32 buffer the step is read from."""
+        numel = math.prod(like)
+        return min(numel, CALL_ELEMENTS) * CPU_KERNEL_BYTES_PER_VALUE + (4 * numel if lowrank else 0)
+
+    @classmethod
+    def state_layout(cls, like, group, state, *, dtype):
         # the layout in use (32-bit moments also load from a GaLoreAdamW checkpoint), else the one made
         if "exp_avg" in state or ("state1" not in state and math.prod(like) < MIN_8BIT_SIZE):
-            return super()._moment_shapes(like, group, state)
+            return super().state_layout(like, group, state, dtype=dtype)
         if "rank" in group and like[0] > like[1]:
             like = (like[1], like[0])
         blocks = (-(-math.prod(like) // BLOCK_SIZE),)
-        return {"state1": like, "state2": like, "absmax1": blocks, "absmax2": blocks}
+        shapes = {"state1": like, "state2": like, "absmax1": blocks, "absmax2": blocks}
+        return {key: cls._entry(key, shape, dtype) for key, shape in shapes.items()}
 
     def _init_moments(self, state, like, group):
         if "exp_avg" in state or "state1" in state:

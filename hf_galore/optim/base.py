@@ -19,15 +19,18 @@ so the normal path never reads it on the host (see :func:`nonfinite_flag`).
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..declare import StateKey, StateTensor, layout_bytes
 from ..errors import GaLoreConfigError, UnsupportedSetupError
 from ..projectors import get_projector
 from ..projectors.randomized import derive_seed
@@ -38,7 +41,6 @@ from .functional import restored_where, zero_where
 from .stats import RefreshStats
 from .validation import (
     GROUP_DEFAULTS,
-    LOWRANK_DEFAULTS,
     ROUNDING_DEFAULTS,
     check_choice,
     check_full_rank_group_keys,
@@ -47,6 +49,7 @@ from .validation import (
     check_non_negative,
     check_rounding_keys,
     check_torch_flags,
+    lowrank_defaults,
 )
 
 #: parameter -> ``weakref.ref`` of the optimizer that last took it. A layer-wise optimizer's gradient
@@ -190,7 +193,7 @@ class GaLoreOptimizer(Optimizer):
     def _complete_lowrank_group(group: dict[str, Any]) -> None:
         """Fill a group's missing low-rank keys with their defaults and check it (at construction, or when
         ``rank`` was added to a full-rank group during training)."""
-        for key, value in LOWRANK_DEFAULTS.items():
+        for key, value in lowrank_defaults().items():
             group.setdefault(key, value)
         check_lowrank_keys(group)
         for p in group["params"]:
@@ -239,7 +242,7 @@ class GaLoreOptimizer(Optimizer):
             for key, value in GROUP_DEFAULTS.items():
                 group.setdefault(key, value)
             if "rank" in group:  # ... or a group key
-                for key, value in LOWRANK_DEFAULTS.items():
+                for key, value in lowrank_defaults().items():
                     group.setdefault(key, value)
             for param, param_id in zip(group["params"], saved_group["params"]):
                 saved = state_dict["state"].get(param_id)
@@ -490,7 +493,9 @@ class GaLoreOptimizer(Optimizer):
             return self._lowrank_updates(group, params, grads, states)
         if self._native_found_inf:  # the member leaves its state as it was and returns zero steps
             return self._lowrank_updates(group, params, grads, states, found_inf=found_inf)
-        with restored_where(found_inf, [s[k] for s in states for k in _state_tensors(s, _NOT_MOMENTS)]):
+        declared = type(self).state_keys  # what the base update writes; bases, finder and policy state are not
+        moments = [s[k] for s in states for k in _state_tensors(s) if k in declared]
+        with restored_where(found_inf, moments):
             updates, lrs = self._lowrank_updates(group, params, grads, states)
         return zero_where(found_inf, updates), lrs
 
@@ -516,11 +521,53 @@ class GaLoreOptimizer(Optimizer):
             index = positions[param]
         return derive_seed(int(group.get("sr_seed", 0)), index, int(state["step"]))
 
-    # ---------------------------------------------------------- member hooks
-    #: every state key ``_init_moments`` may create; another member's keys in a loaded state are refused
-    _moment_keys: frozenset[str] = frozenset()
+    # ------------------------------------------------------------ declaration
+    #: registry name (``hf_galore.optim.members.BASE_OPTIMIZERS``; ``estimate_memory`` methods name it)
+    name: ClassVar[str]
+    #: every state key :meth:`_init_moments` may create: its dtype, FSDP2 sharding and rotation
+    #: (another member's keys in a loaded state are refused)
+    state_keys: ClassVar[Mapping[str, StateKey]] = {}
     #: hyper-parameters every group of this member has; a loaded group without them is another optimizer's
     _group_identity: tuple[str, ...] = ()
+
+    @classmethod
+    def state_layout(
+        cls, like: tuple[int, ...], group: Mapping[str, Any], state: Mapping[str, Any], *, dtype: torch.dtype
+    ) -> dict[str, StateTensor]:
+        """The tensors :meth:`_init_moments` makes for a gradient of shape ``like`` and dtype ``dtype``.
+
+        ``state`` (possibly loaded, possibly empty) picks between layouts where
+        a member has several (8-bit or 32-bit moments). The shape checks, the
+        memory estimate and the start-up summary all read this one declaration.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def _entry(cls, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> StateTensor:
+        """``key``'s :class:`StateTensor`: its declared dtype, else the gradient's ``dtype``."""
+        return StateTensor(tuple(shape), cls.state_keys[key].dtype or dtype)
+
+    @classmethod
+    def state_bytes(cls, like: tuple[int, ...], dtype: torch.dtype, group: Mapping[str, Any]) -> int:
+        """Bytes of the base update's state for a gradient of shape ``like`` (the ``step`` counter excluded)."""
+        return layout_bytes(cls.state_layout(tuple(like), group, {}, dtype=dtype))
+
+    @classmethod
+    def update_transient_bytes(cls, like: tuple[int, ...], *, lowrank: bool) -> int:
+        """Temporaries of one update of a gradient of shape ``like`` (the memory estimate's ``transient``).
+
+        This default: three float32 tensors of the gradient's size (32-bit Adam's and Adafactor's kernels).
+        """
+        return 3 * 4 * math.prod(like)
+
+    @classmethod
+    def default_hyperparams(cls) -> dict[str, Any]:
+        """The constructor's keyword defaults (``lr``, ``betas``, ...): a group's settings when none are given."""
+        return {
+            name: p.default
+            for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
 
     def _init_moments(self, state: dict[str, Any], like: torch.Tensor, group: dict[str, Any]) -> None:
         """Create the base update's state for gradient ``like`` unless it exists.
@@ -535,12 +582,8 @@ class GaLoreOptimizer(Optimizer):
     def _moment_shapes(
         self, like: tuple[int, ...], group: dict[str, Any], state: dict[str, Any]
     ) -> dict[str, tuple[int, ...]]:
-        """The state keys and shapes :meth:`_init_moments` makes for a gradient of shape ``like``.
-
-        ``state`` (possibly loaded) picks between layouts where a member has
-        several (8-bit or 32-bit moments). Used by the shape checks.
-        """
-        raise NotImplementedError
+        """The shapes of :meth:`state_layout` (what the shape checks compare)."""
+        return {key: entry.shape for key, entry in self.state_layout(like, group, state, dtype=torch.float32).items()}
 
     def _lowrank_updates(
         self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict]
@@ -581,9 +624,6 @@ class _Projected:
     saved: list = field(default_factory=list)
 
 
-#: Prefixes of state keys the base update never writes: the counter, the basis (any codec), OSD's
-#: tracking state and the refresh policy's state.
-_NOT_MOMENTS = ("step", "basis_", "osd_", "lazy_", "refresh_")
 
 
 @contextlib.contextmanager

@@ -27,12 +27,12 @@ from ..projectors.geometry import (
     sides_for,
     subspace_overlap,
 )
-from ..projectors.online_pca import ONLINE_PCA_DEFAULTS
 from ..projectors.randomized import randomized_basis
 from ..projectors.storage import get_codec
 from ..quant.int8 import int8_add_, int8_owner, int8_scale_
 from ..quant.rounding import block_elements, scratch, write_rounded_
 from .engines import engine_for
+from .members import rotation_rules
 from .schedules import get_refresh_policy
 from .stats import RefreshStats
 
@@ -149,21 +149,29 @@ def rotate_moments_(state: dict, rotations: list[tuple[str, torch.Tensor]], stat
     outside the new subspace dropped. The second moment is not linear in the
     gradient; it is mapped with the element-wise square ``C∘C`` (exact when
     the coordinates are uncorrelated, and it keeps ``v`` non-negative).
-    Quantized (8-bit) and factored (Adafactor) second moments are kept as they
-    are, with a one-time warning.
+    Which entries rotate, and how, is each base optimizer's declaration
+    (``StateKey.rotate``); the others (8-bit codes, factored statistics) are
+    kept as they are, with a one-time warning.
     """
-    for key, squared in (("exp_avg", False), ("exp_avg_sq", True)):
-        moment = state.get(key)
-        if moment is None or moment.dim() != 2:
+    rules = rotation_rules()
+    kept = []
+    for key, value in state.items():
+        rule = rules.get(key, "absent")
+        if rule == "absent" or not isinstance(value, torch.Tensor):
             continue
-        out = moment.float()
+        if rule is None or value.dim() != 2:
+            kept.append(key)
+            continue
+        out = value.float()
         for side, rotation in rotations:
-            rotation = rotation.square() if squared else rotation
+            rotation = rotation.square() if rule == "squared" else rotation
             out = rotation @ out if side == "left" else out @ rotation.t()
-        moment.copy_(out)
-    if any(key in state for key in ("state1", "exp_avg_sq_row")):
+        value.copy_(out)
+    if kept:
         stats.warn_once(
-            "rotate_moments", "GaLore: `rotate_moments` rotates float moments only; 8-bit and factored ones are kept"
+            "rotate_moments",
+            f"GaLore: `rotate_moments` rotates the moments their optimizer declares rotatable; kept "
+            f"{', '.join(sorted(kept))} as they are",
         )
 
 
@@ -213,11 +221,9 @@ def project_gradient(
 
 
 def projects_before_tracking(group: dict) -> bool:
-    """True for an online finder (OSD) with ``osd_order="project_then_update"`` (the default)."""
-    return (
-        get_projector(group["projector"]).tracks_every_step
-        and group.get("osd_order", ONLINE_PCA_DEFAULTS["osd_order"]) == "project_then_update"
-    )
+    """True for an online finder that projects before it tracks (OSD with ``osd_order="project_then_update"``)."""
+    finder = get_projector(group["projector"])
+    return finder.tracks_every_step and finder.projects_first(group)
 
 
 def _advance_bases(

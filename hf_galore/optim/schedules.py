@@ -7,10 +7,12 @@ whatever it needs in the per-weight ``state`` as plain scalars/tensors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 
+from ..declare import Option, StateTensor, at_least, check_non_negative, check_positive_int, one_of
 from ..registry import Registry
 
 
@@ -18,6 +20,17 @@ class RefreshPolicy:
     """Decides, per weight and step, whether the basis is recomputed."""
 
     name: ClassVar[str]
+    #: the group keys this policy reads (every low-rank group accepts them)
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def state_layout(
+        self, shape: tuple[int, int], rank: int, sides: Sequence[str], group: dict
+    ) -> dict[str, StateTensor]:
+        """The tensors this policy keeps in a weight's state once it has refreshed twice (plain ints are free).
+
+        Counted by the memory estimate and the start-up summary; none by default.
+        """
+        return {}
 
     def due(self, state: dict, group: dict, step: int) -> bool:
         """``step`` counts this weight's completed optimizer steps (0 at the first)."""
@@ -68,9 +81,20 @@ class Staggered(RefreshPolicy):
 
 #: Group keys of the lazy policy with Q-GaLore's defaults (arXiv:2407.08296 §3.3;
 #: VITA-Group/Q-GaLore ``run_pretrain.py``: cos_threshold 0.4, gamma_proj 2, queue_size 5).
-LAZY_DEFAULTS = {"lazy_threshold": 0.4, "lazy_gamma": 2.0, "lazy_queue": 5, "lazy_schedule": "multiple"}
 #: Values of ``lazy_schedule``: where the next refresh falls once the gap is known.
 LAZY_SCHEDULES = ("multiple", "offset")
+LAZY_OPTIONS = (
+    Option("lazy_threshold", 0.4, check_non_negative, "mean |cosine| above which the gap grows"),
+    Option("lazy_gamma", 2.0, at_least(1), "gap growth factor (>= 1: the gap never shrinks by growth)"),
+    Option("lazy_queue", 5, check_positive_int, "length of the cosine FIFO"),
+    Option(
+        "lazy_schedule",
+        "multiple",
+        one_of(*LAZY_SCHEDULES),
+        "next refresh at the next multiple of the gap (q-galore-torch) or at step + gap",
+    ),
+)
+LAZY_DEFAULTS = {option.name: option.default for option in LAZY_OPTIONS}
 
 
 def leading_cosine(old: torch.Tensor, new: torch.Tensor) -> float:
@@ -103,6 +127,12 @@ class LazyRefresh(RefreshPolicy):
     """
 
     name = "lazy"
+    options = LAZY_OPTIONS
+
+    def state_layout(self, shape, rank, sides, group):
+        """The float32 cosine FIFO of ``lazy_queue`` values."""
+        size = int(group.get("lazy_queue", LAZY_DEFAULTS["lazy_queue"]))
+        return {"lazy_cos": StateTensor((size,), torch.float32)}
 
     def due(self, state, group, step):
         if "lazy_next" not in state:
@@ -137,7 +167,7 @@ class LazyRefresh(RefreshPolicy):
             state["lazy_next"] = (step // gap + 1) * gap
 
 
-REFRESH_POLICIES: Registry[RefreshPolicy] = Registry("refresh", "refresh policy")
+REFRESH_POLICIES: Registry[RefreshPolicy] = Registry("refresh", "refresh policy", declares_options=True)
 register_refresh_policy = REFRESH_POLICIES.register
 get_refresh_policy = REFRESH_POLICIES.lookup
 

@@ -25,7 +25,7 @@ from ..projectors.geometry import effective_rank, matrix_shape, sides_for
 from ..projectors.storage import get_codec
 from .engines import engine_for
 from .lowrank import basis_key
-from .validation import LOWRANK_DEFAULTS
+from .validation import lowrank_defaults
 
 if TYPE_CHECKING:
     from .base import GaLoreOptimizer
@@ -109,7 +109,7 @@ def _param_label(group: dict, position: int, param: torch.Tensor) -> str:
 
 
 def _member_keys(cls: type) -> frozenset[str]:
-    return frozenset(getattr(cls, "_moment_keys", frozenset()))
+    return frozenset(getattr(cls, "state_keys", {}))
 
 
 def _foreign_keys(optimizer: GaLoreOptimizer, state: dict) -> list[str]:
@@ -163,7 +163,7 @@ def check_loadable(optimizer: GaLoreOptimizer, state_dict: dict) -> None:
             )
         group = {**optimizer.defaults, **saved}  # the settings after loading (load_state_dict fills defaults)
         if "rank" in saved:
-            group = {**LOWRANK_DEFAULTS, **group}
+            group = {**lowrank_defaults(), **group}
         if "rank" in live and "rank" not in saved:
             detail = ""
             for position, (param, pid) in enumerate(zip(live["params"], saved["params"])):

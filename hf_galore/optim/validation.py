@@ -1,55 +1,93 @@
-"""Checks shared by the optimizers and ``GaLoreConfig``: name the argument, the value, the valid range."""
+"""Param-group checks shared by the optimizers and ``GaLoreConfig``: name the argument, the value, the valid range.
+
+The low-rank group keys are not listed here: the algorithm declares its own
+(:data:`CORE_OPTIONS`) and every registered component its own (``options``);
+:func:`lowrank_options` joins them from the registries.
+"""
 
 from __future__ import annotations
 
 import difflib
-import math
-import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 
-from ..errors import GaLoreConfigError, format_choices
+from ..declare import (
+    Option,
+    check_beta,
+    check_bool,
+    check_choice,
+    check_non_negative,
+    check_non_negative_int,
+    check_positive,
+    check_positive_int,
+    merge_options,
+    one_of,
+)
+from ..errors import GaLoreConfigError
+from ..projectors import PROJECTORS
+from ..projectors.geometry import PROJ_TYPES
+from ..projectors.storage import CODECS
+from ..registry import declared_options
+from .schedules import REFRESH_POLICIES
 
-#: Values a low-rank param group gets when it names only ``rank`` (GaLore paper §5.1 / galore-torch).
-LOWRANK_DEFAULTS: dict[str, object] = {
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "proj_type": "std",
-    "projector": "svd",
-    "quant": None,
-    "refresh": "fixed",
+
+def _registered(registry) -> object:
+    def check(name: str, value: object) -> object:
+        return check_choice(name, value, registry)
+
+    return check
+
+
+#: The algorithm's own low-rank group keys (GaLore paper §5.1 / galore-torch defaults). Each
+#: component declares its own keys next to its code (``options``); :func:`lowrank_options` joins them.
+CORE_OPTIONS: tuple[Option, ...] = (
+    Option("update_proj_gap", 200, check_positive_int, "optimizer steps between basis refreshes"),
+    Option("scale", 0.25, check_positive, "scale alpha of the projected-back update"),
+    Option("proj_type", "std", one_of(*PROJ_TYPES), "projected side(s): std, reverse_std, left, right or full"),
+    Option("projector", "svd", _registered(PROJECTORS), "how the basis is found (registered projector name)"),
+    Option("quant", None, _registered(CODECS), "how the basis is stored: None (dense) or a registered codec"),
+    Option("refresh", "fixed", _registered(REFRESH_POLICIES), "when the basis is refreshed (registered policy)"),
     # carry the moments into a refreshed basis (off: galore-torch keeps their coordinates)
-    "rotate_moments": False,
-    # quant="int8"/"int4": values per scale group (Q-GaLore's default)
-    "quant_group_size": 256,
-    # projector="randomized" (Halko et al. 2011): extra columns, cold / warm rounds, RNG seed
-    "oversample": 8,
-    "power_iters": 2,
-    "warm_iters": 1,
-    "proj_seed": 0,
-    # projector="online_pca" (OSD, arXiv:2408.12857): lr of P = osd_alpha x lr; orthogonality weight
-    "osd_alpha": 5.0,
-    "osd_lambda": 0.1,
-    # refresh="lazy" (Q-GaLore, arXiv:2407.08296): cosine threshold, gap growth, FIFO length
-    "lazy_threshold": 0.4,
-    "lazy_gamma": 2.0,
-    "lazy_queue": 5,
-    # fidelity options where the references differ (docs/projectors.md):
-    # online_pca: project G_t with P_t, then move P (OSD Alg. 1) or move P first
-    "osd_order": "project_then_update",
-    # refresh="lazy": next refresh at the next multiple of the grown gap (q-galore-torch) or at step + gap
-    "lazy_schedule": "multiple",
-    # projector="randomized": accept a basis whose estimated captured energy is >= this fraction of
-    # the exact SVD's (0 = no check); else up to energy_iters more rounds, then the exact SVD
-    "energy_threshold": 0.99,
-    "energy_iters": 2,
-}
+    Option("rotate_moments", False, check_bool, "carry the moments into a refreshed basis"),
+)
 
-#: Keys every param group gets, low-rank or not.
-GROUP_DEFAULTS: dict[str, object] = {
-    # a step whose gradients hold a NaN/Inf leaves weights and state untouched (False: as torch AdamW)
-    "skip_nonfinite": True,
-}
-LOWRANK_DEFAULTS.update(GROUP_DEFAULTS)
+#: Keys every param group gets, low-rank or not: a step whose gradients hold a NaN/Inf leaves weights
+#: and state untouched (False: as torch AdamW).
+_GROUP_OPTIONS = (Option("skip_nonfinite", True, check_bool, "skip a step whose gradients hold NaN/Inf"),)
+GROUP_DEFAULTS: dict[str, object] = {option.name: option.default for option in _GROUP_OPTIONS}
+
+
+def lowrank_options() -> dict[str, Option]:
+    """Every key a low-rank group accepts besides ``rank``: the algorithm's, then each registered component's.
+
+    Read from the registries at each call, so a component registered at run
+    time (a plugin, a test) is validated, parsed and defaulted like a built-in one.
+    """
+    return merge_options([("GaLore", CORE_OPTIONS + _GROUP_OPTIONS), *declared_options()])
+
+
+def lowrank_defaults() -> dict[str, object]:
+    """``key -> default`` of :func:`lowrank_options`: what a low-rank group gets when it names only ``rank``."""
+    return {name: option.default for name, option in lowrank_options().items()}
+
+
+class _LiveDefaults(Mapping):
+    """:func:`lowrank_defaults` as a read-only mapping that follows the registries."""
+
+    def __getitem__(self, key: str) -> object:
+        return lowrank_defaults()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(lowrank_defaults())
+
+    def __len__(self) -> int:
+        return len(lowrank_defaults())
+
+    def __repr__(self) -> str:
+        return repr(lowrank_defaults())
+
+
+#: Values a low-rank param group gets when it names only ``rank`` (a live view of :func:`lowrank_defaults`).
+LOWRANK_DEFAULTS: Mapping[str, object] = _LiveDefaults()
 
 
 #: Keys of every param group, low-rank or full-rank (docs/optimizers.md, "Stochastic rounding").
@@ -64,9 +102,7 @@ ROUNDING_DEFAULTS: dict[str, object] = {
 
 def check_rounding_keys(group: dict) -> None:
     """Validate the stochastic-rounding keys of any param group (missing keys take their defaults)."""
-    value = group.get("stochastic_rounding", True)
-    if not isinstance(value, bool):
-        raise GaLoreConfigError(f"`stochastic_rounding` must be True or False, got {value!r}")
+    check_bool("stochastic_rounding", group.get("stochastic_rounding", True))
     check_non_negative_int("sr_seed", group.get("sr_seed", 0))
 
 
@@ -106,7 +142,7 @@ def check_group_keys(keys: Iterable[str], optimizer_keys: Iterable[str]) -> None
     Checked once, when the group is added: schedulers add keys later, and
     ``load_state_dict`` restores saved groups without this check.
     """
-    valid = sorted({"rank", *LOWRANK_DEFAULTS, *optimizer_keys, *TORCH_GROUP_KEYS})
+    valid = sorted({"rank", *lowrank_options(), *optimizer_keys, *TORCH_GROUP_KEYS})
     for key in keys:
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1)
@@ -125,7 +161,7 @@ def check_full_rank_group_keys(keys: Iterable[str], optimizer_keys: Iterable[str
     as plain AdamW and the user would only notice the memory bill.
     """
     optimizer_keys = set(optimizer_keys)
-    lowrank_only = set(LOWRANK_DEFAULTS) - set(GROUP_DEFAULTS) - optimizer_keys - set(TORCH_GROUP_KEYS)
+    lowrank_only = set(lowrank_options()) - set(GROUP_DEFAULTS) - optimizer_keys - set(TORCH_GROUP_KEYS)
     for key in keys:
         if key in optimizer_keys or key in TORCH_GROUP_KEYS:
             continue
@@ -153,75 +189,30 @@ def check_torch_flags(group: dict) -> None:
             )
 
 
-def check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise GaLoreConfigError(f"`{name}` must be a positive integer (>= 1), got {value!r}")
-    return int(value)
-
-
-def check_non_negative_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise GaLoreConfigError(f"`{name}` must be an integer >= 0, got {value!r}")
-    return int(value)
-
-
-def check_non_negative(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise GaLoreConfigError(f"`{name}` must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise GaLoreConfigError(f"`{name}` must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def check_beta(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-        raise GaLoreConfigError(f"`{name}` must be in [0, 1), got {value!r}")
-    return float(value)
-
-
-def check_choice(name: str, value: object, choices) -> object:
-    if value not in choices:
-        raise GaLoreConfigError(f"`{name}` must be one of {format_choices(choices)}, got {value!r}")
-    return value
-
-
 def check_lowrank_keys(group: dict) -> None:
-    """Validate the GaLore keys of a param group that has ``rank``."""
-    from ..projectors import PROJECTORS
-    from ..projectors.geometry import PROJ_TYPES
-    from ..projectors.online_pca import OSD_ORDERS
-    from ..projectors.storage import CODECS
-    from .schedules import LAZY_SCHEDULES, REFRESH_POLICIES
-
+    """Validate the GaLore keys of a param group that has ``rank`` (every declared option, defaults filled)."""
     check_positive_int("rank", group["rank"])
-    check_positive_int("update_proj_gap", group["update_proj_gap"])
-    check_positive("scale", group["scale"])
-    check_choice("proj_type", group["proj_type"], PROJ_TYPES)
-    check_choice("projector", group["projector"], PROJECTORS)
-    check_choice("quant", group["quant"], CODECS)
-    check_choice("refresh", group["refresh"], REFRESH_POLICIES)
-    check_choice("rotate_moments", group["rotate_moments"], (False, True))
-    check_choice("skip_nonfinite", group["skip_nonfinite"], (False, True))
-    check_positive_int("quant_group_size", group["quant_group_size"])
-    check_non_negative_int("oversample", group["oversample"])
-    check_non_negative_int("power_iters", group["power_iters"])
-    check_non_negative_int("warm_iters", group["warm_iters"])
-    check_non_negative_int("proj_seed", group["proj_seed"])
-    check_positive("osd_alpha", group["osd_alpha"])
-    check_non_negative("osd_lambda", group["osd_lambda"])
-    check_non_negative("lazy_threshold", group["lazy_threshold"])
-    if check_positive("lazy_gamma", group["lazy_gamma"]) < 1:
-        raise GaLoreConfigError(f"`lazy_gamma` must be >= 1 (the gap never shrinks), got {group['lazy_gamma']!r}")
-    check_positive_int("lazy_queue", group["lazy_queue"])
-    check_choice("osd_order", group["osd_order"], OSD_ORDERS)
-    check_choice("lazy_schedule", group["lazy_schedule"], LAZY_SCHEDULES)
-    if check_non_negative("energy_threshold", group["energy_threshold"]) > 1:
-        raise GaLoreConfigError(
-            f"`energy_threshold` must be in [0, 1] (a fraction of the exact SVD's energy), "
-            f"got {group['energy_threshold']!r}"
-        )
-    check_non_negative_int("energy_iters", group["energy_iters"])
+    for name, option in lowrank_options().items():
+        option.validate(group[name])
+
+
+__all__ = [
+    "CORE_OPTIONS",
+    "GROUP_DEFAULTS",
+    "LOWRANK_DEFAULTS",
+    "ROUNDING_DEFAULTS",
+    "TORCH_GROUP_KEYS",
+    "check_beta",
+    "check_choice",
+    "check_full_rank_group_keys",
+    "check_group_keys",
+    "check_lowrank_keys",
+    "check_non_negative",
+    "check_non_negative_int",
+    "check_positive",
+    "check_positive_int",
+    "check_rounding_keys",
+    "check_torch_flags",
+    "lowrank_defaults",
+    "lowrank_options",
+]

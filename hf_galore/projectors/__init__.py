@@ -1,7 +1,8 @@
 """Ways of finding the projection basis, selected by the param-group key ``projector``.
 
-Adding a member is one file with a :class:`BasisFinder` subclass plus one
-``register_projector`` line below.
+Adding a member is one file with a :class:`BasisFinder` subclass (its
+``options`` and ``state_layout`` declared on the class) plus one
+``register_projector`` call, here or in the user's own code.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from .randomized import RandomizedFinder
 from .storage import register_codec
 from .svd import SVDFinder, top_singular_basis
 
-PROJECTORS: Registry[BasisFinder] = Registry("projector", "projector")
+PROJECTORS: Registry[BasisFinder] = Registry("projector", "projector", declares_options=True)
 register_projector = PROJECTORS.register
 get_projector = PROJECTORS.lookup
 

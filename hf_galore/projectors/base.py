@@ -14,9 +14,12 @@ them and lives in :mod:`hf_galore.projectors.geometry`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
+
+from ..declare import Option, StateTensor
 
 Side = Literal["left", "right"]
 
@@ -34,6 +37,20 @@ class BasisFinder(ABC):
     name: ClassVar[str]
     #: ``True`` when :meth:`track` must run on every step, not only at refreshes
     tracks_every_step: ClassVar[bool] = False
+    #: the group keys this finder reads, with defaults and checks (every low-rank group accepts them)
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def state_layout(
+        self, shape: tuple[int, int], rank: int, sides: Sequence[Side], group: dict
+    ) -> dict[str, StateTensor]:
+        """The tensors this finder keeps in a weight's state beyond the basis, once it has stepped.
+
+        ``shape`` is the weight's 2-D shape, ``rank`` the effective rank. The
+        memory estimate and the start-up summary count these bytes; under
+        FSDP2 the finder runs on rank 0 of the shard group and its state is
+        replicated from there. None by default.
+        """
+        return {}
 
     @abstractmethod
     def find(
@@ -52,6 +69,22 @@ class BasisFinder(ABC):
         current basis (float32) or ``None`` at the first refresh; finders
         may use it as a warm start.
         """
+
+    def refresh_transient_bytes(self, side: int, other: int, rank: int, group: dict) -> int:
+        """Temporaries of one refresh of a ``side × other`` gradient (``side``: the projected dimension).
+
+        For the memory estimate's ``transient``. This default is the exact
+        SVD's: a float32 copy of the gradient (``4·k·n``), LAPACK's copy of
+        the input and ``Vᵀ`` (``k × n`` each) and ``U`` with the
+        divide-and-conquer workspace (about ``5·k²``, float32): an
+        approximation of gesdd's documented workspace, not a count of tensors.
+        """
+        k, n = min(side, other), max(side, other)
+        return 4 * side * other + 2 * 4 * k * n + 5 * 4 * k * k
+
+    def projects_first(self, group: dict) -> bool:
+        """Whether a step projects with the basis it had before :meth:`track` moves it (OSD's Alg. 1 order)."""
+        return False
 
     def track(
         self,

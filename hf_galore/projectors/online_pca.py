@@ -41,13 +41,25 @@ from __future__ import annotations
 
 import torch
 
+from ..declare import Option, StateTensor, check_non_negative, check_positive, one_of
 from .base import BasisFinder, Side
+from .geometry import side_size
 from .svd import top_singular_basis
 
-#: Group keys read here, with their defaults (paper §5.3 / App. A.1).
-ONLINE_PCA_DEFAULTS = {"osd_alpha": 5.0, "osd_lambda": 0.1, "osd_order": "project_then_update"}
 #: Values of ``osd_order``: when the basis moves relative to projecting this step's gradient.
 OSD_ORDERS = ("project_then_update", "update_then_project")
+#: Group keys read here, with their defaults (paper §5.3 / App. A.1).
+OPTIONS = (
+    Option("osd_alpha", 5.0, check_positive, "learning rate of the basis = osd_alpha x lr"),
+    Option("osd_lambda", 0.1, check_non_negative, "weight of the orthogonality penalty"),
+    Option(
+        "osd_order",
+        "project_then_update",
+        one_of(*OSD_ORDERS),
+        "project with P_t then move P (OSD Alg. 1), or move P first",
+    ),
+)
+ONLINE_PCA_DEFAULTS = {option.name: option.default for option in OPTIONS}
 OSD_BETAS = (0.9, 0.999)
 OSD_EPS = 1e-8
 
@@ -92,6 +104,20 @@ class OnlinePCAFinder(BasisFinder):
 
     name = "online_pca"
     tracks_every_step = True
+    options = OPTIONS
+
+    def state_layout(self, shape, rank, sides, group):
+        """Adam on the basis, per side: float32 ``k × r`` moments and a float32 ``step``."""
+        layout = {}
+        for side in sides:
+            size = (side_size(side, shape), rank)
+            layout[f"osd_{side}_exp_avg"] = StateTensor(size, torch.float32)
+            layout[f"osd_{side}_exp_avg_sq"] = StateTensor(size, torch.float32)
+            layout[f"osd_{side}_step"] = StateTensor((), torch.float32)
+        return layout
+
+    def projects_first(self, group):
+        return group.get("osd_order", ONLINE_PCA_DEFAULTS["osd_order"]) == "project_then_update"
 
     def find(self, matrix, rank, side, *, previous, state, group):
         if previous is None or previous.shape[1] != rank:

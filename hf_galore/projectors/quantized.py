@@ -24,9 +24,14 @@ from __future__ import annotations
 
 import torch
 
+from ..declare import Option, check_positive_int
 from .storage import BasisCodec
 
 DEFAULT_GROUP_SIZE = 256
+#: shared by the INT8 and INT4 codecs (one declaration, so they agree)
+GROUP_SIZE_OPTION = Option(
+    "quant_group_size", DEFAULT_GROUP_SIZE, check_positive_int, "values per quantization group (Q-GaLore: 256)"
+)
 
 
 def quantize_groupwise(
@@ -89,6 +94,7 @@ class GroupwiseCodec(BasisCodec):
     """Group-wise ``bits``-bit storage; dequantized to float32 on every use."""
 
     bits: int = 8
+    options = (GROUP_SIZE_OPTION,)
 
     def encode(self, state, key, basis, dtype, *, group=None):
         group_size = int((group or {}).get("quant_group_size", DEFAULT_GROUP_SIZE))

@@ -42,18 +42,25 @@ from __future__ import annotations
 
 import torch
 
+from ..declare import Option, check_fraction, check_non_negative_int
 from .base import BasisFinder, Side
 from .svd import top_singular_basis
 
-#: Group keys read here, with their defaults (also in ``LOWRANK_DEFAULTS``).
-RANDOMIZED_DEFAULTS = {
-    "oversample": 8,
-    "power_iters": 2,
-    "warm_iters": 1,
-    "proj_seed": 0,
-    "energy_threshold": 0.99,
-    "energy_iters": 2,
-}
+#: Group keys read here (declared once; every low-rank group accepts them).
+OPTIONS = (
+    Option("oversample", 8, check_non_negative_int, "extra random columns of the sketch"),
+    Option("power_iters", 2, check_non_negative_int, "subspace-iteration rounds from a cold start"),
+    Option("warm_iters", 1, check_non_negative_int, "rounds from the previous basis"),
+    Option("proj_seed", 0, check_non_negative_int, "seed of the random test matrices"),
+    Option(
+        "energy_threshold",
+        0.99,
+        check_fraction,
+        "accept a basis capturing >= this fraction of the exact SVD's energy (0 = no check)",
+    ),
+    Option("energy_iters", 2, check_non_negative_int, "extra rounds before falling back to the exact SVD"),
+)
+RANDOMIZED_DEFAULTS = {option.name: option.default for option in OPTIONS}
 
 
 def _orth(matrix: torch.Tensor) -> torch.Tensor:
@@ -173,6 +180,14 @@ class RandomizedFinder(BasisFinder):
     """
 
     name = "randomized"
+    options = OPTIONS
+
+    def refresh_transient_bytes(self, side, other, rank, group):
+        """A float32 copy of the gradient and, with ``w = rank + oversample``: the sketch ``Ω`` and
+        ``AᵀQ`` (``n × w``), ``B = QᵀA`` (``w × n``), ``AΩ``, ``Q`` and ``Z = ABᵀ`` (``k × w``), and the
+        float64 ``BBᵀ`` with its eigenvectors (``w × w``)."""
+        w = min(rank + int(group.get("oversample", RANDOMIZED_DEFAULTS["oversample"])), side, other)
+        return 4 * side * other + 4 * (2 * other * w + w * other + 3 * side * w) + 8 * 2 * w * w
 
     def find(self, matrix, rank, side, *, previous, state, group):
         basis, exact = guarded_randomized_basis(

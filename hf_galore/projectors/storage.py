@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 
+from ..declare import Option
 from ..registry import Registry
 
 
@@ -19,6 +20,9 @@ class BasisCodec(ABC):
     """Encode a basis into ``state`` under ``key`` and decode it back."""
 
     name: ClassVar[str | None]
+    #: the group keys this codec reads (every low-rank group accepts them); its bytes are measured
+    #: by encoding a basis (``hf_galore.memory.basis_bytes``), so it declares no state layout
+    options: ClassVar[tuple[Option, ...]] = ()
 
     @abstractmethod
     def encode(
@@ -67,7 +71,7 @@ class DenseCodec(BasisCodec):
         return None if basis is None else basis.shape
 
 
-CODECS: Registry[BasisCodec] = Registry("quant", "quant codec")
+CODECS: Registry[BasisCodec] = Registry("quant", "quant codec", declares_options=True)
 register_codec = CODECS.register
 get_codec = CODECS.lookup
 

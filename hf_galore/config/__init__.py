@@ -8,9 +8,10 @@ the Trainer's ``optim_args`` string and round-trips through JSON.
 
 How a setting flows through the package (one place to add it):
 
-* Low-rank param-group keys are defined once, in ``optim/validation.py``
-  (``LOWRANK_DEFAULTS`` for the default, ``check_lowrank_keys`` for the
-  check). A dataclass field with the same name (``rank``, ``scale``, ...) is
+* Low-rank param-group keys are declared once, by their component
+  (``options``: default, check, help; the algorithm's own in
+  ``optim/validation.CORE_OPTIONS``) and read from the registries
+  (``lowrank_options``). A dataclass field with the same name (``rank``, ``scale``, ...) is
   copied into every low-rank group by :meth:`GaLoreConfig.group_options`
   (used by ``targets.galore_param_groups``) and validated by
   ``check_lowrank_keys`` in ``__post_init__``; no per-field wiring.
@@ -25,6 +26,9 @@ How a setting flows through the package (one place to add it):
   ``_FIELD_CHECKS``.
 * Every field and group key is accepted by :meth:`GaLoreConfig.from_optim_args`
   and :meth:`GaLoreConfig.from_dict`; unknown keys are errors naming the valid ones.
+
+The fields and their checks live here; the text forms (the ``optim_args``
+grammar, typed values, ``--options`` JSON) in :mod:`hf_galore.config.text`.
 """
 
 from __future__ import annotations
@@ -33,29 +37,30 @@ import dataclasses
 import difflib
 import json
 import os
-import re
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
-from .errors import GaLoreConfigError
-from .optim.validation import (
-    LOWRANK_DEFAULTS,
+from ..declare import parse_text
+from ..errors import GaLoreConfigError
+from ..optim.validation import (
+    CORE_OPTIONS,
+    GROUP_DEFAULTS,
     ROUNDING_DEFAULTS,
     check_choice,
     check_lowrank_keys,
     check_rounding_keys,
+    lowrank_defaults,
+    lowrank_options,
 )
+from .text import options_from_text, parse_typed, split_optim_args
 
 #: Values of ``small_weights``: what happens to a matched weight whose smaller dimension is <= rank.
 SMALL_WEIGHT_POLICIES = ("full_rank", "error")
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-_NONE = {"none", "null"}
-
+#: The algorithm's group keys that are fields here: their defaults are declared once, in ``CORE_OPTIONS``.
+_CORE = {option.name: option for option in CORE_OPTIONS}
 
 def _check_target_spec(name: str, value: object) -> list[str] | str | None:
     """``None``, a regex / ``"all-linear"`` string, or a non-empty list of module names."""
@@ -78,37 +83,6 @@ def _check_target_spec(name: str, value: object) -> list[str] | str | None:
     raise GaLoreConfigError(
         f"`{name}` must be None, a list of module names, a regex string or 'all-linear', got {value!r}"
     )
-
-
-def _options_from_text(value: object) -> object:
-    """``options`` as a dict: ``None`` is empty, a string (the command line) is a JSON object.
-
-    String values of the JSON are parsed by the type of the key's default,
-    as ``optim_args`` values are (``{"oversample": "16"}`` gives 16).
-    """
-    if value is None:
-        return {}
-    if not isinstance(value, str):
-        return value
-    try:
-        data = json.loads(value)
-    except json.JSONDecodeError as err:
-        data, reason = None, f" ({err.msg} at position {err.pos})"
-    else:
-        reason = ""
-    if not isinstance(data, dict):
-        raise GaLoreConfigError(
-            f"`options` must be a dict or a JSON object such as '{{\"oversample\": 16}}', got {value!r}{reason}"
-        )
-    options = {}
-    for key, raw in data.items():
-        if isinstance(raw, str) and key in LOWRANK_DEFAULTS and not isinstance(LOWRANK_DEFAULTS[key], str):
-            try:
-                raw = _parse_like(key, raw, LOWRANK_DEFAULTS[key])
-            except GaLoreConfigError:
-                pass  # kept as text: the key's own check names it with the valid range
-        options[key] = raw
-    return options
 
 
 def _check_small_weights(name: str, value: object) -> str:
@@ -159,8 +133,9 @@ class GaLoreConfig:
             Float32 weights are unaffected. See docs/optimizers.md.
         options: Further low-rank group keys that have no field here (e.g.
             ``{"oversample": 16}`` for the randomized projector), or that dict
-            as JSON text (``--options '{"oversample": 16}'``); the keys and
-            their defaults are listed in ``optim/validation.py``.
+            as JSON text (``--options '{"oversample": 16}'``); each component
+            declares its keys and defaults (``options``), and
+            ``hf_galore.optim.validation.lowrank_options()`` lists them all.
     """
 
     rank: int = field(
@@ -168,29 +143,29 @@ class GaLoreConfig:
         metadata={"help": "Rank of the gradient projection."},
     )
     update_proj_gap: int = field(
-        default=200,
+        default=_CORE["update_proj_gap"].default,
         metadata={
             "help": "Optimizer steps between basis refreshes.",
         },
     )
     scale: float = field(
-        default=0.25,
+        default=_CORE["scale"].default,
         metadata={"help": "Scale alpha of the projected-back update."},
     )
     proj_type: Literal["std", "reverse_std", "left", "right", "full"] = field(
-        default="std",
+        default=_CORE["proj_type"].default,
         metadata={"help": "Projected side(s): std, reverse_std, left, right or full."},
     )
     projector: str = field(
-        default="svd",
+        default=_CORE["projector"].default,
         metadata={"help": "How the basis is found (registered projector name)."},
     )
     quant: str | None = field(
-        default=None,
+        default=_CORE["quant"].default,
         metadata={"help": "How the basis is stored: None (dense) or a registered codec."},
     )
     refresh: str = field(
-        default="fixed",
+        default=_CORE["refresh"].default,
         metadata={"help": "Refresh policy (registered name); 'fixed' = every update_proj_gap steps."},
     )
     # HfArgumentParser reads `list[str] | str | None` as `str`; `nargs` makes `--target_modules
@@ -211,7 +186,7 @@ class GaLoreConfig:
         metadata={"help": "Update each weight in its gradient hook (layer-wise mode)."},
     )
     skip_nonfinite: bool = field(
-        default=True,
+        default=GROUP_DEFAULTS["skip_nonfinite"],
         metadata={
             "help": "Skip an optimizer step whose gradients hold NaN/Inf, keeping weights and state (False: "
             "update anyway, as torch AdamW). Applies to every param group.",
@@ -225,7 +200,7 @@ class GaLoreConfig:
         },
     )
     stochastic_rounding: bool = field(
-        default=True,
+        default=ROUNDING_DEFAULTS["stochastic_rounding"],
         metadata={"help": "Stochastic rounding of updates into bf16/fp16 weights (False: round to nearest)."},
     )
     # `dict | str | None` as TrainingArguments' dict fields: HfArgumentParser passes the text of
@@ -246,7 +221,7 @@ class GaLoreConfig:
     def __post_init__(self) -> None:
         for name, check in self._FIELD_CHECKS.items():
             setattr(self, name, check(name, getattr(self, name)))
-        self.options = _options_from_text(self.options)
+        self.options = options_from_text(self.options)
         if not isinstance(self.options, dict):
             raise GaLoreConfigError(f"`options` must be a dict of low-rank group keys, got {self.options!r}")
         fields = set(self.field_names())
@@ -256,19 +231,19 @@ class GaLoreConfig:
             if key not in self.group_keys():
                 raise self._unknown_key_error(key, "`options`")
         # The optimizers' own checks for every key a low-rank group will carry.
-        group = {**LOWRANK_DEFAULTS, **ROUNDING_DEFAULTS, **self.group_options()}
+        group = {**lowrank_defaults(), **ROUNDING_DEFAULTS, **self.group_options()}
         check_lowrank_keys(group)
         check_rounding_keys(group)
 
     # ----------------------------------------------------------------- groups
     @staticmethod
     def group_keys() -> tuple[str, ...]:
-        """Keys of a low-rank param group (``rank``, ``LOWRANK_DEFAULTS``, ``ROUNDING_DEFAULTS``).
+        """Keys of a low-rank param group (``rank``, every declared option, ``ROUNDING_DEFAULTS``).
 
         The ``ROUNDING_DEFAULTS`` keys go into the full-rank groups too
         (:meth:`rounding_options`).
         """
-        return ("rank", *LOWRANK_DEFAULTS, *ROUNDING_DEFAULTS)
+        return ("rank", *lowrank_options(), *ROUNDING_DEFAULTS)
 
     def group_options(self) -> dict[str, Any]:
         """The keys every low-rank param group gets: fields named like group keys, then ``options``."""
@@ -309,38 +284,15 @@ class GaLoreConfig:
         Unknown keys and values that do not parse are errors naming the key
         and the accepted form.
         """
-        if text is None:
-            return {}
-        if not isinstance(text, str):
-            raise GaLoreConfigError(f"`optim_args` must be a string like 'rank=64,scale=0.25', got {text!r}")
         hints = typing.get_type_hints(cls)
         fields = set(cls.field_names()) - {"options"}
-        another_key = re.compile(r"[\s;]+[A-Za-z_]\w*\s*=")  # inside a value: a missing comma before key=
         out: dict[str, Any] = {}
         options: dict[str, Any] = {}
-        for item in text.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            key, sep, raw = item.partition("=")
-            key, raw = key.strip(), raw.strip()
-            if not sep or not key:
-                raise GaLoreConfigError(
-                    f"`optim_args` entry {item!r} is not of the form key=value "
-                    "(expected e.g. 'rank=64, update_proj_gap=200, scale=0.25')"
-                )
-            if another_key.search(raw):  # "rank=8 update_proj_gap=2": a space or ';' where a comma belongs
-                fixed = another_key.sub(lambda m: ", " + m.group(0).lstrip(" \t;"), item)
-                raise GaLoreConfigError(
-                    f"`optim_args` entry {item!r} holds more than one key=value: separate keys with commas, "
-                    f"e.g. {fixed!r}"
-                )
-            if key in out or key in options:
-                raise GaLoreConfigError(f"`optim_args` sets {key!r} twice")
+        for key, raw in split_optim_args(text):
             if key in fields:
-                out[key] = _parse_typed(key, raw, hints[key])
+                out[key] = parse_typed(key, raw, hints[key])
             elif key in cls.group_keys():
-                options[key] = _parse_like(key, raw, {**LOWRANK_DEFAULTS, **ROUNDING_DEFAULTS}[key])
+                options[key] = parse_text(key, raw, {**lowrank_defaults(), **ROUNDING_DEFAULTS}[key])
             else:
                 raise cls._unknown_key_error(key, "`optim_args`")
         if options:
@@ -405,47 +357,6 @@ class GaLoreConfig:
     def from_json_file(cls, path: str | os.PathLike) -> GaLoreConfig:
         with open(path, encoding="utf-8") as fh:
             return cls.from_json_string(fh.read())
-
-
-def _parse_like(key: str, raw: str, default: Any) -> Any:
-    """Parse ``raw`` by the type of a group key's default (``None`` defaults accept text or none)."""
-    if default is None:
-        return None if raw.lower() in _NONE else raw
-    return _parse_typed(key, raw, type(default))
-
-
-def _parse_typed(key: str, raw: str, hint: Any) -> Any:
-    """Turn ``raw`` text into a value of the annotated type ``hint``."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is Union or origin is types.UnionType:
-        if type(None) in args and raw.lower() in _NONE:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if any(typing.get_origin(a) is list for a in options):
-            if str in options and ";" not in raw and raw.replace("_", "-") == "all-linear":
-                return "all-linear"
-            return [part.strip() for part in raw.split(";") if part.strip()]
-        if len(options) == 1:
-            return _parse_typed(key, raw, options[0])
-        return raw
-    if origin is Literal:
-        return raw
-    if hint is bool:
-        if raw.lower() in _TRUE:
-            return True
-        if raw.lower() in _FALSE:
-            return False
-        raise GaLoreConfigError(f"`{key}` in `optim_args` must be true or false, got {raw!r}")
-    if hint in (int, float):
-        try:
-            return hint(raw)
-        except ValueError:
-            kind = "an integer" if hint is int else "a number"
-            raise GaLoreConfigError(f"`{key}` in `optim_args` must be {kind}, got {raw!r}") from None
-    if origin is list:
-        return [part.strip() for part in raw.split(";") if part.strip()]
-    return raw
 
 
 __all__ = ["SMALL_WEIGHT_POLICIES", "GaLoreConfig"]

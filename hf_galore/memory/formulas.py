@@ -1,0 +1,181 @@
+"""Per-weight byte counts read from the components' declarations, and the activation and INT8-weight formulas."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..declare import layout_bytes
+from ..errors import UnsupportedSetupError, format_choices
+from ..optim.members import BASE_OPTIMIZERS
+from ..optim.schedules import REFRESH_POLICIES
+from ..optim.validation import lowrank_defaults
+from ..projectors import PROJECTORS
+from ..projectors.geometry import (
+    effective_rank,
+    matrix_shape,
+    projected_shape,
+    side_size,
+    sides_for,
+)
+
+#: ``state["step"]``: a float32 scalar tensor per trainable tensor (as torch.optim.AdamW).
+STEP_BYTES = 4
+
+
+# ------------------------------------------------------------------- pure formulas
+def weight_state_bytes(
+    optimizer: type,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    group: Mapping[str, Any],
+    basis_cache: dict | None = None,
+) -> int:
+    """Optimizer-state bytes of one weight of ``shape`` in ``group``, from the components' declarations.
+
+    ``optimizer`` is a ``GaLoreOptimizer`` subclass. A full-rank weight (no
+    ``rank`` in ``group``, or fewer than 2 dimensions) holds ``step`` and the
+    base update's state of its own shape. A low-rank weight holds ``step``,
+    the base update's state of the projected gradient, one basis per side as
+    its codec stores it, and whatever the group's projector and refresh policy
+    declare (``state_layout``). The memory estimate and the start-up summary
+    both call this, so they agree with each other and with the tensors held.
+    """
+    shape = tuple(int(s) for s in shape)
+    if "rank" not in group or len(shape) < 2:
+        return STEP_BYTES + optimizer.state_bytes(shape, dtype, group)
+    matrix = matrix_shape(shape)
+    sides = sides_for(group["proj_type"], matrix)
+    rank = effective_rank(group["rank"], matrix)
+    total = STEP_BYTES + optimizer.state_bytes(projected_shape(matrix, rank, sides), dtype, group)
+    total += sum(
+        basis_bytes(side_size(side, matrix), rank, dtype, group["quant"], basis_cache, group=group) for side in sides
+    )
+    for registry, key in ((PROJECTORS, "projector"), (REFRESH_POLICIES, "refresh")):
+        total += layout_bytes(registry.lookup(group[key]).state_layout(matrix, rank, sides, group))
+    return total
+
+
+def activation_bytes(
+    *,
+    batch_size: int,
+    seq_len: int,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    vocab: int,
+    heads: int,
+    kv_hidden: int,
+    itemsize: int,
+    checkpointing: bool,
+) -> int:
+    """Activations saved for backward by a LLaMA-layout decoder (fused SDPA attention).
+
+    Counted from the tensors transformers' LlamaForCausalLM saves for
+    backward (checked with ``torch.autograd.graph.saved_tensors_hooks`` in
+    tests/test_memory.py). Per token and layer, with ``e`` the activation
+    bytes:
+
+    * each of the two RMSNorms: float32 input ``4h``, ``rsqrt`` ``4``, the
+      normalised ``e·h`` and its output (the next linear's input) ``e·h``;
+    * attention: q ``e·h``, k and v ``2·e·h_kv``, output ``e·h`` (also
+      o_proj's input), log-sum-exp ``4·heads``;
+    * MLP: gate output, SiLU output, up output and their product ``4·e·f``;
+    * per layer and sequence position (not per batch row): RoPE cos and
+      sin, ``2·e·head_dim``.
+
+    The head keeps the final norm (``4h + 4 + 2·e·h``) and the loss's
+    float32 log-softmax (``4·V``). With activation checkpointing each
+    layer keeps only its input (``e·h``), and one layer is recomputed at a
+    time in the backward pass, so one layer's full activations are added.
+    Transient backward buffers, attention workspaces and allocator
+    fragmentation are not counted (docs/memory.md).
+    """
+    tokens = batch_size * seq_len
+    e = itemsize
+    head_dim = hidden // heads
+    per_layer = 2 * (4 * hidden + 4 + 2 * e * hidden) + e * (2 * hidden + 2 * kv_hidden + 4 * intermediate) + 4 * heads
+    rope = 2 * e * head_dim * seq_len
+    head = tokens * (4 * hidden + 4 + 2 * e * hidden + 4 * vocab)
+    if checkpointing:
+        return layers * tokens * e * hidden + tokens * per_layer + rope + head
+    return layers * (tokens * per_layer + rope) + head
+
+
+def refresh_transient_bytes(projector: str, side: int, other: int, rank: int, *, oversample: int = 8) -> int:
+    """Temporaries of one basis refresh of a ``side × other`` gradient, as the finder declares them.
+
+    ``BasisFinder.refresh_transient_bytes`` (exact SVD by default, the
+    randomized finder's sketch in ``projectors/randomized.py``).
+    """
+    finder = PROJECTORS.lookup(projector)
+    return finder.refresh_transient_bytes(side, other, rank, {**lowrank_defaults(), "oversample": oversample})
+
+
+def update_transient_bytes(
+    base: str | type, shape: Sequence[int], low_shape: Sequence[int] | None, *, int8: bool
+) -> int:
+    """Temporaries of one weight's update: the base optimizer's kernel (its ``update_transient_bytes``) and,
+    for an INT8 weight, the float32 copy it is updated on (``4·m·n``) and its dequantized values (another
+    ``4·m·n``). Float weights are updated in place, or in blocks of 2¹⁸ values with stochastic rounding
+    (bounded, ignored here)."""
+    optimizer = BASE_OPTIMIZERS.lookup(base) if isinstance(base, str) else base
+    like = tuple(low_shape) if low_shape is not None else tuple(shape)
+    kernel = optimizer.update_transient_bytes(like, lowrank=low_shape is not None)
+    return kernel + (2 * 4 * math.prod(shape) if int8 else 0)
+
+
+# ----------------------------------------------------------------- quantized parts
+def _stored_bytes(store: Callable[[dict], None]) -> int:
+    state: dict = {}
+    store(state)
+    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def basis_bytes(
+    k: int, r: int, dtype: torch.dtype, quant: str | None, _cache: dict | None = None, *, group: dict | None = None
+) -> int:
+    """Bytes of a ``k × r`` basis as stored by the ``quant`` codec.
+
+    Quantized codecs are measured by encoding a random basis of the same
+    shape, so the figure follows the codec's real layout (packing, scales);
+    ``group`` carries the codec's options (``quant_group_size``), defaults otherwise.
+    """
+    if quant is None:  # a dense k × r basis in the weight's dtype
+        return k * r * torch.empty((), dtype=dtype).element_size()
+    options = tuple(sorted((key, value) for key, value in (group or {}).items() if key.startswith("quant_")))
+    key = (k, r, dtype, quant, options)
+    if _cache is not None and key in _cache:
+        return _cache[key]
+    from ..projectors.storage import CODECS
+
+    if quant not in CODECS:
+        raise UnsupportedSetupError(
+            f"basis storage `quant`={quant!r} is not available in this installation "
+            f"(registered: {format_choices(CODECS)})"
+        )
+    basis = torch.randn(k, r, generator=torch.Generator().manual_seed(0))
+    value = _stored_bytes(lambda state: CODECS[quant].encode(state, "basis", basis, dtype, group=group))
+    if _cache is not None:
+        _cache[key] = value
+    return value
+
+
+#: ``hf_galore.quant.Int8Linear``'s default group (Q-GaLore's ``--weight_group_size``).
+INT8_WEIGHT_GROUP_SIZE = 256
+
+
+def int8_weight_bytes(shape: Sequence[int], itemsize: int, group_size: int = INT8_WEIGHT_GROUP_SIZE) -> int:
+    """Bytes of an ``Int8Linear`` weight (``hf_galore.quant``, Q-GaLore §3.4) for an ``m × n`` linear.
+
+    int8 codes ``m·n`` + float32 scales ``4·m·⌈n/g⌉`` + the ``sr_seed`` and
+    ``sr_step`` int64 buffers (16) + the placeholder parameter, a one-element
+    tensor of the training dtype (its gradient is full size; see gradients).
+    """
+    m, n = shape[0], math.prod(shape[1:])
+    return m * n + 4 * m * -(-n // group_size) + 16 + itemsize
+
+
