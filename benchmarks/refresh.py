@@ -10,7 +10,16 @@ energy ``‖PᵀG‖²/‖G‖²`` as a fraction of the exact SVD's:
   (range finder, 2 power iterations, oversampling 8);
 * ``randomized warm``: the same finder warm-started from the previous
   refresh's exact basis, one subspace-iteration round (what every refresh
-  after the first does).
+  after the first does);
+* ``auto cold`` / ``auto warm``: the default projector (``projector="auto"``
+  with every default group key: exact SVD below its size switch, the
+  randomized finder *with its energy guard* above it), first basis and a
+  warm refresh. ``auto-guard fallbacks`` counts its falls back to the SVD.
+
+``--crossover`` instead times the exact SVD against the guarded randomized
+finder (warm and cold) over a grid of shapes and ``r/min(m, n)``, with the
+rule ``projector="auto"`` applies to each cell: where the two cross is what
+``auto_min_numel`` / ``auto_max_rank_ratio`` are set from.
 
 Gradients are synthetic but gradient-like: a power-law spectrum
 (``σᵢ ∝ 1/(i+1)``) on ``min(m,n)/2`` directions plus a noise floor, and the
@@ -20,6 +29,8 @@ draw (the overlap of their exact bases is printed, so the regime is visible).
     python benchmarks/refresh.py                                  # small default (minutes on 2 cores)
     python benchmarks/refresh.py --shapes 4096x11008 --ranks 128,512,1024
     python benchmarks/refresh.py --llama60m --ranks 128          # real gradients, 56 weights
+    python benchmarks/refresh.py --shapes 4096x11008 --ranks 1024 --skip-lowrank --previous randomized
+    python benchmarks/refresh.py --crossover                     # where auto switches (minutes)
 
 Prints a markdown table. Timings on a shared CPU are noisy; compare within a
 row (all methods run back to back on the same matrix).
@@ -33,8 +44,12 @@ import time
 
 import torch
 
+from hf_galore.optim.validation import LOWRANK_DEFAULTS
+from hf_galore.projectors import get_projector
+from hf_galore.projectors.auto import auto_uses_randomized
 from hf_galore.projectors.geometry import subspace_overlap
-from hf_galore.projectors.randomized import randomized_basis
+from hf_galore.projectors.randomized import guarded_randomized_basis, randomized_basis
+from hf_galore.projectors.svd import top_singular_basis
 
 
 def synthetic_gradient(m: int, n: int, seed: int, noise: float = 0.02) -> torch.Tensor:
@@ -71,6 +86,17 @@ def svd_lowrank_basis(g: torch.Tensor, rank: int, side: str) -> torch.Tensor:
     return (u if side == "left" else v)[:, :rank]
 
 
+def auto_basis(g: torch.Tensor, rank: int, side: str, previous: torch.Tensor | None, step: int) -> torch.Tensor:
+    """One refresh by the default projector with every default group key (the energy guard included)."""
+    state = {"step": step, "energy_fallbacks": 0}
+    basis = get_projector("auto").find(g, rank, side, previous=previous, state=state, group=dict(LOWRANK_DEFAULTS))
+    auto_basis.fallbacks += state["energy_fallbacks"]
+    return basis
+
+
+auto_basis.fallbacks = 0
+
+
 def llama_gradients(steps_between: int, batch: int, seq: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Gradients of LLaMA-60M's 56 attention/MLP weights at two points ``steps_between`` AdamW steps apart.
 
@@ -105,11 +131,15 @@ def llama_table(args: argparse.Namespace, ranks: list[int]) -> None:
     before, after = llama_gradients(args.steps_between, batch=4, seq=128)
     print(f"LLaMA-60M, 56 weights, real gradients {args.steps_between} AdamW steps apart, threads {args.threads}")
     print("| rank | exact SVD s | randomized cold s (× faster) | randomized warm s (× faster) "
-          "| cold energy min / mean | warm energy min / mean | old/new overlap mean |")
-    print("|---|---|---|---|---|---|---|")
+          "| cold energy min / mean | warm energy min / mean | old/new overlap mean "
+          "| auto (default) cold s (cost / SVD) | auto warm s (cost / SVD) | auto cold energy min / mean "
+          "| auto warm energy min / mean | auto: weights on randomized, guard fallbacks |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in ranks:
-        totals = {"exact": 0.0, "cold": 0.0, "warm": 0.0}
-        ratios: dict[str, list[float]] = {"cold": [], "warm": []}
+        totals = {"exact": 0.0, "cold": 0.0, "warm": 0.0, "auto cold": 0.0, "auto warm": 0.0}
+        ratios: dict[str, list[float]] = {"cold": [], "warm": [], "auto cold": [], "auto warm": []}
+        auto_basis.fallbacks = 0
+        switched = 0
         overlaps = []
         for g0, g1 in zip(before, after):
             side = "left" if g1.shape[0] < g1.shape[1] else "right"
@@ -124,28 +154,93 @@ def llama_table(args: argparse.Namespace, ranks: list[int]) -> None:
             totals["warm"] += seconds
             ratios["cold"].append(captured(g1, cold, side) / exact_e)
             ratios["warm"].append(captured(g1, warm, side) / exact_e)
+            auto_cold, seconds = timed(auto_basis, g1, r, side, None, 0)
+            totals["auto cold"] += seconds
+            auto_warm, seconds = timed(auto_basis, g1, r, side, old[r], 1)
+            totals["auto warm"] += seconds
+            ratios["auto cold"].append(captured(g1, auto_cold, side) / exact_e)
+            ratios["auto warm"].append(captured(g1, auto_warm, side) / exact_e)
+            switched += auto_uses_randomized(g1.shape, r, LOWRANK_DEFAULTS)
         ex = totals["exact"]
+        n = len(after)
         print(
             f"| {r} | {ex:.2f} | {totals['cold']:.2f} ({ex / totals['cold']:.1f}×) | "
             f"{totals['warm']:.2f} ({ex / totals['warm']:.1f}×) | "
             f"{min(ratios['cold']):.4f} / {sum(ratios['cold']) / 56:.4f} | "
-            f"{min(ratios['warm']):.4f} / {sum(ratios['warm']) / 56:.4f} | {sum(overlaps) / 56:.3f} |"
+            f"{min(ratios['warm']):.4f} / {sum(ratios['warm']) / 56:.4f} | {sum(overlaps) / 56:.3f} | "
+            f"{totals['auto cold']:.2f} ({totals['auto cold'] / ex:.3f}) | "
+            f"{totals['auto warm']:.2f} ({totals['auto warm'] / ex:.3f}) | "
+            f"{min(ratios['auto cold']):.4f} / {sum(ratios['auto cold']) / n:.4f} | "
+            f"{min(ratios['auto warm']):.4f} / {sum(ratios['auto warm']) / n:.4f} | "
+            f"{switched} of {n}, {auto_basis.fallbacks} |"
         )
+
+
+CROSSOVER_SHAPES = "128x128,128x352,192x192,256x256,256x688,512x512,512x1376,1024x2752"
+CROSSOVER_RATIOS = (0.125, 0.25, 0.5, 0.625, 0.75)
+
+
+def median_time(reps: int, fn, *args, **kwargs) -> tuple[object, float]:
+    """Result of the last call and the median seconds of ``reps`` calls (a shared CPU has outliers)."""
+    seconds = []
+    for _ in range(reps):
+        out, s = timed(fn, *args, **kwargs)
+        seconds.append(s)
+    seconds.sort()
+    return out, seconds[len(seconds) // 2]
+
+
+def crossover_table(shapes: list[tuple[int, int]], args: argparse.Namespace) -> None:
+    """Exact SVD against the guarded randomized finder over shapes × r/min(m, n), with auto's choice."""
+    print(f"crossover: median of {args.reps} calls, drift {args.drift}, threads {args.threads}, "
+          f"torch {torch.__version__}, fp32 CPU; power-law synthetic gradients; "
+          f"auto_min_numel {LOWRANK_DEFAULTS['auto_min_numel']}, "
+          f"auto_max_rank_ratio {LOWRANK_DEFAULTS['auto_max_rank_ratio']}")
+    print("| shape | m·n | r | r/min | exact SVD s | guarded randomized warm s (SVD / it) "
+          "| guarded randomized cold s (SVD / it) | faster (warm) | auto picks |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    group = dict(LOWRANK_DEFAULTS)
+    for m, n in shapes:
+        side = "left" if m <= n else "right"
+        previous = synthetic_gradient(m, n, seed=0)
+        change = synthetic_gradient(m, n, seed=1)
+        current = previous + args.drift * (previous.norm() / change.norm()) * change
+        k = min(m, n)
+        for ratio in CROSSOVER_RATIOS:
+            r = int(k * ratio)
+            start = randomized_basis(previous, r, side, previous=None, step=0, group={})
+            _, svd_s = median_time(args.reps, top_singular_basis, current, r, side)
+            _, warm_s = median_time(
+                args.reps, guarded_randomized_basis, current, r, side, previous=start, step=1, group=group
+            )
+            _, cold_s = median_time(
+                args.reps, guarded_randomized_basis, current, r, side, previous=None, step=0, group=group
+            )
+            pick = "randomized" if auto_uses_randomized((m, n), r, group) else "svd"
+            faster = "randomized" if warm_s < svd_s else "svd"
+            print(f"| {m}×{n} | {m * n} | {r} | {ratio:.3f} | {svd_s:.4f} | {warm_s:.4f} ({svd_s / warm_s:.2f}×) "
+                  f"| {cold_s:.4f} ({svd_s / cold_s:.2f}×) | {faster} | {pick} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="512x1376,1024x2752", help="comma-separated m x n (LLaMA: 4096x11008)")
+    parser.add_argument("--shapes", default=None, help="comma-separated m x n (LLaMA: 4096x11008)")
     parser.add_argument("--ranks", default="128,256", help="comma-separated ranks")
     parser.add_argument("--drift", type=float, default=0.3, help="relative size of the change between refreshes")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--skip-lowrank", action="store_true", help="do not time torch.svd_lowrank")
     parser.add_argument("--previous", choices=("exact", "randomized"), default="exact",
                         help="how the previous refresh's basis (the warm start) is computed")
+    parser.add_argument("--crossover", action="store_true",
+                        help=f"exact SVD vs the guarded randomized finder over shapes x r/min "
+                             f"(--shapes default {CROSSOVER_SHAPES})")
+    parser.add_argument("--reps", type=int, default=5, help="--crossover: calls per timing (median)")
     parser.add_argument("--llama60m", action="store_true", help="real gradients of LLaMA-60M's 56 targets instead")
     parser.add_argument("--steps-between", type=int, default=10, help="--llama60m: AdamW steps between refreshes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.shapes is None:
+        args.shapes = CROSSOVER_SHAPES if args.crossover else "512x1376,1024x2752"
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
     if args.llama60m:
@@ -157,6 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     exact_bases(warm, "left", [8])
     svd_lowrank_basis(warm, 8, "left")
     randomized_basis(warm, 8, "left", previous=None, step=0, group={})
+    guarded_randomized_basis(warm, 8, "left", previous=None, step=0, group=dict(LOWRANK_DEFAULTS))
+    auto_basis(warm, 8, "left", None, 0)
+    if args.crossover:
+        crossover_table(shapes, args)
+        return
 
     rows = []
     try:
@@ -188,7 +288,13 @@ def main(argv: list[str] | None = None) -> None:
             methods["randomized warm"] = timed(
                 randomized_basis, current, r, side, previous=prev_bases[r], step=1, group={}
             )
-            row = {"shape": f"{m}×{n}", "rank": r, "overlap": overlap, "exact_s": exact_s, "exact_e": exact_e}
+            auto_basis.fallbacks = 0
+            methods["auto cold"] = timed(auto_basis, current, r, side, None, 0)
+            methods["auto warm"] = timed(auto_basis, current, r, side, prev_bases[r], 1)
+            row_fallbacks = auto_basis.fallbacks
+            row = {"shape": f"{m}×{n}", "rank": r, "overlap": overlap, "exact_s": exact_s, "exact_e": exact_e,
+                   "auto": ("randomized" if auto_uses_randomized((m, n), r, LOWRANK_DEFAULTS) else "svd"),
+                   "fallbacks": row_fallbacks}
             for name, (basis, seconds) in methods.items():
                 row[name] = (seconds, captured(current, basis, side) / exact_e)
             rows.append(row)
@@ -197,18 +303,21 @@ def main(argv: list[str] | None = None) -> None:
     if progress:
         progress.close()
 
-    names = [k for k in rows[0] if k not in ("shape", "rank", "overlap", "exact_s", "exact_e")] if rows else []
+    fixed = ("shape", "rank", "overlap", "exact_s", "exact_e", "auto", "fallbacks")
+    names = [k for k in rows[0] if k not in fixed] if rows else []
     header = "| shape | rank | old/new overlap | exact SVD s | " + " | ".join(
         f"{n} s (× faster, energy)" for n in names
-    ) + " |"
+    ) + " | auto picks | auto-guard fallbacks | auto warm cost / SVD | auto warm energy / SVD's |"
     print(f"drift {args.drift}, previous basis {args.previous}, threads {args.threads}, "
           f"torch {torch.__version__}, fp32 CPU")
     print(header)
-    print("|" + "---|" * (4 + len(names)))
+    print("|" + "---|" * (8 + len(names)))
     for row in rows:
         cells = [
             f"{row[n][0]:.3f} ({row['exact_s'] / row[n][0]:.1f}×, {row[n][1]:.4f})" for n in names
         ]
+        cells += [row["auto"], str(row["fallbacks"]), f"{row['auto warm'][0] / row['exact_s']:.4f}",
+                  f"{row['auto warm'][1]:.4f}"]
         print(f"| {row['shape']} | {row['rank']} | {row['overlap']:.3f} | {row['exact_s']:.2f} | " + " | ".join(cells) + " |")
 
 

@@ -50,7 +50,7 @@ class MethodSpec:
     name: str
     base: str  # a registered base optimizer (``hf_galore.optim.members.BASE_OPTIMIZERS``)
     lowrank: bool = False
-    projector: str = "svd"
+    projector: str = "auto"
     quant: str | None = None
     int8_weights: bool = False
     refresh: str = "fixed"
@@ -67,9 +67,9 @@ _BASE_METHODS = (
     MethodSpec("adamw", "adamw", summary="AdamW on every weight (torch.optim.AdamW / GaLoreAdamW without `rank`)"),
     MethodSpec("adamw8bit", "adamw8bit", summary="8-bit AdamW on every weight (GaLoreAdamW8bit without `rank`)"),
     MethodSpec("adafactor", "adafactor", summary="Adafactor on every weight (GaLoreAdafactor without `rank`)"),
-    MethodSpec("galore", "adamw", lowrank=True, summary="GaLoreAdamW, exact-SVD basis"),
-    MethodSpec("galore_8bit", "adamw8bit", lowrank=True, summary="GaLoreAdamW8bit, exact-SVD basis"),
-    MethodSpec("galore_adafactor", "adafactor", lowrank=True, summary="GaLoreAdafactor, exact-SVD basis"),
+    MethodSpec("galore", "adamw", lowrank=True, summary="GaLoreAdamW, default (auto) basis"),
+    MethodSpec("galore_8bit", "adamw8bit", lowrank=True, summary="GaLoreAdamW8bit, default (auto) basis"),
+    MethodSpec("galore_adafactor", "adafactor", lowrank=True, summary="GaLoreAdafactor, default (auto) basis"),
     MethodSpec(
         "online_pca", "adamw", lowrank=True, projector="online_pca", summary="GaLoreAdamW, Online Subspace Descent basis"
     ),

@@ -26,7 +26,7 @@ from .validation import check_beta, check_non_negative
 GALORE_GROUP_DOC = """
     Param groups with the key ``rank`` are projected (GaLore, arXiv:2403.03507);
     their optional keys are ``update_proj_gap`` (200), ``scale`` (0.25),
-    ``proj_type`` ("std"), ``projector`` ("svd" | "randomized" | "online_pca"),
+    ``proj_type`` ("std"), ``projector`` ("auto" | "svd" | "randomized" | "online_pca"),
     ``quant`` (None | "int8" | "int4"), ``refresh`` ("fixed" | "staggered" |
     "lazy"), ``rotate_moments`` (False) and the member options listed in
     docs/optimizers.md (``oversample``, ``power_iters``, ``osd_alpha``, ...).

@@ -43,7 +43,9 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("update_proj_gap", 200, check_positive_int, "optimizer steps between basis refreshes"),
     Option("scale", 0.25, check_positive, "scale alpha of the projected-back update"),
     Option("proj_type", "std", one_of(*PROJ_TYPES), "projected side(s): std, reverse_std, left, right or full"),
-    Option("projector", "svd", _registered(PROJECTORS), "how the basis is found (registered projector name)"),
+    # "auto": exact SVD on small weights, the guarded randomized finder on large ones (projectors/auto.py);
+    # "svd" stays the exact SVD on every weight (galore-torch)
+    Option("projector", "auto", _registered(PROJECTORS), "how the basis is found (registered projector name)"),
     Option("quant", None, _registered(CODECS), "how the basis is stored: None (dense) or a registered codec"),
     Option("refresh", "fixed", _registered(REFRESH_POLICIES), "when the basis is refreshed (registered policy)"),
     # carry the moments into a refreshed basis (off: galore-torch keeps their coordinates)

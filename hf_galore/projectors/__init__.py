@@ -8,6 +8,7 @@ Adding a member is one file with a :class:`BasisFinder` subclass (its
 from __future__ import annotations
 
 from ..registry import Registry
+from .auto import AutoFinder
 from .base import BasisFinder, Side
 from .online_pca import OnlinePCAFinder
 from .quantized import Int4Codec, Int8Codec
@@ -23,6 +24,7 @@ get_projector = PROJECTORS.lookup
 register_projector(SVDFinder())
 register_projector(RandomizedFinder())
 register_projector(OnlinePCAFinder())
+register_projector(AutoFinder())
 
 register_codec(Int8Codec())
 register_codec(Int4Codec())
