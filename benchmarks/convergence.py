@@ -33,6 +33,14 @@ interrupted sweep picks up where it stopped.
 
 Without ``--sweep`` each method runs once at its paper lr (the quick look;
 its verdicts say so).
+
+``--paired METHOD REFERENCE --paired_lr LR`` trains two methods at one lr
+(e.g. the sweep's best GaLore lr) over ``--seeds`` seeds with the sweep's
+setup, and states whether their gap is within the paired seed noise; e.g. the
+default projector with its size switch forced low against exact SVD, on a
+model whose weights are all below the default switch:
+
+    python benchmarks/convergence.py --paired galore_auto_switched galore_svd --paired_lr 0.005 --seeds 2
 """
 
 from __future__ import annotations
@@ -73,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(METHODS), metavar="METHOD",
                         help=f"methods to compare (default: %(default)s); choices: {sorted(METHODS)}")
+    parser.add_argument("--paired", nargs=2, default=None, choices=sorted(METHODS), metavar=("METHOD", "REFERENCE"),
+                        help="train METHOD and REFERENCE at --paired_lr over --seeds seeds (sweep setup, split "
+                             "rule, resumable) and compare them against the paired seed noise")
+    parser.add_argument("--paired_lr", type=float, default=None, help="--paired: the learning rate of both")
     parser.add_argument("--sweep", action="store_true",
                         help="learning-rate sweep per method, seeds at the best lr, computed verdicts")
     parser.add_argument("--steps", type=int, default=None,
@@ -118,7 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "results_dir": "runs/convergence_sweep", "plot": "docs/img/convergence_sweep.png"}
     single_defaults = {"steps": 200, "model_config": "llama_20m", "max_length": 128, "batch_size": 8, "eval_tokens": 16384,
                        "results_dir": "runs/convergence", "plot": "runs/convergence/convergence.png"}
-    for key, value in (sweep_defaults if args.sweep else single_defaults).items():
+    if args.paired:
+        if args.paired_lr is None or args.paired_lr <= 0:
+            parser.error(f"--paired needs a positive --paired_lr, got {args.paired_lr}")
+        sweep_defaults = {**sweep_defaults, "results_dir": "runs/convergence_paired", "plot": ""}
+    for key, value in (sweep_defaults if args.sweep or args.paired else single_defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.eval_every is None:
@@ -548,10 +564,52 @@ def main_single(args: argparse.Namespace) -> dict[str, dict]:
     return results
 
 
+def main_paired(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Two methods at one lr over the same seeds: the gap and whether it is within the paired seed noise."""
+    from tqdm.auto import tqdm
+
+    store = SweepStore(Path(args.results_dir), args)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    runs: dict[str, list[dict]] = {}
+    with tqdm(total=2 * len(seeds), desc="paired", unit="run", dynamic_ncols=True) as progress:
+        for method in args.paired:
+            runs[method] = []
+            for seed in seeds:
+                r = store.get(RunSpec(method, "split", args.paired_lr, seed), progress)
+                progress.update(1)
+                if r is not None:
+                    runs[method].append(r)
+    print(f"\nSetup: {setup_line(args)}; split rule, lr {args.paired_lr:g} for both, seeds {seeds}\n")
+    print("| method | seed | eval ppl | basis refreshes | refresh s | energy-guard fallbacks to SVD |")
+    print("|---|---|---|---|---|---|")
+    for method, results in runs.items():
+        for r in results:
+            st = r.get("galore_stats", {})
+            print(f"| {method} | {r['seed']} | {r['eval_ppl']:.2f} | {st.get('refreshes', '-')} | "
+                  f"{st.get('refresh_seconds', float('nan')):.2f} | {st.get('energy_fallbacks', '-')} |")
+    ours, ref = (runs[m] for m in args.paired)
+    if len(ours) != len(seeds) or len(ref) != len(seeds):
+        missing = {m: len(seeds) - len(r) for m, r in runs.items() if len(r) != len(seeds)}
+        print(f"\nincomplete: runs missing {missing}; no verdict")
+        return runs
+    (m_ours, s_ours), (m_ref, s_ref) = mean_std([r["eval_ppl"] for r in ours]), mean_std([r["eval_ppl"] for r in ref])
+    gap, noise, text = gap_statement([r["eval_ppl"] for r in ours], [r["eval_ppl"] for r in ref])
+    print(f"\n{args.paired[0]} {m_ours:.2f} ± {s_ours:.2f} vs {args.paired[1]} {m_ref:.2f} ± {s_ref:.2f}: {text}")
+    if len(seeds) > 1:
+        within = abs(gap) <= 2 * noise
+        print(f"paired seed noise ±{noise:.2f}%: the gap {gap:+.2f}% is "
+              f"{'within' if within else 'OUTSIDE'} 2 × the paired seed noise")
+    else:
+        print("one seed: no seed noise, no verdict")
+    return runs
+
+
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.paired:
+        return main_paired(args)
     return main_sweep(args) if args.sweep else main_single(args)
 
 

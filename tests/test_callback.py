@@ -64,6 +64,8 @@ def test_state_estimate_equals_measured_bytes(cls, kwargs, proj_type):
         {"quant": "int4"},
         {"projector": "online_pca"},
         {"projector": "randomized"},
+        {"projector": "auto", "options": {"auto_min_numel": 0}},  # auto on its randomized branch
+        {"projector": "svd"},
         {"refresh": "lazy"},
         {"quant": "int4", "refresh": "lazy", "projector": "online_pca"},
         # the FIFO's declared length is the group's (it was the default 5 whatever the group said)

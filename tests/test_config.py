@@ -103,13 +103,15 @@ def test_post_init_validates(kwargs, message):
 
 
 def test_defaults_match_the_paper_and_galore_torch():
+    """The paper's values; the projector is "auto", which is galore-torch's exact SVD below its size switch
+    (tests/projectors/test_auto.py)."""
     config = GaLoreConfig()
     expected = {
         "rank": 128,
         "update_proj_gap": 200,
         "scale": 0.25,
         "proj_type": "std",
-        "projector": "svd",
+        "projector": "auto",
         "quant": None,
         "refresh": "fixed",
     }

@@ -99,6 +99,8 @@ def _build(case: dict, model: torch.nn.Module, layerwise: bool = False):
         "refresh": case["refresh"],
         "proj_type": case["proj_type"],
         "quant_group_size": 16,
+        # projector="auto": switch at 0 so that the tiny weights take its randomized branch (ignored by the others)
+        "auto_min_numel": 0,
     }
     optimizer = cls(split_groups(model, **keys), **hp)
     return LayerwiseOptimizer(optimizer) if layerwise else optimizer

@@ -94,6 +94,10 @@ EXACT_CASES = [
     ("galore_8bit", GaLoreAdamW8bit, {"rank": 32}, {"rank": 32}),
     ("galore_8bit", GaLoreAdamW8bit, {"rank": 4}, {"rank": 4}),
     ("galore_adafactor", GaLoreAdafactor, {"rank": 16}, {"rank": 16}),
+    # the default projector "auto" with its size switch at 0 (every weight on the randomized branch),
+    # and projector="svd" named: the same bytes as the default
+    ("galore", GaLoreAdamW, {"rank": 8, "auto_min_numel": 0}, {"rank": 8}),
+    ("galore", GaLoreAdamW, {"rank": 8, "projector": "svd"}, {"rank": 8}),
 ]
 
 

@@ -38,7 +38,7 @@ def test_unknown_names_list_the_valid_ones(bad):
 @pytest.mark.parametrize(
     "registry,expected",
     [
-        (PROJECTORS, {"svd", "randomized", "online_pca"}),
+        (PROJECTORS, {"auto", "svd", "randomized", "online_pca"}),
         (CODECS, {None, "int8", "int4"}),
         (REFRESH_POLICIES, {"fixed", "staggered", "lazy"}),
     ],

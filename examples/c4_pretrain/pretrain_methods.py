@@ -172,7 +172,25 @@ def build_lora(model: nn.Module, args: Any) -> tuple[nn.Module, torch.optim.Opti
 for _method in (
     Method("adamw", 1e-3, build_adamw, "full-rank torch AdamW (the paper's baseline)"),
     Method("adamw8bit", 1e-3, build_adamw8bit, "bitsandbytes AdamW8bit, full rank"),
-    Method("galore", 1e-2, _galore(hf_galore.GaLoreAdamW), "GaLoreAdamW, exact SVD every T steps"),
+    Method(
+        "galore",
+        1e-2,
+        _galore(hf_galore.GaLoreAdamW),
+        "GaLoreAdamW, default projector (auto: exact SVD on small weights, randomized on large ones)",
+    ),
+    Method(
+        "galore_svd",
+        1e-2,
+        _galore(hf_galore.GaLoreAdamW, projector="svd"),
+        "GaLoreAdamW, exact SVD every T steps on every weight (galore-torch)",
+    ),
+    Method(
+        "galore_auto_switched",
+        1e-2,
+        _galore(hf_galore.GaLoreAdamW, projector="auto", options={"auto_min_numel": 0}),
+        "GaLoreAdamW, projector auto with its size switch at 0: every weight with rank <= min(m, n)/2 takes "
+        "the randomized branch (compares auto's large-weight path on a small model)",
+    ),
     Method("galore_8bit", 1e-2, _galore(hf_galore.GaLoreAdamW8bit), "GaLoreAdamW8bit (8-bit GaLore)"),
     Method(
         "galore_layerwise",

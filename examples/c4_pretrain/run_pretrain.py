@@ -495,6 +495,13 @@ def train(args: PretrainArguments) -> dict[str, Any]:
         "learning_rate": args.learning_rate,
         "rank": args.rank,
     }
+    stats = getattr(getattr(optimizer, "optimizer", optimizer), "galore_stats", None)
+    if stats is not None:  # GaLore-family methods: what the basis refreshes cost
+        result["galore_stats"] = {
+            "refreshes": stats.refreshes,
+            "refresh_seconds": stats.refresh_seconds,
+            "energy_fallbacks": stats.energy_fallbacks,
+        }
     if accelerator.is_main_process:
         print(
             json.dumps({k: result[k] for k in ("method", "eval_loss", "eval_ppl", "optimizer_state_bytes")}),

@@ -102,7 +102,7 @@ def train_with_broken_svd(monkeypatch) -> GaLoreAdamW:
 
     monkeypatch.setattr(type(finder), "find", broken)
     model = tiny_mlp()
-    opt = GaLoreAdamW(split_groups(model, rank=4, update_proj_gap=2), lr=1e-2)
+    opt = GaLoreAdamW(split_groups(model, rank=4, update_proj_gap=2, projector="svd"), lr=1e-2)
     with pytest.warns(RuntimeWarning, match="randomized"):
         train(model, opt, steps=3)
     for p in model.parameters():
