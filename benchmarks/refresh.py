@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crossover", action="store_true",
                         help=f"exact SVD vs the guarded randomized finder over shapes x r/min "
                              f"(--shapes default {CROSSOVER_SHAPES})")
-    parser.add_argument("--reps", type=int, default=5, help="--crossover: calls per timing (median)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="calls per timing, median taken (default 5 with --crossover; else 1, and the "
+                             "exact SVD of the table is always timed once)")
     parser.add_argument("--llama60m", action="store_true", help="real gradients of LLaMA-60M's 56 targets instead")
     parser.add_argument("--steps-between", type=int, default=10, help="--llama60m: AdamW steps between refreshes")
     args = parser.parse_args(argv)
@@ -255,10 +257,12 @@ def main(argv: list[str] | None = None) -> None:
     guarded_randomized_basis(warm, 8, "left", previous=None, step=0, group=dict(LOWRANK_DEFAULTS))
     auto_basis(warm, 8, "left", None, 0)
     if args.crossover:
+        args.reps = args.reps or 5
         crossover_table(shapes, args)
         return
 
     rows = []
+    reps = args.reps or 1  # the exact SVD is timed once (minutes at 4096×11008); the others take the median
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover - tqdm ships with transformers
@@ -283,15 +287,17 @@ def main(argv: list[str] | None = None) -> None:
             overlap = subspace_overlap(prev_bases[r], bases[r])
             methods = {}
             if not args.skip_lowrank:
-                methods["svd_lowrank niter 2"] = timed(svd_lowrank_basis, current, r, side)
-            methods["randomized cold"] = timed(randomized_basis, current, r, side, previous=None, step=0, group={})
-            methods["randomized warm"] = timed(
-                randomized_basis, current, r, side, previous=prev_bases[r], step=1, group={}
+                methods["svd_lowrank niter 2"] = median_time(reps, svd_lowrank_basis, current, r, side)
+            methods["randomized cold"] = median_time(
+                reps, randomized_basis, current, r, side, previous=None, step=0, group={}
+            )
+            methods["randomized warm"] = median_time(
+                reps, randomized_basis, current, r, side, previous=prev_bases[r], step=1, group={}
             )
             auto_basis.fallbacks = 0
-            methods["auto cold"] = timed(auto_basis, current, r, side, None, 0)
-            methods["auto warm"] = timed(auto_basis, current, r, side, prev_bases[r], 1)
-            row_fallbacks = auto_basis.fallbacks
+            methods["auto cold"] = median_time(reps, auto_basis, current, r, side, None, 0)
+            methods["auto warm"] = median_time(reps, auto_basis, current, r, side, prev_bases[r], 1)
+            row_fallbacks = auto_basis.fallbacks // reps  # per refresh (every call sees the same matrix)
             row = {"shape": f"{m}×{n}", "rank": r, "overlap": overlap, "exact_s": exact_s, "exact_e": exact_e,
                    "auto": ("randomized" if auto_uses_randomized((m, n), r, LOWRANK_DEFAULTS) else "svd"),
                    "fallbacks": row_fallbacks}
@@ -308,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     header = "| shape | rank | old/new overlap | exact SVD s | " + " | ".join(
         f"{n} s (× faster, energy)" for n in names
     ) + " | auto picks | auto-guard fallbacks | auto warm cost / SVD | auto warm energy / SVD's |"
-    print(f"drift {args.drift}, previous basis {args.previous}, threads {args.threads}, "
+    print(f"drift {args.drift}, previous basis {args.previous}, threads {args.threads}, median of {reps} calls "
+          f"(exact SVD: one call), "
           f"torch {torch.__version__}, fp32 CPU")
     print(header)
     print("|" + "---|" * (8 + len(names)))
