@@ -39,6 +39,7 @@ row (all methods run back to back on the same matrix).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -209,13 +210,17 @@ def crossover_table(shapes: list[tuple[int, int]], args: argparse.Namespace) -> 
         for ratio in CROSSOVER_RATIOS:
             r = int(k * ratio)
             start = randomized_basis(previous, r, side, previous=None, step=0, group={})
-            _, svd_s = median_time(args.reps, top_singular_basis, current, r, side)
-            _, warm_s = median_time(
-                args.reps, guarded_randomized_basis, current, r, side, previous=start, step=1, group=group
-            )
-            _, cold_s = median_time(
-                args.reps, guarded_randomized_basis, current, r, side, previous=None, step=0, group=group
-            )
+            # interleaved (SVD, warm, cold, SVD, ...): a burst of load on the shared CPU hits all three alike
+            seconds: dict[str, list[float]] = {"svd": [], "warm": [], "cold": []}
+            for _ in range(args.reps):
+                seconds["svd"].append(timed(top_singular_basis, current, r, side)[1])
+                seconds["warm"].append(
+                    timed(guarded_randomized_basis, current, r, side, previous=start, step=1, group=group)[1]
+                )
+                seconds["cold"].append(
+                    timed(guarded_randomized_basis, current, r, side, previous=None, step=0, group=group)[1]
+                )
+            svd_s, warm_s, cold_s = (statistics.median(seconds[key]) for key in ("svd", "warm", "cold"))
             pick = "randomized" if auto_uses_randomized((m, n), r, group) else "svd"
             faster = "randomized" if warm_s < svd_s else "svd"
             print(f"| {m}×{n} | {m * n} | {r} | {ratio:.3f} | {svd_s:.4f} | {warm_s:.4f} ({svd_s / warm_s:.2f}×) "

@@ -497,3 +497,12 @@ def test_randomized_refresh_needs_less_than_exact_svd_on_7b_shapes():
     from hf_galore.memory import refresh_transient_bytes
 
     assert refresh_transient_bytes("randomized", 4096, 11008, 1024) < refresh_transient_bytes("svd", 4096, 11008, 1024)
+
+
+def test_auto_refresh_transient_follows_its_switch():
+    """projector="auto" (the default) needs the randomized finder's temporaries above its switch, the SVD's below."""
+    from hf_galore.memory import refresh_transient_bytes
+
+    assert refresh_transient_bytes("auto", 4096, 11008, 1024) == refresh_transient_bytes("randomized", 4096, 11008, 1024)
+    assert refresh_transient_bytes("auto", 96, 200, 16) == refresh_transient_bytes("svd", 96, 200, 16)
+    assert refresh_transient_bytes("auto", 512, 512, 300) == refresh_transient_bytes("svd", 512, 512, 300)
