@@ -10,13 +10,15 @@ or nearly full-rank ones. ``auto`` picks, per weight, by
     randomized  iff  m·n ≥ auto_min_numel  and  r ≤ auto_max_rank_ratio · min(m, n)
 
 with the defaults ``auto_min_numel = 65536`` (256×256) and
-``auto_max_rank_ratio = 0.5``, measured on a 2-core CPU (fp32, 2 threads,
-synthetic power-law gradients; ``python benchmarks/refresh.py --crossover``,
-docs/benchmarks.md): at 128×128 the randomized finder is at best 1.2–1.4×
-faster (r/min = 1/4) and slower from r/min = 1/2; at 256×256 it is faster up
-to r/min ≈ 5/8 (1.8× at 1/2, 0.9× at 3/4); from 512×1376 up it is faster at
-every r/min ≤ 3/4 (2.3× there, 11× at 1/4). The constants keep a margin on
-both sides of that crossover.
+``auto_max_rank_ratio = 0.5``, set from the measured crossover on a shared
+2-core CPU (fp32, 2 threads, synthetic power-law gradients, median of 7
+interleaved calls; ``python benchmarks/refresh.py --crossover --reps 7``,
+docs/benchmarks.md): at 128×128 the guarded randomized finder is at best 1.4×
+faster (r/min = 1/4) and slower from r/min = 1/2; at 128×352 and 192×192 it
+wins up to r/min = 1/2 by 1.1–12×; from 256×688 up it wins at every
+r/min ≤ 1/2 (1.7–20×); at r/min = 3/4 it loses or barely wins up to 512×512.
+Below 256×256 a refresh costs milliseconds either way, and a weight whose
+spectrum makes the energy guard fall back would pay both finders there.
 
 Below the switch the basis is exactly ``projector="svd"``'s (the same call),
 so parity with galore-torch holds there bit for bit. Above it the basis is
