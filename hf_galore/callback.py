@@ -309,10 +309,6 @@ class GaLoreCallback(TrainerCallback):
         if isinstance(inner, LayerwiseOptimizer):  # before any step: settings it cannot honour stop here
             check_trainer_args(inner, args, loss_scaler(optimizer))
         self._optimizer = inner
-        if args.world_size > 1:  # DDP: every rank uses rank 0's basis, by construction (docs/distributed.md)
-            from .distributed import synchronize_bases
-
-            synchronize_bases(inner)
         stats = inner.galore_stats
         self._overlap_seen = (stats.overlap_sum, stats.overlap_count)
         plan = getattr(inner, "galore_plan", None)

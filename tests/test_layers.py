@@ -25,4 +25,4 @@ def test_import_contracts_are_kept(capsys):
         os.chdir(cwd)
     report = capsys.readouterr().out
     assert code == 0, report
-    assert "Contracts: 2 kept, 0 broken." in report
+    assert "Contracts: 3 kept, 0 broken." in report

@@ -130,9 +130,12 @@ def _state_tensors(state: dict[str, Any], skip: tuple[str, ...] = ("step",)) -> 
 class GaLoreOptimizer(Optimizer):
     """Base class: do not instantiate; use ``GaLoreAdamW`` and friends."""
 
-    #: ``basis -> basis`` applied to every new basis before it is stored; set by
-    #: ``hf_galore.distributed.synchronize_bases`` so data-parallel ranks share one basis
+    #: ``basis -> basis`` applied to every new basis before it is stored, so data-parallel ranks
+    #: share one basis: chosen by the engines at the first low-rank step (the DDP engine's broadcast
+    #: when the ranks hold replicas), or set by ``hf_galore.distributed.synchronize_bases``
     basis_sync = None
+    #: whether :attr:`basis_sync` is settled (no engine is asked again)
+    basis_sync_decided = False
 
     #: ``torch.amp.GradScaler`` then hands ``step()`` its ``grad_scale`` and ``found_inf`` (as
     #: attributes, as for torch's fused AdamW) instead of reading ``found_inf`` on the host itself
@@ -438,14 +441,13 @@ class GaLoreOptimizer(Optimizer):
         """
         plan = _Projected()
         tracking = step_flag is not None and get_projector(group["projector"]).tracks_every_step
+        sync = self._basis_sync_for(params, grads)
         for p, g in zip(params, grads):
             self._refit_state(p, self.state[p], group)
             state = self._state_for(p)
             if tracking:
                 plan.saved.append((state, {k: state[k].clone() for k in _state_tensors(state)}))
-            projected = lowrank.project_gradient(
-                p, g, state, group, self.galore_stats, sync=self.basis_sync, step_flag=step_flag
-            )
+            projected = lowrank.project_gradient(p, g, state, group, self.galore_stats, sync=sync, step_flag=step_flag)
             if projected is None:
                 continue
             low, bases = projected
@@ -454,6 +456,19 @@ class GaLoreOptimizer(Optimizer):
             plan.bases.append(bases)
             plan.states.append(state)
         return plan
+
+    def _basis_sync_for(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> Any:
+        """:attr:`basis_sync`, asking the engines once (the first low-rank step, the same one on every rank).
+
+        Correctness under DDP depends on nothing else (no callback, no call
+        to make): the DDP engine answers with its broadcast when the process
+        group has two or more ranks holding replicas.
+        """
+        if not self.basis_sync_decided:
+            self.basis_sync_decided = True
+            if self.basis_sync is None:
+                self.basis_sync = engines.basis_sync_for(params, grads)
+        return self.basis_sync
 
     def _apply_lowrank(self, group: dict[str, Any], plan: _Projected, found_inf: torch.Tensor | None) -> None:
         """Phase 2: base update of ``R``, decoupled weight decay, ``W ← W − scale·back(U)``."""

@@ -24,6 +24,7 @@ from ..projectors.geometry import (
     matrix_shape,
     project,
     project_back_add_,
+    side_size,
     sides_for,
     subspace_overlap,
 )
@@ -31,7 +32,7 @@ from ..projectors.randomized import randomized_basis
 from ..projectors.storage import get_codec
 from ..quant.int8 import int8_add_, int8_owner, int8_scale_
 from ..quant.rounding import block_elements, scratch, write_rounded_
-from .engines import engine_for
+from .engines import LocalPlacement, Placement, engine_for, placement_for
 from .members import rotation_rules
 from .schedules import get_refresh_policy
 from .stats import RefreshStats
@@ -53,7 +54,7 @@ def load_bases(state: dict, group: dict, sides) -> list[torch.Tensor] | None:
 
 
 def refresh_basis(
-    matrix: torch.Tensor,
+    matrix: torch.Tensor | Placement,
     state: dict,
     group: dict,
     step: int,
@@ -63,46 +64,61 @@ def refresh_basis(
 ) -> None:
     """Recompute the basis from ``matrix``; on any failure keep the old one.
 
-    ``sync`` (data-parallel runs, see ``hf_galore.distributed.synchronize_bases``)
+    ``matrix`` is a gradient matrix or a :class:`~hf_galore.optim.engines.Placement`
+    (an FSDP2 row shard): the finder runs where the placement gathers the
+    full gradient, and every rank stores its part of the result. ``sync``
+    (data-parallel runs, see ``hf_galore.distributed.synchronize_bases``)
     replaces each new float32 basis with the one every rank agrees on.
 
     A non-finite gradient would poison the basis for the next
     ``update_proj_gap`` steps, so it is skipped and counted instead.
     """
-    if not bool(torch.isfinite(matrix).all()):
+    where = matrix if not isinstance(matrix, torch.Tensor) else LocalPlacement(matrix, sync)
+    if not where.agree(bool(torch.isfinite(where.local).all())):
         stats.skipped_nonfinite += 1
         stats.warn_once("nonfinite", "GaLore: non-finite gradient at a refresh step; kept the previous basis")
         return
     finder = get_projector(group["projector"])
     codec = get_codec(group["quant"])
     policy = get_refresh_policy(group["refresh"])
-    sides = sides_for(group["proj_type"], matrix.shape)
-    rank = effective_rank(group["rank"], matrix.shape)
-    matrix = matrix.float()
+    sides = sides_for(group["proj_type"], where.shape)
+    rank = effective_rank(group["rank"], where.shape)
     started = time.perf_counter()
+    olds = [where.full_basis(codec.decode(state, basis_key(side)), side) for side in sides]
+    full = where.gather()  # float32; the whole gradient only where the finder runs
     energy_fallbacks = int(state.get("energy_fallbacks", 0))  # counted per weight by the randomized finder
-    new_bases = []
-    for side in sides:
-        old = codec.decode(state, basis_key(side))
-        old = None if old is None else old.float()
-        try:
-            new = finder.find(matrix, rank, side, previous=old, state=state, group=group)
-            if not bool(torch.isfinite(new).all()):
-                raise FloatingPointError("the new basis is not finite")
-        except (RuntimeError, FloatingPointError) as exc:  # e.g. SVD did not converge
-            new = _fallback_basis(matrix, rank, side, old, step, group, stats, exc)
-            if new is None:
-                return
-        if sync is not None:
-            new = sync(new)
-        new_bases.append((side, old, new))
-    if group.get("rotate_moments") and all(old is not None for _, old, _ in new_bases):
-        rotate_moments_(state, [(side, new.t() @ old) for side, old, new in new_bases], stats)
-    policy.after_refresh(state, group, step, [old for _, old, _ in new_bases], [new for _, _, new in new_bases])
-    for side, old, new in new_bases:
+
+    def compute() -> list[torch.Tensor] | None:
+        news, fallbacks = [], 0
+        for side, old in zip(sides, olds):
+            try:
+                new = finder.find(full, rank, side, previous=old, state=state, group=group)
+                if not bool(torch.isfinite(new).all()):
+                    raise FloatingPointError("the new basis is not finite")
+            except (RuntimeError, FloatingPointError) as exc:  # e.g. SVD did not converge
+                new = _fallback_basis(full, rank, side, old, step, group, stats, exc)
+                if new is None:
+                    return None
+                fallbacks += 1
+            news.append(new)
+        # the count reaches every rank with the bases
+        return [*news, torch.tensor([float(fallbacks)], device=where.local.device)]
+
+    shapes = [(side_size(side, where.shape), rank) for side in sides] + [(1,)]
+    results = where.on_owner(compute, shapes, state)
+    full = None  # release the gathered gradient before storing
+    if results is None:
+        stats.refresh_failures += 1
+        return
+    news, fallbacks = results[:-1], int(results[-1].item())
+    stats.fallbacks += fallbacks
+    if group.get("rotate_moments") and all(old is not None for old in olds):
+        rotate_moments_(state, [(side, new.t() @ old) for side, old, new in zip(sides, olds, news)], stats)
+    policy.after_refresh(state, group, step, list(olds), list(news))
+    for side, old, new in zip(sides, olds, news):
         if old is not None:
             stats.record_overlap(subspace_overlap(old, new))
-        codec.encode(state, basis_key(side), new, dtype, group=group)
+        codec.encode(state, basis_key(side), where.stored_basis(new, side), dtype, group=group)
     stats.refreshes += 1
     stats.energy_fallbacks += int(state.get("energy_fallbacks", 0)) - energy_fallbacks
     stats.refresh_seconds += time.perf_counter() - started
@@ -120,21 +136,20 @@ def _fallback_basis(
 ) -> torch.Tensor | None:
     """A failed refresh (e.g. LAPACK's SVD not converging) retries with the randomized finder.
 
-    Counted in ``stats.fallbacks``; if that fails too (or was the finder that
-    failed), ``stats.refresh_failures`` counts it and the old basis is kept.
+    Counted in ``stats.fallbacks`` by the caller (on every rank); if that
+    fails too (or was the finder that failed), the old basis is kept and the
+    caller counts ``stats.refresh_failures``. Warns once, where it ran.
     """
     if group["projector"] != "randomized":
         try:
             new = randomized_basis(matrix, rank, side, previous=old, step=step, group=group)
             if bool(torch.isfinite(new).all()):
-                stats.fallbacks += 1
                 stats.warn_once(
                     "fallback", f"GaLore: basis refresh failed ({exc}); used the randomized finder instead"
                 )
                 return new
         except (RuntimeError, FloatingPointError) as second:
             exc = second
-    stats.refresh_failures += 1
     stats.warn_once("refresh_failure", f"GaLore: basis refresh failed ({exc}); kept the previous basis")
     return None
 
@@ -193,17 +208,15 @@ def project_gradient(
     back. Returns ``None`` when no
     basis exists yet (the very first gradient was non-finite): the weight is
     then left untouched for this step. A sharded (FSDP2 ``DTensor``)
-    gradient is projected shard by shard in ``hf_galore.distributed``.
+    gradient runs the same steps through its engine's placement: this rank's
+    part of ``R`` and the bases as they act on its rows come back.
 
     ``step_flag`` returns the step's found-inf flag (``GaLoreOptimizer._run``);
     it is called and read on the host only when a refresh is due, so that a
     skipped step keeps the basis.
     """
-    engine = engine_for(grad)
-    if engine is not None:
-        return engine.project_gradient(param, grad, state, group, stats, step_flag=step_flag)
-    matrix = as_matrix(grad)
-    sides = sides_for(group["proj_type"], matrix.shape)
+    where = placement_for(grad, group, as_matrix, sync)
+    sides = sides_for(group["proj_type"], where.shape)
     step = int(state["step"])
     bases = load_bases(state, group, sides)
     policy = get_refresh_policy(group["refresh"])
@@ -211,13 +224,20 @@ def project_gradient(
         policy.setup(state, group, param)
     elif projects_before_tracking(group):
         # OSD's Alg. 1: R and the update use P_t; P_{t+1} is computed from G_t afterwards
-        low = project(matrix, bases, sides)
-        _advance_bases(matrix, bases, state, group, step, stats, param.dtype, sync, step_flag)
-        return low, bases
-    if not _advance_bases(matrix, bases, state, group, step, stats, param.dtype, sync, step_flag):
+        projected = _project(where, bases, sides)
+        _advance_bases(where, bases, state, group, step, stats, param.dtype, step_flag)
+        return projected
+    if not _advance_bases(where, bases, state, group, step, stats, param.dtype, step_flag):
         return None
-    bases = load_bases(state, group, sides)
-    return project(matrix, bases, sides), bases
+    return _project(where, load_bases(state, group, sides), sides)
+
+
+def _project(
+    where: Placement, bases: list[torch.Tensor], sides: tuple[str, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``R`` (this rank's part) and the bases that act on this rank's rows (what :func:`apply_update` takes)."""
+    used = where.local_bases(bases, sides)
+    return where.reduce_projected(project(where.local, used, sides), sides), used
 
 
 def projects_before_tracking(group: dict) -> bool:
@@ -227,14 +247,13 @@ def projects_before_tracking(group: dict) -> bool:
 
 
 def _advance_bases(
-    matrix: torch.Tensor,
+    where: Placement,
     bases: list[torch.Tensor] | None,
     state: dict,
     group: dict,
     step: int,
     stats: RefreshStats,
     dtype: torch.dtype,
-    sync: Callable[[torch.Tensor], torch.Tensor] | None,
     step_flag: Callable[[], torch.Tensor | None] | None = None,
 ) -> bool:
     """Refresh the bases when due (or missing), else move them if the finder tracks every step.
@@ -242,22 +261,34 @@ def _advance_bases(
     Returns False when no basis exists afterwards (the first gradient was non-finite).
     """
     policy = get_refresh_policy(group["refresh"])
+    sides = sides_for(group["proj_type"], where.shape)
     if bases is None or policy.due(state, group, step):
         # a step skipped for another weight's gradient keeps the basis (a non-finite own one is counted)
         found_inf = None if step_flag is None else step_flag()
-        if found_inf is None or not bool(found_inf) or not bool(torch.isfinite(matrix).all()):
-            refresh_basis(matrix, state, group, step, stats, dtype=dtype, sync=sync)
-        return load_bases(state, group, sides_for(group["proj_type"], matrix.shape)) is not None
+        if found_inf is None or not bool(found_inf) or not where.agree(bool(torch.isfinite(where.local).all())):
+            refresh_basis(where, state, group, step, stats, dtype=dtype)
+        return load_bases(state, group, sides) is not None
     finder = get_projector(group["projector"])
     if finder.tracks_every_step:
-        codec = get_codec(group["quant"])
-        for side, basis in zip(sides_for(group["proj_type"], matrix.shape), bases):
-            moved = finder.track(matrix.float(), basis.float(), side, state=state, group=group)
-            if sync is not None:
-                moved = sync(moved)
-            if moved is not basis:
-                codec.encode(state, basis_key(side), moved, dtype, group=group)
+        _track(where, finder, bases, sides, state, group, dtype)
     return True
+
+
+def _track(where: Placement, finder, bases: list[torch.Tensor], sides, state: dict, group: dict, dtype) -> None:
+    """Move the bases with the gradient (online finders), where the full gradient is; every rank stores the result."""
+    codec = get_codec(group["quant"])
+    olds = [where.full_basis(basis, side) for side, basis in zip(sides, bases)]
+    full = where.gather()
+
+    def compute() -> list[torch.Tensor]:
+        return [finder.track(full, old, side, state=state, group=group) for side, old in zip(sides, olds)]
+
+    moved = where.on_owner(compute, [tuple(old.shape) for old in olds], state)
+    if moved is None:
+        return
+    for side, old, new in zip(sides, olds, moved):
+        if new is not old:
+            codec.encode(state, basis_key(side), where.stored_basis(new, side), dtype, group=group)
 
 
 def apply_update(
@@ -280,12 +311,13 @@ def apply_update(
     weight's dtype, rounded to nearest.
     """
     engine = engine_for(param)
-    if engine is not None:
-        if decay is not None:
-            decay_weight_(param, decay)
-        engine.apply_update(param, update, bases, group)
-        return
-    sides = sides_for(group["proj_type"], matrix_shape(param.shape))
+    if engine is not None:  # this rank's rows of a sharded weight, with the update they need
+        where = engine.placement(param, group)
+        sides = sides_for(group["proj_type"], where.shape)
+        update = where.expand_update(update, sides)
+        param = where.local
+    else:
+        sides = sides_for(group["proj_type"], matrix_shape(param.shape))
     alpha = -group["scale"]
     if rounding_key is not None and int8_owner(param) is None:
         add_to_matrix_(param, lambda matrix: _apply_rounded(matrix, update, bases, sides, alpha, decay, rounding_key))

@@ -25,6 +25,7 @@ from hf_galore.distributed import (
     register_layerwise_ddp_hook,
     synchronize_bases,
 )
+from hf_galore.distributed._shards import Rows
 from hf_galore.optim.layerwise import LayerwiseOptimizer
 from hf_galore.projectors import register_projector
 from hf_galore.projectors.svd import SVDFinder, top_singular_basis
@@ -48,7 +49,17 @@ class RankSkewedSVD(SVDFinder):
         return top_singular_basis(matrix + noise, rank, side)
 
 
+class FailingSVD(SVDFinder):
+    """An SVD that never converges: every refresh falls back to the randomized finder (``lowrank._fallback_basis``)."""
+
+    name = "failing_svd"
+
+    def find(self, matrix, rank, side, *, previous, state, group):
+        raise RuntimeError("SVD did not converge (test finder)")
+
+
 register_projector(RankSkewedSVD())
+register_projector(FailingSVD())
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,13 +121,14 @@ def max_diff(a: nn.Module, b: nn.Module) -> float:
 
 
 # ------------------------------------------------------------------------ scenarios
-def ddp_loop(projector: str = "svd", sync: bool = True) -> dict:
+def ddp_loop(projector: str = "svd", sync: str = "auto") -> dict:
+    """``sync``: ``"auto"`` (nothing called: the optimizer turns the broadcast on), ``"on"`` or ``"off"``."""
     lowrank = {**LOWRANK, "projector": projector}
     model = tiny_mlp(0, DIMS)
     opt = hf_galore.GaLoreAdamW(split_groups(model, **lowrank), lr=1e-2)
     ddp = nn.parallel.DistributedDataParallel(model)
-    if sync:
-        synchronize_bases(opt)
+    if sync != "auto":
+        synchronize_bases(opt, enabled=sync == "on")
     for step in range(STEPS):
         x, y = batch(step)
         opt.zero_grad()
@@ -131,10 +143,22 @@ def ddp_loop(projector: str = "svd", sync: bool = True) -> dict:
     }
 
 
-def ddp_skewed(sync: bool) -> dict:
+def ddp_skewed(sync: str) -> dict:
     out = ddp_loop("rank_skewed_svd", sync=sync)
     del out["max_diff_vs_one_process"]
     return out
+
+
+def independent_ranks() -> dict:
+    """No DDP: every rank trains its own model on its own data in one process group; no basis is broadcast."""
+    model = tiny_mlp(dist.get_rank(), DIMS)
+    opt = hf_galore.GaLoreAdamW(split_groups(model, **LOWRANK), lr=1e-2)
+    for step in range(2):
+        x, y = batch(step)
+        opt.zero_grad()
+        loss_fn(model, local_rows(x), local_rows(y)).backward()
+        opt.step()
+    return {"synced": opt.basis_sync is not None, "decided": opt.basis_sync_decided}
 
 
 def ddp_layerwise() -> dict:
@@ -144,7 +168,6 @@ def ddp_layerwise() -> dict:
     opt = LayerwiseOptimizer(inner, register_hooks=False)
     ddp = nn.parallel.DistributedDataParallel(model)
     register_layerwise_ddp_hook(ddp, opt)
-    synchronize_bases(opt)
     grads_freed, updated_in_backward = True, True
     for step in range(STEPS):
         x, y = batch(step)
@@ -170,16 +193,18 @@ def ddp_layerwise() -> dict:
         "grads_freed": grads_freed,
         "updated_in_backward": updated_in_backward,
         "steps": [int(inner.state[p]["step"]) for p in model.parameters()],
+        "synced": inner.basis_sync is not None,
     }
 
 
 def fsdp2(
-    proj_type: str, steps: int = STEPS, projector: str = "svd", checkpoint: bool = False
+    proj_type: str, steps: int = STEPS, projector: str = "svd", checkpoint: bool = False, **options
 ) -> dict:
+    """``options``: more group keys (a codec, a refresh policy, ...), the same in one process."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    lowrank = {**LOWRANK, "proj_type": proj_type, "projector": projector}
+    lowrank = {**LOWRANK, "proj_type": proj_type, "projector": projector, **options}
     model = tiny_mlp(0, DIMS)
     for layer in model:
         if isinstance(layer, nn.Linear):
@@ -210,7 +235,14 @@ def fsdp2(
         "lowrank_states_local": lowrank_states_local,
         "refreshes": opt.galore_stats.refreshes,
         "ref_refreshes": ref_opt.galore_stats.refreshes,
+        "stats": _counters(opt.galore_stats),
+        "ref_stats": _counters(ref_opt.galore_stats),
     }
+
+
+def _counters(stats) -> dict:
+    keys = ("refreshes", "fallbacks", "refresh_failures", "skipped_nonfinite", "energy_fallbacks")
+    return {key: int(getattr(stats, key)) for key in keys}
 
 
 def fsdp2_nonfinite(proj_type: str) -> dict:
@@ -268,8 +300,11 @@ class Regressor(nn.Module):
         return {"loss": loss_fn(self.net, x, labels)}
 
 
-def trainer_ddp() -> dict:
-    """``Trainer`` with ``optim="galore_adamw"`` on 2 ranks vs a plain one-process loop with the same optimizer."""
+def trainer_ddp(projector: str = "svd", callback: bool = True) -> dict:
+    """``Trainer`` with ``optim="galore_adamw"`` on 2 ranks vs a plain one-process loop with the same optimizer.
+
+    ``callback=False`` removes ``GaLoreCallback`` before training: the basis broadcast must not depend on it.
+    """
     import tempfile
 
     from transformers import Trainer, TrainingArguments
@@ -289,7 +324,7 @@ def trainer_ddp() -> dict:
             max_grad_norm=0.0,
             optim="galore_adamw",
             optim_target_modules=["net.0", "net.2", "net.4"],
-            optim_args="rank=4,update_proj_gap=3,scale=0.25",
+            optim_args=f"rank=4,update_proj_gap=3,scale=0.25,projector={projector}",
             use_cpu=True,
             ddp_backend="gloo",
             report_to="none",
@@ -301,6 +336,12 @@ def trainer_ddp() -> dict:
         )
         model = Regressor()
         trainer = Trainer(model=model, args=args, train_dataset=data)
+        if not callback:
+            from hf_galore.callback import GaLoreCallback
+
+            while any(isinstance(c, GaLoreCallback) for c in trainer.callback_handler.callbacks):
+                trainer.remove_callback(GaLoreCallback)
+        callbacks = [type(c).__name__ for c in trainer.callback_handler.callbacks]
         trainer.train()
         inner = (
             trainer.optimizer.optimizer
@@ -323,6 +364,7 @@ def trainer_ddp() -> dict:
         "synced": getattr(inner, "basis_sync", None) is not None,
         "optimizer": type(inner).__name__,
         "refreshes": inner.galore_stats.refreshes,
+        "callbacks": callbacks,
     }
 
 
@@ -343,16 +385,19 @@ def checkpoint_round_trip(model, opt, ref, ref_opt) -> dict:
     )
     ref_state = {name: ref_opt.state[p] for name, p in ref.named_parameters()}
     worst, keys = 0.0, 0
+    codes_equal = True
     for name, entry in full["state"].items():
         for key, value in entry.items():
-            if key.startswith(("exp_avg", "basis_")):
-                theirs = ref_state[name][key]
-                worst = max(
-                    worst, ((value - theirs).abs().max() / theirs.abs().max()).item()
-                )
+            if not key.startswith(("exp_avg", "basis_")) or not isinstance(value, torch.Tensor):
+                continue
+            theirs = ref_state[name][key]
+            if not value.is_floating_point():  # a quantized basis's codes and shape
+                codes_equal &= torch.equal(value, theirs)
+            else:
+                worst = max(worst, ((value - theirs).abs().max() / theirs.abs().max()).item())
                 keys += 1
     before = {
-        id(p): {k: v.clone() for k, v in opt.state[p].items()}
+        id(p): {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
         for p in model.parameters()
     }
     sharded = get_optimizer_state_dict(model, opt)
@@ -372,7 +417,8 @@ def checkpoint_round_trip(model, opt, ref, ref_opt) -> dict:
 
     def restored() -> bool:
         return all(
-            type(opt.state[p][k]) is type(v) and torch.equal(opt.state[p][k], v)
+            type(opt.state[p][k]) is type(v)
+            and (torch.equal(opt.state[p][k], v) if isinstance(v, torch.Tensor) else opt.state[p][k] == v)
             for p in model.parameters()
             for k, v in before[id(p)].items()
         )
@@ -406,6 +452,7 @@ def checkpoint_round_trip(model, opt, ref, ref_opt) -> dict:
     return {
         "rel_diff_vs_one_process": worst,
         "keys": keys,
+        "codes_equal": codes_equal,
         "restored_full": from_full,
         "restored_dcp": from_dcp,
     }
@@ -413,15 +460,13 @@ def checkpoint_round_trip(model, opt, ref, ref_opt) -> dict:
 
 def moments_rel_diff(model, opt, ref, ref_opt) -> float:
     """Largest difference of the low-rank first moments (gathered from the shards) to one process, relative."""
-    from hf_galore.distributed import _Rows
-
     worst = 0.0
     for p, q in zip(model.parameters(), ref.parameters()):
         if p.dim() < 2:
             continue
         mine, theirs = opt.state[p]["exp_avg"], ref_opt.state[q]["exp_avg"]
         if mine.shape != theirs.shape:  # sharded: rows (G Q) or columns (Pᵀ G)
-            rows = _Rows(p)
+            rows = Rows(p)
             if mine.shape[1] == theirs.shape[1]:
                 mine = rows.all_gather_rows(mine, theirs.shape[0])
             else:
@@ -432,10 +477,13 @@ def moments_rel_diff(model, opt, ref, ref_opt) -> float:
 
 SCENARIOS = {
     "ddp": ddp_loop,
-    "ddp_skewed_synced": lambda: ddp_skewed(True),
-    "ddp_skewed_unsynced": lambda: ddp_skewed(False),
+    "ddp_explicit": lambda: ddp_loop(sync="on"),
+    "ddp_skewed_synced": lambda: ddp_skewed("auto"),
+    "ddp_skewed_unsynced": lambda: ddp_skewed("off"),
+    "independent_ranks": independent_ranks,
     "ddp_layerwise": ddp_layerwise,
     "trainer_ddp": trainer_ddp,
+    "trainer_ddp_no_callback": lambda: trainer_ddp("rank_skewed_svd", callback=False),
     "fsdp2_std": lambda: fsdp2("std", checkpoint=True),
     "fsdp2_reverse_std": lambda: fsdp2("reverse_std", checkpoint=True),
     "fsdp2_randomized": lambda: fsdp2("std", projector="randomized", checkpoint=True),
@@ -443,6 +491,10 @@ SCENARIOS = {
     # Pᵀ G Q with G's own singular vectors is diagonal up to rounding, and Adam turns those
     # rounding-level entries into ±lr steps: only the first step's moments are comparable.
     "fsdp2_full": lambda: fsdp2("full", steps=1),
+    # options the algorithm applies: the same on shards as in one process
+    "fsdp2_int8": lambda: fsdp2("std", checkpoint=True, quant="int8"),
+    "fsdp2_fallback": lambda: fsdp2("std", projector="failing_svd"),
+    "fsdp2_lazy_rotate": lambda: fsdp2("reverse_std", refresh="lazy", lazy_queue=1, rotate_moments=True),
     "fsdp2_nonfinite_std": lambda: fsdp2_nonfinite("std"),
     "fsdp2_nonfinite_reverse_std": lambda: fsdp2_nonfinite("reverse_std"),
 }

@@ -19,19 +19,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 WORLD = 2
 LAUNCH_TIMEOUT = (
-    300  # seconds, for every scenario together (about 60 s on 2 idle cores)
+    480  # seconds, for every scenario together (about 90 s on 2 idle cores, 210 s on 2 busy ones)
 )
 SCENARIOS = (
     "ddp",
+    "ddp_explicit",
     "ddp_skewed_synced",
     "ddp_skewed_unsynced",
+    "independent_ranks",
     "ddp_layerwise",
     "trainer_ddp",
+    "trainer_ddp_no_callback",
     "fsdp2_std",
     "fsdp2_reverse_std",
     "fsdp2_randomized",
     "fsdp2_online_pca",
     "fsdp2_full",
+    "fsdp2_int8",
+    "fsdp2_fallback",
+    "fsdp2_lazy_rotate",
     "fsdp2_nonfinite_std",
     "fsdp2_nonfinite_reverse_std",
 )

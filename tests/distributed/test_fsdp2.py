@@ -69,3 +69,29 @@ def test_fsdp2_a_nan_on_one_rank_skips_the_step_on_every_rank(scenario, proj_typ
     for rank in scenario(f"fsdp2_nonfinite_{proj_type}"):
         assert rank["kept"] == [True, True]
         assert rank["skipped"] == 2 and rank["finite"]
+
+
+@pytest.mark.parametrize("name", ["fsdp2_int8", "fsdp2_fallback", "fsdp2_lazy_rotate"])
+def test_fsdp2_runs_the_same_refresh_as_one_process(scenario, name):
+    """The one refresh algorithm runs on shards: options it applies behave as in one process.
+
+    ``int8``: a quantized basis is stored whole (one process's codes; a row
+    shard quantized on its own differed by the quantization error).
+    ``fallback``: an SVD that fails falls back to the randomized finder and is
+    counted on every rank (only rank 0 counted it). ``lazy_rotate``: the lazy
+    refresh policy and moment rotation on the gathered bases.
+    """
+    for rank in scenario(name):
+        assert rank["max_diff_vs_one_process"] < TOLERANCE
+        assert rank["moments_rel_diff"] < 1e-5
+        assert rank["stats"] == rank["ref_stats"]
+    if name == "fsdp2_fallback":
+        assert all(rank["stats"]["fallbacks"] == 9 for rank in scenario(name))
+
+
+def test_fsdp2_quantized_bases_checkpoint_as_one_process(scenario):
+    for rank in scenario("fsdp2_int8"):
+        checkpoint = rank["checkpoint"]
+        assert checkpoint["codes_equal"]  # the gathered codes are one process's, bit for bit
+        assert checkpoint["rel_diff_vs_one_process"] < 1e-5
+        assert checkpoint["restored_full"] and checkpoint["restored_dcp"]
