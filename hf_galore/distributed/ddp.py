@@ -5,10 +5,9 @@
   bit-reproducible everywhere (BLAS threads, GPU solvers). Each new basis
   (refresh or online tracking) is broadcast from one rank before it is
   stored (:class:`BroadcastBasisSync`). The optimizer switches it on itself
-  (:class:`DDPEngine`, asked at its first low-rank step): in a process group
-  of two or more ranks whose weights and gradients are the same on every
-  rank (what DDP guarantees), in a plain loop or under the Trainer, with or
-  without ``GaLoreCallback``. :func:`synchronize_bases` sets it explicitly
+  (:class:`DDPEngine`, asked at its first low-rank step) when a
+  ``DistributedDataParallel`` module of two or more ranks wraps its weights,
+  in a plain loop or under the Trainer, with or without ``GaLoreCallback``. :func:`synchronize_bases` sets it explicitly
   (another group or source rank) or turns it off.
 * **Layer-wise under DDP.** Post-accumulate-grad hooks fire *before* DDP
   reduces the gradient, so updating there would use each rank's local
@@ -62,7 +61,7 @@ def synchronize_bases(
     """Broadcast every new basis from ``src`` (``enabled=True``), or never (``enabled=False``).
 
     Not needed under DDP: the optimizer switches the broadcast on by itself
-    (default group, rank 0) when the ranks hold replicas. Call it for another
+    (DDP's process group, rank 0) when DDP wraps the weights. Call it for another
     ``process_group`` or ``src``, or with ``enabled=False`` to keep each
     rank's own basis (e.g. ranks that share a process group but train
     different models, or to measure what the broadcast prevents). A no-op
@@ -216,56 +215,33 @@ def _as_step_param(step_param: Any) -> Callable[[torch.Tensor, torch.Tensor], No
 
 
 
-#: float64 fingerprint of one rank's weights and gradients: count, sizes, then sums (see ``_fingerprint``)
-_EXACT_ENTRIES = 3
+def ddp_wrapping(params: list[Any]) -> Any:
+    """The live ``DistributedDataParallel`` module that holds any of ``params``, else ``None``.
 
-
-def _fingerprint(params: list[Any], grads: list[Any], device: torch.device) -> torch.Tensor:
-    """Sizes (exact) and sums of the weights and gradients: equal on every rank for data-parallel replicas."""
-    sums = torch.zeros(4, dtype=torch.float64)
-    for p, g in zip(params, grads):
-        p, g = p.detach(), g.detach()
-        sums += torch.stack(
-            [
-                torch.sum(p, dtype=torch.float64).cpu(),
-                torch.linalg.vector_norm(p, dtype=torch.float64).square().cpu(),
-                torch.sum(g, dtype=torch.float64).cpu(),
-                torch.linalg.vector_norm(g, dtype=torch.float64).square().cpu(),
-            ]
-        )
-    sizes = torch.tensor(
-        [len(params), sum(p.numel() for p in params), sum((i + 1) * p.numel() for i, p in enumerate(params))],
-        dtype=torch.float64,
-    )
-    return torch.cat([sizes, sums]).to(device)
-
-
-def replicas(params: list[Any], grads: list[Any], process_group: Any = None) -> bool:
-    """Whether every rank of ``process_group`` holds the same weights and gradients (one all-gather).
-
-    DDP makes them so: it broadcasts rank 0's weights when it wraps the model
-    and averages the gradients before the step. Ranks that train different
-    models, or the same one on their own data, differ here.
+    DDP marks nothing on the parameters it wraps, so its instances are looked
+    up among the objects the garbage collector tracks: once per optimizer,
+    and only in a process group of two or more ranks. Needs no collective, so
+    an optimizer that only some ranks step (a one-rank reference run, a
+    pipeline stage) never waits for the others.
     """
-    mine = _fingerprint(params, grads, flag_device(process_group))
-    every = [torch.empty_like(mine) for _ in range(dist().get_world_size(process_group))]
-    dist().all_gather(every, mine, group=process_group)
-    first = every[0].cpu()
-    for other in every[1:]:
-        other = other.cpu()
-        if not torch.equal(other[:_EXACT_ENTRIES], first[:_EXACT_ENTRIES]):
-            return False
-        if not torch.allclose(other[_EXACT_ENTRIES:], first[_EXACT_ENTRIES:], rtol=1e-6, atol=0.0):
-            return False
-    return True
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    wanted = {id(p) for p in params}
+    for obj in gc.get_objects():
+        if isinstance(obj, DistributedDataParallel) and any(id(p) in wanted for p in obj.module.parameters()):
+            return obj
+    return None
 
 
 class DDPEngine:
-    """The engine that turns the basis broadcast on for data-parallel replicas (``hf_galore.optim.engines``).
+    """The engine that turns the basis broadcast on under DDP (``hf_galore.optim.engines``).
 
     It owns no tensor (DDP's weights are plain tensors: the local placement
     runs them); it only answers, once per optimizer at its first low-rank
-    step, whether the ranks are replicas, and then returns the broadcast.
+    step, whether a ``DistributedDataParallel`` module wraps the weights, and
+    then returns a broadcast over that module's process group.
     """
 
     def handles(self, tensor: Any) -> bool:
@@ -279,7 +255,10 @@ class DDPEngine:
             return None
         if any(engine_for(t) is not None for t in (*params, *grads)):  # sharded weights: their engine's business
             return None
-        return BroadcastBasisSync() if replicas(params, grads) else None
+        ddp = ddp_wrapping(params)
+        if ddp is None or dist().get_world_size(ddp.process_group) < 2:
+            return None
+        return BroadcastBasisSync(ddp.process_group)
 
     def state_dict_post_hook(self, optimizer: Any, state_dict: dict) -> None:
         return None
@@ -294,7 +273,7 @@ __all__ = [
     "DDP_ENGINE",
     "BroadcastBasisSync",
     "DDPEngine",
+    "ddp_wrapping",
     "register_layerwise_ddp_hook",
-    "replicas",
     "synchronize_bases",
 ]

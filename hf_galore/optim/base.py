@@ -132,7 +132,7 @@ class GaLoreOptimizer(Optimizer):
 
     #: ``basis -> basis`` applied to every new basis before it is stored, so data-parallel ranks
     #: share one basis: chosen by the engines at the first low-rank step (the DDP engine's broadcast
-    #: when the ranks hold replicas), or set by ``hf_galore.distributed.synchronize_bases``
+    #: when a DDP module wraps the weights), or set by ``hf_galore.distributed.synchronize_bases``
     basis_sync = None
     #: whether :attr:`basis_sync` is settled (no engine is asked again)
     basis_sync_decided = False
@@ -462,7 +462,7 @@ class GaLoreOptimizer(Optimizer):
 
         Correctness under DDP depends on nothing else (no callback, no call
         to make): the DDP engine answers with its broadcast when the process
-        group has two or more ranks holding replicas.
+        group has two or more ranks and a DDP module wraps the weights.
         """
         if not self.basis_sync_decided:
             self.basis_sync_decided = True

@@ -123,7 +123,7 @@ class Engine(Protocol):
         """The primitives for ``tensor`` (one this engine :meth:`handles`) in param group ``group``."""
 
     def basis_sync_for(self, params: list[Any], grads: list[Any]) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """A basis broadcast for plain (unsharded) weights that are replicas across ranks, else ``None``.
+        """A basis broadcast for plain (unsharded) weights replicated across ranks (DDP), else ``None``.
 
         Asked once per optimizer, at its first low-rank step (the same step on
         every rank).

@@ -19,7 +19,7 @@ def test_ddp_plain_loop_equals_one_process(scenario, name):
 
 
 def test_ranks_that_are_not_replicas_keep_their_own_basis(scenario):
-    """One process group, no DDP, a different model per rank: the replica check declines the broadcast."""
+    """One process group, no DDP, a different model per rank: no DDP module wraps the weights, no broadcast."""
     for rank in scenario("independent_ranks"):
         assert rank["decided"]
         assert not rank["synced"]
