@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--rank", type=int, default=128, help="GaLore rank")
     parser.add_argument(
+        "--projector", default=None, help="basis finder (default: the package's default projector)"
+    )
+    parser.add_argument(
         "--steps",
         type=int,
         default=2,
@@ -102,11 +105,12 @@ def batches(args: argparse.Namespace, vocab: int):
         )
 
 
-def make_optimizer(model, rank: int):
+def make_optimizer(model, rank: int, projector: str | None = None):
     import hf_galore
 
+    options = {} if projector is None else {"projector": projector}
     config = hf_galore.GaLoreConfig(
-        rank=rank, update_proj_gap=200, scale=0.25, target_modules=["attn", "mlp"]
+        rank=rank, update_proj_gap=200, scale=0.25, target_modules=["attn", "mlp"], **options
     )
     return hf_galore.GaLoreAdamW(hf_galore.galore_param_groups(model, config), lr=1e-3)
 
@@ -131,7 +135,7 @@ def worker(args: argparse.Namespace) -> None:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-        opt = make_optimizer(model, args.rank)
+        opt = make_optimizer(model, args.rank, args.projector)
         data = list(batches(args, model.config.vocab_size))
         progress = None
         if rank == 0:
@@ -157,7 +161,7 @@ def worker(args: argparse.Namespace) -> None:
         full = {name: p.full_tensor() for name, p in model.named_parameters()}
         if rank == 0:
             ref = build_model(args).to(device)
-            ref_opt = make_optimizer(ref, args.rank)
+            ref_opt = make_optimizer(ref, args.rank, args.projector)
             started = time.perf_counter()
             for ids in data:
                 ids = ids.to(device)
