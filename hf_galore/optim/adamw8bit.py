@@ -35,6 +35,25 @@ CALL_ELEMENTS = 1 << 22
 CPU_KERNEL_BYTES_PER_VALUE = 28
 
 
+def padded_length(length: int) -> int:
+    """``length`` rounded up to whole 256-value quantization blocks."""
+    return -(-length // BLOCK_SIZE) * BLOCK_SIZE
+
+
+def lowrank_state_shape(like: tuple[int, ...]) -> tuple[int, int]:
+    """Shape of the uint8 moments of a low-rank gradient ``R`` of shape ``like``: one row per direction.
+
+    ``R`` is ``(r, n)`` (left basis: a row per direction) or ``(m, r)`` (right
+    basis: a column per direction; kept transposed), so the rows of the state
+    are the shorter side. Each row is padded to whole 256-value blocks: a
+    quantization block then holds values of one direction only, and a direction
+    with a small singular value keeps its own scale instead of sharing the
+    absmax of a large neighbour (which flushes its small values to zero).
+    """
+    rows, length = (like[1], like[0]) if like[0] > like[1] else like
+    return (rows, padded_length(length))
+
+
 def _bnb_functional():
     return require("bitsandbytes.functional", "GaLoreAdamW8bit")
 
@@ -95,20 +114,39 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     @classmethod
     def update_transient_bytes(cls, like, *, lowrank):
         """bitsandbytes' CPU kernel on at most ``CALL_ELEMENTS`` values per call, plus, for a low-rank
-        gradient, the float32 buffer the step is read from."""
+        gradient, the float32 buffer the step is read from. A low-rank gradient's kernel and buffer span
+        its rows padded to whole 256-value blocks, and padded rows add the padded float32 copy of the
+        gradient (:meth:`_lowrank_updates`)."""
         numel = math.prod(like)
-        return min(numel, CALL_ELEMENTS) * CPU_KERNEL_BYTES_PER_VALUE + (4 * numel if lowrank else 0)
+        if not lowrank:
+            return min(numel, CALL_ELEMENTS) * CPU_KERNEL_BYTES_PER_VALUE
+        padded = math.prod(lowrank_state_shape(tuple(like)))
+        gradient_copy = 4 * padded if padded != numel else 0
+        return min(padded, CALL_ELEMENTS) * CPU_KERNEL_BYTES_PER_VALUE + 4 * padded + gradient_copy
 
     @classmethod
     def state_layout(cls, like, group, state, *, dtype):
         # the layout in use (32-bit moments also load from a GaLoreAdamW checkpoint), else the one made
         if "exp_avg" in state or ("state1" not in state and math.prod(like) < MIN_8BIT_SIZE):
             return super().state_layout(like, group, state, dtype=dtype)
-        if "rank" in group and like[0] > like[1]:
-            like = (like[1], like[0])
-        blocks = (-(-math.prod(like) // BLOCK_SIZE),)
-        shapes = {"state1": like, "state2": like, "absmax1": blocks, "absmax2": blocks}
+        # a low-rank gradient: one row per projected direction, padded to whole blocks
+        shape = lowrank_state_shape(tuple(like)) if "rank" in group else tuple(like)
+        blocks = (-(-math.prod(shape) // BLOCK_SIZE),)
+        shapes = {"state1": shape, "state2": shape, "absmax1": blocks, "absmax2": blocks}
         return {key: cls._entry(key, shape, dtype) for key, shape in shapes.items()}
+
+    def _mismatch_hint(self, key: str, expected: Any, found: Any) -> str:
+        """Name the layout of GaLoreAdamW8bit before per-direction blocks, when a loaded state has it."""
+        if key not in ("state1", "state2") or expected is None or found is None or len(found) != 2:
+            return ""
+        rows, length = found
+        if (rows, padded_length(length)) != tuple(expected) or length == expected[1]:
+            return ""
+        return (
+            f"; {tuple(found)} is the earlier GaLoreAdamW8bit layout, whose 256-value quantization blocks ran "
+            f"across projected directions: each direction now has its own blocks (rows padded to {expected[1]} "
+            "values), and the old block scales cannot be split per direction, so this state is refused, not misread"
+        )
 
     def _init_moments(self, state, like, group):
         if "exp_avg" in state or "state1" in state:
@@ -116,13 +154,9 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         if like.numel() < MIN_8BIT_SIZE:
             super()._init_moments(state, like, group)
             return
-        if "rank" in group and like.shape[0] > like.shape[1]:
-            like = like.t()  # see _lowrank_updates: blocks along the longer side
-        blocks = -(-like.numel() // BLOCK_SIZE)
-        state["state1"] = torch.zeros_like(like, dtype=torch.uint8, memory_format=torch.contiguous_format)
-        state["state2"] = torch.zeros_like(like, dtype=torch.uint8, memory_format=torch.contiguous_format)
-        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
-        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
+        # the declared layout (state_layout): a low-rank gradient's rows padded to whole blocks
+        for key, entry in self.state_layout(tuple(like.shape), group, {}, dtype=like.dtype).items():
+            state[key] = torch.zeros(entry.shape, dtype=entry.dtype, device=like.device)
 
     def _bnb_step_(self, target: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, lr: float, wd: float):
         """Run bitsandbytes' fused 8-bit AdamW kernel on ``target`` in place, ``CALL_ELEMENTS`` values per call.
@@ -187,19 +221,28 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                 updates[i] = u
         for i, (grad, state) in enumerate(zip(grads, states)):
             if updates[i] is None:
-                # Quantization blocks run along the longer side, i.e. along one
-                # projected direction: the magnitudes of R differ by direction
-                # (singular values), so mixing directions in one 256-block would
-                # flush the small ones to zero. Right projections give R of
-                # shape (m, r): we keep its moments transposed.
+                # one row per projected direction (see lowrank_state_shape), each
+                # padded to whole 256-value blocks with zero gradients: their
+                # moments stay at the quantization map's smallest magnitude
+                # (~2e-5 of the block's absmax, as for any zero gradient), below
+                # the row's real values, so they do not set a block's scale and
+                # their updates are dropped
                 transposed = grad.shape[0] > grad.shape[1]
                 low = grad.t() if transposed else grad
+                rows, length = low.shape
+                padded = padded_length(length)
+                if padded == length:
+                    low = low.contiguous()
+                else:
+                    padded_grad = torch.zeros(rows, padded, dtype=grad.dtype, device=grad.device)
+                    padded_grad[:, :length] = low
+                    low = padded_grad
                 # The kernel updates a "parameter" in place: start from zero and
                 # read the step off it (−lr·Adam direction).
-                buffer = torch.zeros_like(low, memory_format=torch.contiguous_format)
+                buffer = torch.zeros(rows, padded, dtype=grad.dtype, device=grad.device)
                 self._bnb_step_(buffer, low, state, group, lr=lr, wd=0.0)
-                buffer.neg_()
-                updates[i] = buffer.t() if transposed else buffer
+                step = buffer.narrow(1, 0, length).neg_()
+                updates[i] = step.t() if transposed else step
         return updates, [lr] * len(updates)
 
     def _step_full_rank(self, group, params, grads, states):

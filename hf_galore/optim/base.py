@@ -600,6 +600,14 @@ class GaLoreOptimizer(Optimizer):
         """The shapes of :meth:`state_layout` (what the shape checks compare)."""
         return {key: entry.shape for key, entry in self.state_layout(like, group, state, dtype=torch.float32).items()}
 
+    def _mismatch_hint(self, key: str, expected: Any, found: Any) -> str:
+        """Why a loaded state entry may have this wrong shape, when the member knows (e.g. an older layout).
+
+        Returned text (starting with ``"; "``) replaces the generic cause in
+        the load error; ``""`` keeps it.
+        """
+        return ""
+
     def _lowrank_updates(
         self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict]
     ) -> tuple[list[torch.Tensor], list[float]]:

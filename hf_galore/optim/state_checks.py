@@ -201,14 +201,19 @@ def check_loadable(optimizer: GaLoreOptimizer, state_dict: dict) -> None:
                     (p for p in (codec.layout_problem(state, basis_key(s)) for s in _SIDES) if p is not None), None
                 )
             if mismatch is not None:
-                _refuse(index, live, position, param, mismatch, group)
+                _refuse(index, live, position, param, mismatch, group, optimizer._mismatch_hint(*mismatch))
 
 
-def _refuse(index: int, live: dict, position: int, param: torch.Tensor, mismatch: Mismatch, group: dict) -> None:
+_OTHER_SETTINGS = ". The checkpoint was saved with other group settings, another model or another parameter order"
+
+
+def _refuse(
+    index: int, live: dict, position: int, param: torch.Tensor, mismatch: Mismatch, group: dict, cause: str = ""
+) -> None:
+    """Raise the error for ``mismatch``; ``cause`` (the member's reading of it) replaces the generic one."""
     raise StateMismatchError(
         f"the state_dict does not fit param group {index}, {_param_label(live, position, param)}: "
-        f"{describe(mismatch, group)}. The checkpoint was saved with other group settings, another "
-        "model or another parameter order. " + _START_FRESH + "."
+        f"{describe(mismatch, group)}{cause or _OTHER_SETTINGS}. " + _START_FRESH + "."
     )
 
 
