@@ -28,6 +28,7 @@ Two gradient sources, one run:
 
     python benchmarks/eightbit_error.py                 # ~1 min on one CPU core
     python benchmarks/eightbit_error.py --steps 50 --rank 64 --skip_llama
+    python benchmarks/eightbit_error.py --projector auto     # the default basis finder instead of exact SVD
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def run_stream(make_optimizer, start: torch.Tensor, grads: list[torch.Tensor]) -
 def synthetic(args, bnb) -> list[dict]:
     rows = []
     lr, steps = args.lr, args.steps
-    lowrank = {"rank": args.rank, "update_proj_gap": 10 * steps, "proj_type": "std", "scale": 1.0}
+    lowrank = {"rank": args.rank, "update_proj_gap": 10 * steps, "proj_type": "std", "scale": 1.0, "projector": args.projector}
     makers = {
         "galore8": lambda w: GaLoreAdamW8bit([{"params": [w], **lowrank}], lr=lr),
         "galore32": lambda w: GaLoreAdamW([{"params": [w], **lowrank}], lr=lr),
@@ -149,7 +150,7 @@ def llama(args, bnb) -> list[dict]:
             targets = galore_targets(model)
             ids = {id(p) for p in targets}
             rest = [p for p in model.parameters() if id(p) not in ids]
-            lowrank = {"rank": args.rank, "update_proj_gap": 10 * steps, "proj_type": "std", "scale": 1.0}
+            lowrank = {"rank": args.rank, "update_proj_gap": 10 * steps, "proj_type": "std", "scale": 1.0, "projector": args.projector}
             if name == "galore8":
                 opt = GaLoreAdamW8bit([{"params": rest}, {"params": targets, **lowrank}], lr=lr)
             elif name == "galore32":
@@ -207,6 +208,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--vocab", type=int, default=1000)
     parser.add_argument("--skip_llama", action="store_true")
+    # exact SVD by default: the "8-bit Adam on R" column projects onto G_0's exact singular vectors, so the
+    # optimizer's basis must be the same for the two columns to quantize the same numbers
+    parser.add_argument("--projector", default="svd", help="the projected optimizers' basis finder (default: svd)")
     args = parser.parse_args(argv)
     import bitsandbytes as bnb
 
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.skip_llama:
         rows += llama(args, bnb)
     print(f"{environment_line()}; {time.perf_counter() - began:.0f} s")
-    print(f"steps {args.steps}, rank {args.rank}, lr {args.lr}, seeds {args.seeds}; mean over seeds")
+    print(f"steps {args.steps}, rank {args.rank}, projector {args.projector}, lr {args.lr}, seeds {args.seeds}; mean over seeds")
     print()
     print(
         "| gradients | shape | low-rank row | projected: error | cos | full-rank: error | cos | ratio "
