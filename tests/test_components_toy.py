@@ -306,7 +306,8 @@ def _fsdp2_worker(out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from hf_galore.distributed import _Rows, optimizer_state_bytes
+    from hf_galore.distributed import optimizer_state_bytes
+    from hf_galore.distributed._shards import Rows
     from tests.distributed._worker import DIMS, batch, local_rows, loss_fn, max_diff
     from tests.helpers import split_groups
 
@@ -345,7 +346,7 @@ def _fsdp2_worker(out_dir: str) -> None:
                 if p.dim() < 2:
                     continue
                 mine, theirs = opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"]
-                rows = _Rows(p)
+                rows = Rows(p)
                 if mine.shape[1] == theirs.shape[1]:
                     mine = rows.all_gather_rows(mine, theirs.shape[0])
                 else:
