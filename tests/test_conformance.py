@@ -10,6 +10,9 @@ case. Each case checks
 * save → ``torch.load(weights_only=True)`` → load → continue is bit-exact;
 * the start-up summary's state estimate equals the bytes the optimizer holds;
 * every state entry fits its group (``state_checks.find_mismatch``);
+* every refresh reaches the refresh policy once, with the bases of all the
+  weight's sides (``RefreshPolicy.after_refresh``'s contract: a two-sided
+  weight advances a policy's schedule as a one-sided one does);
 * layer-wise mode computes the regular updates (same weights to 1e-6);
 * INT8 weights move like float weights: under the same gradients, the INT8
   weight's displacement projected on the float one's path is 1 ± 0.15.
@@ -17,8 +20,10 @@ case. Each case checks
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -29,7 +34,7 @@ from hf_galore.optim.members import BASE_OPTIMIZERS
 from hf_galore.optim.schedules import REFRESH_POLICIES
 from hf_galore.optim.state_checks import find_mismatch
 from hf_galore.projectors import PROJECTORS
-from hf_galore.projectors.geometry import PROJ_TYPES
+from hf_galore.projectors.geometry import PROJ_TYPES, matrix_shape, sides_for
 from hf_galore.projectors.storage import CODECS
 from hf_galore.quant import Int8Linear
 from tests.helpers import max_param_diff, split_groups, tiny_mlp, train
@@ -131,7 +136,9 @@ def check_combination(case: dict) -> None:
     # resume: save -> weights_only load -> continue == never stopping, bit for bit
     model = _model(case)
     optimizer = _build(case, model)
-    train(model, optimizer, 5)
+    with _policy_calls(case["refresh"]) as calls:
+        train(model, optimizer, 5)
+    refreshes = optimizer.galore_stats.refreshes
     resumed_model = _model(case, seed=1)
     resumed_model.load_state_dict(model.state_dict())
     resumed = _build(case, resumed_model)
@@ -142,7 +149,19 @@ def check_combination(case: dict) -> None:
         assert torch.equal(p, q)
 
     # bytes: the start-up summary's estimate is what the optimizer holds
-    assert estimate_state_bytes(optimizer) == optimizer_state_bytes(optimizer)
+    estimate, held = estimate_state_bytes(optimizer), optimizer_state_bytes(optimizer)
+    assert estimate == held, f"start-up summary estimates {estimate} B of state, the optimizer holds {held} B"
+
+    # every refresh reaches the refresh policy once, with every side's bases
+    assert len(calls) == refreshes > 0, f"{len(calls)} refresh-policy calls for {refreshes} refreshes"
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if "rank" in group and p.dim() >= 2:
+                sides = len(sides_for(group["proj_type"], matrix_shape(tuple(p.shape))))
+                seen = [(n_old, n_new) for state, n_old, n_new in calls if state is optimizer.state[p]]
+                assert seen and all(n == (sides, sides) for n in seen), (
+                    f"a {sides}-sided weight's refreshes reached the policy with (old, new) bases {seen}"
+                )
 
     # every state entry fits its group
     for group in optimizer.param_groups:
@@ -173,7 +192,25 @@ def check_combination(case: dict) -> None:
                 optimizer.step()
             moved[weights] = torch.cat([_dense(m).flatten() for m in _linears(model)]) - start
         along = float(moved["int8"] @ moved["float"]) / float(moved["float"].square().sum())
-        assert along == pytest.approx(1.0, abs=0.15)
+        assert along == pytest.approx(1.0, abs=0.15), f"the INT8 weights moved {along:.3g}x as far as float ones"
+
+
+@contextlib.contextmanager
+def _policy_calls(name: str) -> Iterator[list[tuple[dict, int, int]]]:
+    """Record ``(state, len(old), len(new))`` for each call of the registered policy's ``after_refresh``."""
+    policy = REFRESH_POLICIES.lookup(name)
+    original = policy.after_refresh
+    calls: list[tuple[dict, int, int]] = []
+
+    def spy(state, group, step, old, new):
+        calls.append((state, len(old), len(new)))
+        return original(state, group, step, old, new)
+
+    policy.after_refresh = spy
+    try:
+        yield calls
+    finally:
+        del policy.after_refresh
 
 
 def _linears(model: torch.nn.Module) -> list[torch.nn.Module]:
