@@ -241,6 +241,7 @@ def estimate(method: str, config, args: argparse.Namespace):
         batch_size=args.batch,
         seq_len=args.seq,
         activation_checkpointing=True,
+        projector=args.projector,
     )
 
 
