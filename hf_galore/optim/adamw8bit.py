@@ -54,6 +54,18 @@ def lowrank_state_shape(like: tuple[int, ...]) -> tuple[int, int]:
     return (rows, padded_length(length))
 
 
+def _state_slice(state: dict, start: int, stop: int) -> dict:
+    """The 8-bit state of the flat values ``[start, stop)`` (``start`` on a block boundary): views, no copies."""
+    first, last = start // BLOCK_SIZE, -(-stop // BLOCK_SIZE)
+    return {
+        "step": state["step"],
+        "state1": state["state1"].view(-1)[start:stop],
+        "state2": state["state2"].view(-1)[start:stop],
+        "absmax1": state["absmax1"][first:last],
+        "absmax2": state["absmax2"][first:last],
+    }
+
+
 def _bnb_functional():
     return require("bitsandbytes.functional", "GaLoreAdamW8bit")
 
@@ -170,17 +182,9 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             self._bnb_call_(target, grad.contiguous(), state, group, lr, wd)
             return
         flat_target, flat_grad = target.view(-1), grad.contiguous().view(-1)
-        flat1, flat2 = state["state1"].view(-1), state["state2"].view(-1)
         for start in range(0, numel, CALL_ELEMENTS):
             stop = min(start + CALL_ELEMENTS, numel)
-            first, last = start // BLOCK_SIZE, -(-stop // BLOCK_SIZE)
-            part = {
-                "step": state["step"],
-                "state1": flat1[start:stop],
-                "state2": flat2[start:stop],
-                "absmax1": state["absmax1"][first:last],
-                "absmax2": state["absmax2"][first:last],
-            }
+            part = _state_slice(state, start, stop)
             self._bnb_call_(flat_target[start:stop], flat_grad[start:stop], part, group, lr, wd)
 
     def _bnb_call_(self, target: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, lr: float, wd: float):
@@ -274,22 +278,13 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         """
         size = block_elements(param.device)  # a power of two >= BLOCK_SIZE
         flat_grad = grad.contiguous().view(-1)
-        flat = {k: state[k].view(-1) for k in ("state1", "state2")}
         buffer = scratch(param.device, param.dtype, min(size, param.numel()), slot=1)
         wd = group["weight_decay"]
         decay = 1.0 - lr * wd if wd else None
 
         def fill(master: torch.Tensor, start: int, stop: int) -> None:
             step = buffer[: stop - start].zero_()
-            first, last = start // BLOCK_SIZE, -(-stop // BLOCK_SIZE)
-            block_state = {
-                "step": state["step"],
-                "state1": flat["state1"][start:stop],
-                "state2": flat["state2"][start:stop],
-                "absmax1": state["absmax1"][first:last],
-                "absmax2": state["absmax2"][first:last],
-            }
-            self._bnb_step_(step, flat_grad[start:stop], block_state, group, lr=lr, wd=0.0)
+            self._bnb_step_(step, flat_grad[start:stop], _state_slice(state, start, stop), group, lr=lr, wd=0.0)
             if decay is not None:
                 master.mul_(decay)
             master.add_(step)
