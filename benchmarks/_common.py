@@ -71,6 +71,11 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     return logical, sum(storages.values())
 
 
+def distinct_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and shared storages counted once)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

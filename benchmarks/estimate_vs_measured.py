@@ -25,6 +25,7 @@ import argparse
 import time
 
 import torch
+from _common import distinct_storage_bytes
 
 ALL_METHODS = (
     "adamw",
@@ -106,17 +107,13 @@ def _build(method: str, config, dtype: torch.dtype, rank: int):
     return model, optimizer, optimizer
 
 
-def _distinct_bytes(tensors) -> int:
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
-
-
 def measure(method: str, args: argparse.Namespace) -> dict[str, float]:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     model, optimizer, holder = _build(method, _config(args), dtype, args.rank)
     from hf_galore.quant import Int8Linear
 
     buffers = [b for m in model.modules() if isinstance(m, Int8Linear) for b in m.buffers()]
-    weights = _distinct_bytes([*model.parameters(), *buffers])
+    weights = distinct_storage_bytes([*model.parameters(), *buffers])
     live, peak, sizes = [0], [0], {}
 
     def count(p):  # runs before the layer-wise update hook: sees each gradient before it is freed

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -198,18 +196,6 @@ def render(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _run_child(argv: list[str], method: str) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), *argv, "--child", method],
-        check=False,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"{method} failed (exit {proc.returncode}); its messages are above")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
@@ -220,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         key = f"{method}|{args.preset}|{args.device}|r{args.rank}|{args.batch}x{args.seq}|{args.projector or 'default'}"
         if key not in saved or args.rerun:
-            saved[key] = _run_child(argv, method)
+            saved[key] = seven.run_child(__file__, argv, method)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(saved, indent=1, sort_keys=True))
     wanted = {m for m in args.methods}

@@ -56,6 +56,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import distinct_storage_bytes, state_bytes
+
 METHODS = ("galore_8bit_layerwise", "q_galore_layerwise")
 #: A small LLaMA for smoke tests (seconds on a CPU).
 TINY = {
@@ -217,19 +219,6 @@ def build_optimizer(method: str, model, args: argparse.Namespace, **options: Any
     return LayerwiseOptimizer(inner), inner
 
 
-def _distinct_bytes(tensors) -> int:
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
-
-
-def _state_bytes(optimizer) -> int:
-    return sum(
-        value.numel() * value.element_size()
-        for state in optimizer.state.values()
-        for value in state.values()
-        if hasattr(value, "element_size")
-    )
-
-
 def estimate(method: str, config, args: argparse.Namespace):
     import hf_galore
 
@@ -295,7 +284,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
     # parameters and the INT8 layers' codes and scales (not RoPE's tables, which no estimate counts)
     buffers = [b for m in model.modules() if isinstance(m, Int8Linear) for b in m.buffers()]
-    result["weights"] = _distinct_bytes([*model.parameters(), *buffers])
+    result["weights"] = distinct_storage_bytes([*model.parameters(), *buffers])
 
     # live gradients: counted by a hook that runs before the layer-wise update (registered
     # after it, hooks run in order: so the count hook is put first by re-registering)
@@ -344,7 +333,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     result["peak"] = _status_bytes("VmHWM")
     result["rss_after"] = _status_bytes("VmRSS")
     result["gradients"] = peak_grads[0]
-    result["states"] = _state_bytes(inner)
+    result["states"] = state_bytes(inner)[0]  # logical: Σ numel · itemsize
     result["loss_before"] = loss.item()
     with torch.no_grad():
         result["loss_after"] = float(model(input_ids=ids, labels=ids).loss)
@@ -403,11 +392,10 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def _run_child(argv: list[str], method: str) -> dict[str, Any]:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+def run_child(script: str, argv: list[str], method: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``script`` for one ``method`` in a fresh process (``--child``); its last stdout line is the JSON result."""
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), *argv, "--child", method],
+        [sys.executable, os.path.abspath(script), *argv, "--child", method],
         env=env,
         check=False,
         stdout=subprocess.PIPE,
@@ -431,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
             if key in saved and not args.rerun:
                 print(f"{method}: already measured in {args.out} (--rerun to measure again)", file=sys.stderr)
                 continue
-            saved[key] = _run_child(argv, method)
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
+            saved[key] = run_child(__file__, argv, method, env)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(saved, indent=1, sort_keys=True))
     chosen = [saved[_key(args, m)] for m in args.methods if _key(args, m) in saved]
