@@ -298,11 +298,11 @@ def test_fsdp2_shards_the_toy_state_and_equals_one_process(tmp_path):
         assert result["finder_state_equal"]
 
 
-def _fsdp2_worker(out_dir: str) -> None:
-    """Both ranks: toy optimizer + toy projector on a ``fully_shard`` MLP vs the same in one process."""
-    import datetime
+def _fsdp2_toy_scenario() -> dict:
+    """Both ranks: toy optimizer + toy projector on a ``fully_shard`` MLP vs the same in one process.
 
-    import torch.distributed as dist
+    Run by ``tests/distributed/_worker.py``'s ``main`` (process group, error report, result files).
+    """
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -311,69 +311,58 @@ def _fsdp2_worker(out_dir: str) -> None:
     from tests.distributed._worker import DIMS, batch, local_rows, loss_fn, max_diff
     from tests.helpers import split_groups
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    try:
-        result: dict
-        try:
-            keys = {"rank": 4, "update_proj_gap": 3, "projector": "toy_power", "toy_iters": 4}
-            model = tiny(0, DIMS)
-            for layer in model:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer)
-            fully_shard(model)
-            opt = ToySGDM(split_groups(model, **keys), lr=1e-2)
-            ref = tiny(0, DIMS)
-            ref_opt = ToySGDM(split_groups(ref, **keys), lr=1e-2)
-            for step in range(7):
-                x, y = batch(step)
-                opt.zero_grad()
-                loss_fn(model, local_rows(x), local_rows(y)).backward()
-                opt.step()
-                ref_opt.zero_grad()
-                loss_fn(ref, x, y).backward()
-                ref_opt.step()
-            saved = opt.state_dict()
-            dtensors = sum(  # low-rank momentum: a plain local shard in training, a DTensor in checkpoints
-                isinstance(saved["state"][pid]["momentum_buffer"], DTensor)
-                and not isinstance(opt.state[p]["momentum_buffer"], DTensor)
-                for group, saved_group in zip(opt.param_groups, saved["param_groups"])
-                if "rank" in group
-                for p, pid in zip(group["params"], saved_group["params"])
-            )
-            worst, finder_equal = 0.0, True
-            for p, q in zip(model.parameters(), ref.parameters()):
-                if p.dim() < 2:
-                    continue
-                mine, theirs = opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"]
-                rows = Rows(p)
-                if mine.shape[1] == theirs.shape[1]:
-                    mine = rows.all_gather_rows(mine, theirs.shape[0])
-                else:
-                    mine = rows.all_gather_cols(mine, theirs.shape[1])
-                worst = max(worst, ((mine - theirs).abs().max() / theirs.abs().max()).item())
-                for key, value in ref_opt.state[q].items():
-                    if key.startswith("toy_"):
-                        finder_equal &= math.isclose(float(opt.state[p][key]), float(value), rel_tol=1e-4, abs_tol=1e-6)
-            result = {
-                "max_diff_vs_one_process": max_diff(model, ref),
-                "state_bytes": optimizer_state_bytes(opt),
-                "state_bytes_one_process": optimizer_state_bytes(ref_opt),
-                "momentum_dtensors": dtensors,
-                "momentum_rel_diff": worst,
-                "finder_state_equal": finder_equal,
-            }
-        except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
-            import traceback
-
-            result = {"error": traceback.format_exc()}
-        with open(os.path.join(out_dir, f"toy.rank{dist.get_rank()}.json"), "w") as f:
-            json.dump(result, f)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    keys = {"rank": 4, "update_proj_gap": 3, "projector": "toy_power", "toy_iters": 4}
+    model = tiny(0, DIMS)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    opt = ToySGDM(split_groups(model, **keys), lr=1e-2)
+    ref = tiny(0, DIMS)
+    ref_opt = ToySGDM(split_groups(ref, **keys), lr=1e-2)
+    for step in range(7):
+        x, y = batch(step)
+        opt.zero_grad()
+        loss_fn(model, local_rows(x), local_rows(y)).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        loss_fn(ref, x, y).backward()
+        ref_opt.step()
+    saved = opt.state_dict()
+    dtensors = sum(  # low-rank momentum: a plain local shard in training, a DTensor in checkpoints
+        isinstance(saved["state"][pid]["momentum_buffer"], DTensor)
+        and not isinstance(opt.state[p]["momentum_buffer"], DTensor)
+        for group, saved_group in zip(opt.param_groups, saved["param_groups"])
+        if "rank" in group
+        for p, pid in zip(group["params"], saved_group["params"])
+    )
+    worst, finder_equal = 0.0, True
+    for p, q in zip(model.parameters(), ref.parameters()):
+        if p.dim() < 2:
+            continue
+        mine, theirs = opt.state[p]["momentum_buffer"], ref_opt.state[q]["momentum_buffer"]
+        rows = Rows(p)
+        if mine.shape[1] == theirs.shape[1]:
+            mine = rows.all_gather_rows(mine, theirs.shape[0])
+        else:
+            mine = rows.all_gather_cols(mine, theirs.shape[1])
+        worst = max(worst, ((mine - theirs).abs().max() / theirs.abs().max()).item())
+        for key, value in ref_opt.state[q].items():
+            if key.startswith("toy_"):
+                finder_equal &= math.isclose(float(opt.state[p][key]), float(value), rel_tol=1e-4, abs_tol=1e-6)
+    return {
+        "max_diff_vs_one_process": max_diff(model, ref),
+        "state_bytes": optimizer_state_bytes(opt),
+        "state_bytes_one_process": optimizer_state_bytes(ref_opt),
+        "momentum_dtensors": dtensors,
+        "momentum_rel_diff": worst,
+        "finder_state_equal": finder_equal,
+    }
 
 
 if __name__ == "__main__":
+    from tests.distributed import _worker
+
     with toys_registered():
-        _fsdp2_worker(sys.argv[1])
+        _worker.SCENARIOS["toy"] = _fsdp2_toy_scenario
+        _worker.main([sys.argv[1], "toy"])
