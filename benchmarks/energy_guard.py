@@ -7,7 +7,7 @@ exact SVD), whether the guard fell back to the SVD, and the times.
 
 * ``flat``: a Gaussian matrix (Marchenko–Pastur spectrum);
 * ``power-law``: ``benchmarks/refresh.py``'s gradient-like matrix (σᵢ ∝ 1/i plus a noise floor);
-* starts: ``cold`` (no previous basis, 2 rounds), ``warm`` (the exact basis of a
+* starts: ``cold`` (no previous basis, ``power_iters`` rounds: 1 by default), ``warm`` (the exact basis of a
   drifted previous gradient, 1 round) and ``unrelated`` (a random orthonormal basis, 1 round).
 
     python benchmarks/energy_guard.py                       # 512x1024, rank 64: ~1 min on 2 cores

@@ -18,8 +18,12 @@ Methods (each runs in a fresh process, so peaks do not leak between them):
 Measured per method, from the tensors and from the kernel's accounting:
 weights (distinct storages of parameters and INT8 codes and scales), optimizer state
 (Σ bytes of every state tensor), the peak of live gradients (hooks before and
-after each update), activations (resident growth over the forward pass), and
-the peak resident set (``VmHWM``, reset before the step) — beside
+after each update), activations (the storages autograd saves in the
+checkpointed forward, plus those of one layer run without checkpointing, as
+the backward pass recomputes it), the largest temporaries of one weight's
+step (refresh + update: ``VmHWM`` reset when its update starts, read when it
+ends, minus the resident set at its start), and the peak resident set
+(``VmHWM``, reset before the step; the largest of all readings) — beside
 ``estimate_memory`` for the same setup, whose ``peak`` adds the transient
 working set of one refresh or update to its total.
 
@@ -86,6 +90,12 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--preset", default="llama_7b", help="shipped preset (llama_60m … llama_7b) or tiny")
     parser.add_argument("--rank", type=int, default=None, help="projection rank (default 1024; tiny: 8)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="keep only this many decoder layers (every weight shape stays; for CPUs too slow for all 32)",
+    )
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument(
@@ -106,8 +116,8 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rank is None:
         args.rank = 8 if args.preset == "tiny" else 1024
-    for name in ("rank", "batch", "seq"):
-        if getattr(args, name) < 1:
+    for name in ("rank", "batch", "seq", "layers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
     methods = METHODS if args.method == "all" else tuple(m.strip() for m in args.method.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
@@ -160,14 +170,19 @@ def limit_allocator_retention() -> bool:
 
 
 # --------------------------------------------------------------------- model
-def _config(preset: str):
+def _config(preset: str, layers: int | None = None):
+    """The preset's LlamaConfig; ``layers`` keeps only that many decoder layers (same shapes, less work)."""
     from transformers import LlamaConfig
 
     if preset == "tiny":
-        return LlamaConfig(**TINY)
-    from hf_galore.memory import load_preset
+        config = LlamaConfig(**TINY)
+    else:
+        from hf_galore.memory import load_preset
 
-    return load_preset(preset)
+        config = load_preset(preset)
+    if layers is not None:
+        config.num_hidden_layers = layers
+    return config
 
 
 def _progress(total: int, desc: str):
@@ -234,6 +249,47 @@ def estimate(method: str, config, args: argparse.Namespace):
     )
 
 
+# ------------------------------------------------------ activations, from tensors
+def saved_tensor_bytes(model, ids, exclude: set[int]):
+    """(bytes of the distinct floating-point storages autograd saves in one forward, the loss).
+
+    ``exclude``: storage addresses not to count (parameters, INT8 codes and scales).
+    The same count ``tests/test_memory.py`` checks the activation formula with.
+    """
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if tensor.is_floating_point() and storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=ids, labels=ids).loss
+    return sum(seen.values()), loss
+
+
+def recomputed_layer_bytes(model, ids, exclude: set[int]) -> int:
+    """What one decoder layer saves when it runs without checkpointing (as the backward pass recomputes it).
+
+    Measured as the model cut to one layer minus the model cut to none, both
+    without checkpointing (two short forwards, whose graphs are dropped).
+    """
+    layers = model.model.layers
+    model.gradient_checkpointing_disable()
+    try:
+        model.model.layers = layers[:1]
+        one, _ = saved_tensor_bytes(model, ids, exclude)
+        model.model.layers = layers[:0]
+        none, _ = saved_tensor_bytes(model, ids, exclude)
+    finally:
+        model.model.layers = layers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return one - none
+
+
 # ---------------------------------------------------------------- one method
 def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     """Build, prepare, and run one step of ``method`` in this process; the measured figures."""
@@ -241,7 +297,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
     tuned = limit_allocator_retention() if args.allocator_tuning else False
     torch.manual_seed(0)
-    config = _config(args.preset)
+    config = _config(args.preset, args.layers)
     expected = estimate(method, config, args)
     needed = expected.peak + MARGIN_BYTES
     available = _available_bytes()
@@ -254,6 +310,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "method": method,
         "preset": args.preset,
+        "layers": args.layers,
         "rank": args.rank,
         "batch": args.batch,
         "seq": args.seq,
@@ -286,17 +343,32 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     buffers = [b for m in model.modules() if isinstance(m, Int8Linear) for b in m.buffers()]
     result["weights"] = distinct_storage_bytes([*model.parameters(), *buffers])
 
-    # live gradients: counted by a hook that runs before the layer-wise update (registered
-    # after it, hooks run in order: so the count hook is put first by re-registering)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    exclude = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *buffers]}
+    result["activations_recomputed_layer"] = recomputed_layer_bytes(model, ids, exclude)
+
+    # Per weight, two hooks around the layer-wise update (registered before and after it; hooks run in
+    # order): the live gradients, and the step's own temporaries as resident memory: VmHWM is reset when
+    # the update starts and read when it ends (the overall peak is the largest of all readings).
+    names = {id(p): name for name, p in model.named_parameters()}
     live, peak_grads, sizes = [0], [0], {}
+    peak, entry, transient = [0], [0], {"bytes": 0, "weight": None}
     bar = _progress(len(params), "backward (update + refresh per weight)")
 
     def count(p) -> None:
         sizes[id(p)] = p.grad.numel() * p.grad.element_size()
         live[0] += sizes[id(p)]
         peak_grads[0] = max(peak_grads[0], live[0])
+        peak[0] = max(peak[0], _status_bytes("VmHWM"))
+        _reset_peak()
+        entry[0] = _status_bytes("VmRSS")
 
     def drop(p) -> None:
+        high = _status_bytes("VmHWM")
+        peak[0] = max(peak[0], high)
+        if high - entry[0] > transient["bytes"]:
+            transient.update(bytes=high - entry[0], weight=names.get(id(p)))
+        _reset_peak()
         live[0] -= sizes.pop(id(p), 0)
         bar.update()
 
@@ -314,12 +386,11 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         forward_bar.update()
 
     handles = [layer.register_forward_hook(advance) for layer in layers]
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
 
     before_step = _status_bytes("VmRSS")
     _reset_peak()
     started = time.perf_counter()
-    loss = model(input_ids=ids, labels=ids).loss
+    result["activations_forward"], loss = saved_tensor_bytes(model, ids, exclude)
     result["forward_seconds"] = time.perf_counter() - started
     result["activations_rss"] = _status_bytes("VmRSS") - before_step
     forward_bar.close()
@@ -330,8 +401,10 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     optimizer.step()
     result["backward_seconds"] = time.perf_counter() - started
     bar.close()
-    result["peak"] = _status_bytes("VmHWM")
+    result["peak"] = max(peak[0], _status_bytes("VmHWM"))
     result["rss_after"] = _status_bytes("VmRSS")
+    result["transient"] = transient["bytes"]
+    result["transient_weight"] = transient["weight"]
     result["gradients"] = peak_grads[0]
     result["states"] = state_bytes(inner)[0]  # logical: Σ numel · itemsize
     result["loss_before"] = loss.item()
@@ -346,19 +419,28 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 def _key(args: argparse.Namespace, method: str) -> str:
-    return f"{method}|{args.preset}|r{args.rank}|{args.batch}x{args.seq}|{args.projector or 'default'}"
+    layers = "" if args.layers is None else f"|{args.layers}layers"
+    return f"{method}|{args.preset}{layers}|r{args.rank}|{args.batch}x{args.seq}|{args.projector or 'default'}"
 
 
 def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """Measured vs estimated per component; the estimate is recomputed with today's code."""
     lines = []
     for got in results:
-        est = estimate(got["method"], _config(got["preset"]), argparse.Namespace(**{**vars(args), **got}))
+        est = estimate(
+            got["method"], _config(got["preset"], got.get("layers")), argparse.Namespace(**{**vars(args), **got})
+        )
+        acts = got.get("activations_forward", 0) + got.get("activations_recomputed_layer", 0)
         rows = [
             ("weights", est.weights, got["weights"]),
             ("optimizer states", est.optimizer_states, got["states"]),
             ("gradients (peak live)", est.gradients, got["gradients"]),
-            ("activations (RSS growth over forward)", est.activations, got["activations_rss"]),
+            (
+                "activations (saved for backward: checkpointed forward + one recomputed layer)",
+                est.activations,
+                acts if "activations_forward" in got else None,
+            ),
+            ("transient (largest one-weight step, in the backward pass)", est.transient, got.get("transient")),
             (
                 "above the steady state (activations + gradient + transient; peak - RSS after the step)",
                 est.activations + est.gradients + est.transient,
@@ -367,13 +449,18 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             ("peak (VmHWM - interpreter and libraries)", est.peak, got["peak"] - got["baseline_rss"]),
         ]
         lines.append(
-            f"\n{got['method']}: {got['preset']}, rank {got['rank']}, batch {got['batch']} x {got['seq']}, "
+            f"\n{got['method']}: {got['preset']}"
+            + (f" cut to {got['layers']} decoder layers" if got.get("layers") else "")
+            + f", rank {got['rank']}, batch {got['batch']} x {got['seq']}, "
             f"projector {got['projector'] or 'default'}, allocator tuning {got['allocator_tuning']}, "
             f"{got['threads']} threads"
         )
         lines.append("| component | estimate GiB | measured GiB | measured / estimate |")
         lines.append("|---|---:|---:|---:|")
         for name, e, m in rows:
+            if m is None:  # a result saved before this component was measured
+                lines.append(f"| {name} | {e / GIB:.3f} | not measured | n/a |")
+                continue
             ratio = f"{m / e:.3f}" if e else "n/a"
             lines.append(f"| {name} | {e / GIB:.3f} | {m / GIB:.3f} | {ratio} |")
         timing = (
@@ -389,6 +476,12 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{got['baseline_rss'] / GIB:.2f} GiB of interpreter and libraries"
         )
         lines.append(timing)
+        if "transient_weight" in got:
+            lines.append(
+                f"largest one-weight step: {got['transient_weight']}; resident growth over the forward "
+                f"{got['activations_rss'] / GIB:.3f} GiB for {got['activations_forward'] / GIB:.3f} GiB saved "
+                f"by it; the method's process took {got['total_seconds'] / 60:.1f} min in all"
+            )
     return "\n".join(lines)
 
 
@@ -420,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{method}: already measured in {args.out} (--rerun to measure again)", file=sys.stderr)
                 continue
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
+            started = time.perf_counter()
             saved[key] = run_child(__file__, argv, method, env)
+            saved[key]["total_seconds"] = time.perf_counter() - started
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(saved, indent=1, sort_keys=True))
     chosen = [saved[_key(args, m)] for m in args.methods if _key(args, m) in saved]

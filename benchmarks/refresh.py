@@ -7,7 +7,7 @@ energy ``‖PᵀG‖²/‖G‖²`` as a fraction of the exact SVD's:
 * ``exact``: ``torch.linalg.svd(G, full_matrices=False)`` (galore-torch's refresh);
 * ``svd_lowrank``: ``torch.svd_lowrank(G, q=r+8, niter=2)``;
 * ``randomized cold``: ``projector="randomized"`` with no previous basis
-  (range finder, 2 power iterations, oversampling 8);
+  (range finder, ``power_iters`` rounds (default 1), oversampling 8);
 * ``randomized warm``: the same finder warm-started from the previous
   refresh's exact basis, one subspace-iteration round (what every refresh
   after the first does);

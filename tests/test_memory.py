@@ -482,17 +482,22 @@ def test_transient_is_the_largest_refresh_or_update_by_hand():
 
     model = nn.Sequential(nn.Linear(200, 96, bias=False))
     k, n, w = 96, 200, 16 + 8
-    randomized = 4 * k * n + 4 * (2 * n * w + w * n + 3 * k * w) + 8 * 2 * w * w
-    svd = 4 * k * n + 2 * 4 * k * n + 5 * 4 * k * k
+    copy = 4 * k * n  # the float32 copy of a bf16 gradient a refresh works on (none for a float32 one)
+    randomized = 4 * (2 * n * w + w * n + 3 * k * w) + 8 * 2 * w * w
+    svd = 2 * 4 * k * n + 5 * 4 * k * k
     est = estimate_memory(model, "galore", rank=16, target_modules=["0"], dtype="fp32", projector="randomized")
     assert est.transient == max(randomized, 3 * 4 * 16 * n)
     assert estimate_memory(model, "galore", rank=16, target_modules=["0"], dtype="fp32").transient == svd
+    assert estimate_memory(model, "galore", rank=16, target_modules=["0"], dtype="bf16").transient == copy + svd
     # 8-bit: 16 rows of 200 padded to 256 (the kernel, the step buffer and the padded gradient copy)
     update8 = 16 * 256 * (BNB_CPU_BYTES_PER_VALUE + 4 + 4)
     eight = estimate_memory(model, "galore_8bit", rank=16, target_modules=["0"], dtype="fp32", projector="randomized")
     assert eight.transient == max(randomized, update8)
+    # INT8 weight: updated a block of rows at a time (here all 96 rows fit one block): 4 float32 blocks
     q = estimate_memory(model, "q_galore", rank=16, target_modules=["0"], dtype="fp32", projector="randomized")
-    assert q.transient == max(randomized, update8 + 2 * 4 * k * n)
+    assert q.transient == max(randomized, update8 + 4 * 4 * k * n)
+    q16 = estimate_memory(model, "q_galore", rank=16, target_modules=["0"], dtype="bf16", projector="randomized")
+    assert q16.transient == max(copy + randomized, update8 + 4 * 4 * k * n)
 
 
 def test_randomized_refresh_needs_less_than_exact_svd_on_7b_shapes():

@@ -16,18 +16,16 @@ from torch import nn
 from ..errors import GaLoreConfigError, format_choices
 from ..optim.members import BASE_OPTIMIZERS
 from ..optim.validation import check_lowrank_keys, lowrank_defaults, lowrank_options
-from ..projectors import PROJECTORS
 from ..projectors.geometry import (
     PROJ_TYPES,
     as_matrix,
     effective_rank,
     matrix_shape,
-    projected_shape,
     side_size,
     sides_for,
 )
 from ..registry import Registry
-from .formulas import activation_bytes, basis_bytes, int8_weight_bytes, update_transient_bytes, weight_state_bytes
+from .formulas import activation_bytes, basis_bytes, int8_weight_bytes, weight_state_bytes, weight_transient_bytes
 from .models import resolve_model, select_target_modules
 from .result import MemoryEstimate
 
@@ -199,7 +197,6 @@ def estimate_memory(
     base = BASE_OPTIMIZERS.lookup(spec.base if optimizer is None else optimizer)
     full_group = base.default_hyperparams()
     group = _lowrank_group(spec, base, rank, proj_type, options)
-    finder = PROJECTORS.lookup(group["projector"])
 
     model, config = resolve_model(model_or_config)
     uses_targets = spec.lowrank or spec.lora
@@ -224,7 +221,7 @@ def estimate_memory(
         gradients += numel * e
         largest_grad = max(largest_grad, numel * e)
         states += weight_state_bytes(base, shape, torch_dtype, full_group)
-        transient = max(transient, update_transient_bytes(base, shape, None, int8=False))
+        transient = max(transient, weight_transient_bytes(base, shape, None, dtype=torch_dtype))
 
     for _, param in model.named_parameters():
         shape = tuple(param.shape)
@@ -272,12 +269,7 @@ def estimate_memory(
             for side in sides
         )
         states += weight_state_bytes(base, shape, torch_dtype, group, basis_cache)
-        refresh = max(
-            finder.refresh_transient_bytes(side_size(side, matrix), numel // side_size(side, matrix), r, group)
-            for side in sides
-        )
-        low_shape = projected_shape(matrix, r, sides)
-        transient = max(transient, refresh, update_transient_bytes(base, matrix, low_shape, int8=int8))
+        transient = max(transient, weight_transient_bytes(base, shape, group, dtype=torch_dtype, int8=int8))
 
     if small_weights:
         notes.append(

@@ -21,6 +21,7 @@ from ..projectors.geometry import (
     side_size,
     sides_for,
 )
+from ..quant.rounding import DEVICE_BLOCK_ELEMENTS
 
 #: ``state["step"]``: a float32 scalar tensor per trainable tensor (as torch.optim.AdamW).
 STEP_BYTES = 4
@@ -105,27 +106,72 @@ def activation_bytes(
     return layers * (tokens * per_layer + rope) + head
 
 
-def refresh_transient_bytes(projector: str, side: int, other: int, rank: int, *, oversample: int = 8) -> int:
-    """Temporaries of one basis refresh of a ``side × other`` gradient, as the finder declares them.
+def refresh_transient_bytes(
+    projector: str, side: int, other: int, rank: int, *, oversample: int = 8, dtype: torch.dtype = torch.bfloat16
+) -> int:
+    """Temporaries of one basis refresh of a ``side × other`` gradient of ``dtype``.
 
-    ``BasisFinder.refresh_transient_bytes`` (exact SVD by default, the
-    randomized finder's sketch in ``projectors/randomized.py``).
+    The float32 copy of the gradient every refresh works on (``4·k·n``; none
+    for a float32 gradient, which is used as it is) plus what the finder
+    declares it allocates (``BasisFinder.refresh_transient_bytes``: exact SVD
+    by default, the randomized finder's sketch in ``projectors/randomized.py``).
     """
     finder = PROJECTORS.lookup(projector)
-    return finder.refresh_transient_bytes(side, other, rank, {**lowrank_defaults(), "oversample": oversample})
+    copy = 0 if dtype == torch.float32 else 4 * side * other
+    return copy + finder.refresh_transient_bytes(side, other, rank, {**lowrank_defaults(), "oversample": oversample})
 
 
 def update_transient_bytes(
     base: str | type, shape: Sequence[int], low_shape: Sequence[int] | None, *, int8: bool
 ) -> int:
     """Temporaries of one weight's update: the base optimizer's kernel (its ``update_transient_bytes``) and,
-    for an INT8 weight, the float32 copy it is updated on (``4·m·n``) and its dequantized values (another
-    ``4·m·n``). Float weights are updated in place, or in blocks of 2¹⁸ values with stochastic rounding
-    (bounded, ignored here)."""
+    for an INT8 weight, one row block of it in float32 with its requantization temporaries
+    (``Int8Linear.update_rows_``: the master block, the padded grid, the scaled values and the rounding
+    noise, four float32 blocks). Float weights are updated in place, or in blocks of 2¹⁸ values with
+    stochastic rounding (bounded, ignored here)."""
     optimizer = BASE_OPTIMIZERS.lookup(base) if isinstance(base, str) else base
     like = tuple(low_shape) if low_shape is not None else tuple(shape)
     kernel = optimizer.update_transient_bytes(like, lowrank=low_shape is not None)
-    return kernel + (2 * 4 * math.prod(shape) if int8 else 0)
+    if not int8:
+        return kernel
+    m, n = shape[0], math.prod(shape[1:])
+    rows = min(m, max(1, DEVICE_BLOCK_ELEMENTS // max(n, 1)))
+    return kernel + 4 * 4 * rows * n
+
+
+def weight_transient_bytes(
+    optimizer: type,
+    shape: Sequence[int],
+    group: Mapping[str, Any] | None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    int8: bool = False,
+) -> int:
+    """Temporaries of one weight's optimizer step: the larger of its basis refresh's and its update's.
+
+    ``group`` is the weight's param group (``None``, or one without ``rank``,
+    for a weight trained at full rank); ``dtype`` the gradient's. A refresh
+    works on a float32 copy of the gradient (none for a float32 gradient)
+    plus what the finder declares. Its temporaries are gone before the update
+    starts, so the step's peak is the larger of the two; a layer-wise step
+    adds it to whatever the backward pass holds at that moment.
+    ``estimate_memory`` reports the largest over the model as ``transient``;
+    ``benchmarks/step_transient.py`` measures it per shape.
+    """
+    shape = tuple(int(s) for s in shape)
+    if group is None or "rank" not in group or len(shape) < 2:
+        return update_transient_bytes(optimizer, shape, None, int8=False)
+    matrix = matrix_shape(shape)
+    sides = sides_for(group["proj_type"], matrix)
+    rank = effective_rank(group["rank"], matrix)
+    finder = PROJECTORS.lookup(group["projector"])
+    numel = math.prod(matrix)
+    copy = 0 if dtype == torch.float32 else 4 * numel
+    refresh = copy + max(
+        finder.refresh_transient_bytes(side_size(side, matrix), numel // side_size(side, matrix), rank, group)
+        for side in sides
+    )
+    return max(refresh, update_transient_bytes(optimizer, matrix, projected_shape(matrix, rank, sides), int8=int8))
 
 
 # ----------------------------------------------------------------- quantized parts

@@ -19,6 +19,7 @@ from ..declare import StateKey
 from ..errors import UnsupportedSetupError
 from ..quant.rounding import block_elements, scratch, write_rounded_
 from .adamw import GALORE_GROUP_DOC, GaLoreAdamW
+from .functional import restored_where
 from .members import register_base_optimizer
 
 #: bitsandbytes keeps tensors smaller than this in 32-bit states (its ``min_8bit_size``).
@@ -66,6 +67,10 @@ def _state_slice(state: dict, start: int, stop: int) -> dict:
     }
 
 
+#: The state entries one kernel call writes (with ``step``, which the caller takes back).
+_KERNEL_STATE = ("state1", "state2", "absmax1", "absmax2")
+
+
 def _bnb_functional():
     return require("bitsandbytes.functional", "GaLoreAdamW8bit")
 
@@ -83,9 +88,11 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         + GALORE_GROUP_DOC
     )
 
-    # bitsandbytes' kernel has no found_inf: a guarded step snapshots the 8-bit states (and, for a
-    # full-rank group, the weight) and puts them back with torch.where when the step is skipped
-    _native_found_inf = False
+    # bitsandbytes' kernel has no found_inf: a guarded step snapshots what each kernel call writes
+    # (the slice of the weight or step buffer and of the 8-bit states, at most CALL_ELEMENTS values)
+    # and puts it back with torch.where when the step is skipped, so the copy is one slice, never a
+    # whole embedding and its states
+    _native_found_inf = True
 
     def __init__(
         self,
@@ -170,22 +177,34 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         for key, entry in self.state_layout(tuple(like.shape), group, {}, dtype=like.dtype).items():
             state[key] = torch.zeros(entry.shape, dtype=entry.dtype, device=like.device)
 
-    def _bnb_step_(self, target: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, lr: float, wd: float):
+    def _bnb_step_(
+        self,
+        target: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict,
+        group: dict,
+        lr: float,
+        wd: float,
+        found_inf: torch.Tensor | None = None,
+    ):
         """Run bitsandbytes' fused 8-bit AdamW kernel on ``target`` in place, ``CALL_ELEMENTS`` values per call.
 
         Slices start on 256-value block boundaries and the kernel is
         element-wise apart from each block's scale, so the result is the one
-        of a single call on the whole tensor.
+        of a single call on the whole tensor. Where ``found_inf`` is set, each
+        call's slice of ``target`` and of the states is put back as it was.
         """
         numel = target.numel()
         if numel <= CALL_ELEMENTS:
-            self._bnb_call_(target, grad.contiguous(), state, group, lr, wd)
+            with restored_where(found_inf, [target, *(state[key] for key in _KERNEL_STATE)]):
+                self._bnb_call_(target, grad.contiguous(), state, group, lr, wd)
             return
         flat_target, flat_grad = target.view(-1), grad.contiguous().view(-1)
         for start in range(0, numel, CALL_ELEMENTS):
             stop = min(start + CALL_ELEMENTS, numel)
             part = _state_slice(state, start, stop)
-            self._bnb_call_(flat_target[start:stop], flat_grad[start:stop], part, group, lr, wd)
+            with restored_where(found_inf, [flat_target[start:stop], *(part[key] for key in _KERNEL_STATE)]):
+                self._bnb_call_(flat_target[start:stop], flat_grad[start:stop], part, group, lr, wd)
 
     def _bnb_call_(self, target: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, lr: float, wd: float):
         """One call of bitsandbytes' fused 8-bit AdamW kernel (keyword arguments only)."""
@@ -213,13 +232,17 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             skip_zeros=False,
         )
 
-    def _lowrank_updates(self, group, params, grads, states):
+    def _lowrank_updates(self, group, params, grads, states, found_inf=None):
         lr = float(group["lr"])
         updates: list[torch.Tensor | None] = [None] * len(grads)
         small = [i for i, s in enumerate(states) if "exp_avg" in s]
         if small:
             small_updates, _ = super()._lowrank_updates(
-                group, [params[i] for i in small], [grads[i] for i in small], [states[i] for i in small]
+                group,
+                [params[i] for i in small],
+                [grads[i] for i in small],
+                [states[i] for i in small],
+                found_inf=found_inf,
             )
             for i, u in zip(small, small_updates):
                 updates[i] = u
@@ -242,19 +265,23 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                     padded_grad[:, :length] = low
                     low = padded_grad
                 # The kernel updates a "parameter" in place: start from zero and
-                # read the step off it (−lr·Adam direction).
+                # read the step off it (−lr·Adam direction; zero on a skipped step).
                 buffer = torch.zeros(rows, padded, dtype=grad.dtype, device=grad.device)
-                self._bnb_step_(buffer, low, state, group, lr=lr, wd=0.0)
+                self._bnb_step_(buffer, low, state, group, lr=lr, wd=0.0, found_inf=found_inf)
                 step = buffer.narrow(1, 0, length).neg_()
                 updates[i] = step.t() if transposed else step
         return updates, [lr] * len(updates)
 
-    def _step_full_rank(self, group, params, grads, states):
+    def _step_full_rank(self, group, params, grads, states, found_inf=None):
         lr = float(group["lr"])
         small = [i for i, s in enumerate(states) if "exp_avg" in s]
         if small:
             super()._step_full_rank(
-                group, [params[i] for i in small], [grads[i] for i in small], [states[i] for i in small]
+                group,
+                [params[i] for i in small],
+                [grads[i] for i in small],
+                [states[i] for i in small],
+                found_inf=found_inf,
             )
         for p, grad, state in zip(params, grads, states):
             if "state1" in state:
@@ -264,11 +291,11 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                     )
                 key = self._rounding_key(p, group, state)
                 if key is None:
-                    self._bnb_step_(p, grad, state, group, lr=lr, wd=group["weight_decay"])
+                    self._bnb_step_(p, grad, state, group, lr=lr, wd=group["weight_decay"], found_inf=found_inf)
                     continue
-                self._step_8bit_rounded(p, grad, state, group, lr, key)
+                self._step_8bit_rounded(p, grad, state, group, lr, key, found_inf)
 
-    def _step_8bit_rounded(self, param, grad, state, group, lr, key):
+    def _step_8bit_rounded(self, param, grad, state, group, lr, key, found_inf=None):
         """bf16 / fp16 with stochastic rounding: bitsandbytes' kernel block by block on a small buffer.
 
         Per block of ``block_elements`` (a multiple of the 256-value
@@ -281,10 +308,15 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         buffer = scratch(param.device, param.dtype, min(size, param.numel()), slot=1)
         wd = group["weight_decay"]
         decay = 1.0 - lr * wd if wd else None
+        if decay is not None and found_inf is not None:  # a skipped step decays by exactly 1.0
+            decay = torch.where(found_inf.bool(), 1.0, torch.tensor(decay, dtype=torch.float32)).to(param.device)
 
         def fill(master: torch.Tensor, start: int, stop: int) -> None:
+            # a skipped step leaves a zero step: the float32 master is the weight itself, which
+            # stochastic rounding writes back unchanged (it is exactly representable)
             step = buffer[: stop - start].zero_()
-            self._bnb_step_(step, flat_grad[start:stop], _state_slice(state, start, stop), group, lr=lr, wd=0.0)
+            part = _state_slice(state, start, stop)
+            self._bnb_step_(step, flat_grad[start:stop], part, group, lr=lr, wd=0.0, found_inf=found_inf)
             if decay is not None:
                 master.mul_(decay)
             master.add_(step)

@@ -483,9 +483,9 @@ class GaLoreOptimizer(Optimizer):
                 if decay is not None and found_inf is not None:  # times exactly 1.0: the weight stays bit-identical
                     decay = torch.where(found_inf.bool(), 1.0, torch.tensor(decay, dtype=torch.float32)).to(p.device)
                 # a zero step and a unit decay written back (rounded or not) leave the weight as it was
-                with _int8_kept(p, found_inf):
+                with _int8_stream_kept(p, found_inf):
                     key = self._rounding_key(p, group, state)
-                    lowrank.apply_update(p, update, bases, group, decay=decay, rounding_key=key)
+                    lowrank.apply_update(p, update, bases, group, decay=decay, rounding_key=key, found_inf=found_inf)
         if found_inf is None:
             return
         keep = found_inf.bool()
@@ -650,16 +650,14 @@ class _Projected:
 
 
 @contextlib.contextmanager
-def _int8_kept(param: torch.Tensor, found_inf: torch.Tensor | None) -> Iterator[None]:
+def _int8_stream_kept(param: torch.Tensor, found_inf: torch.Tensor | None) -> Iterator[None]:
     """An INT8 weight is re-quantized with stochastic rounding even by a zero step: on a skipped
-    step its codes, scales and rounding-stream position are put back (one copy of the codes)."""
+    step ``apply_update`` puts its codes and scales back block by block, and this puts back its
+    rounding-stream position."""
     owner = None if found_inf is None else int8_owner(param)
-    if owner is None:
-        yield
-        return
-    with restored_where(found_inf, [owner.weight_int8, owner.weight_scale]):
-        yield
-    owner.sr_step.sub_(_host_flag(found_inf).to(owner.sr_step.dtype))
+    yield
+    if owner is not None:
+        owner.sr_step.sub_(_host_flag(found_inf).to(owner.sr_step.dtype))
 
 
 def _unstep(states: list[dict], found_inf: torch.Tensor) -> None:

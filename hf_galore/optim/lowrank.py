@@ -299,12 +299,16 @@ def apply_update(
     *,
     decay: float | torch.Tensor | None = None,
     rounding_key: int | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """``W ← decay·W − scale · back(update)``, fused into one ``addmm_`` per weight.
 
     ``decay`` is decoupled weight decay's factor (``None``: none). An INT8
-    weight (``hf_galore.quant.Int8Linear``) is updated on a float32 copy and
-    stored back with stochastic rounding. With a ``rounding_key`` (a bf16 /
+    weight (``hf_galore.quant.Int8Linear``) is updated on float32 copies of
+    its row blocks and stored back with stochastic rounding; where
+    ``found_inf`` is set (a skipped step) its codes and scales are put back
+    block by block. Other weights need no ``found_inf``: a skipped step
+    reaches them as a zero update and a unit decay. With a ``rounding_key`` (a bf16 /
     fp16 weight whose group has ``stochastic_rounding``, see
     ``GaLoreOptimizer._rounding_key``) the new weight is computed in float32
     block by block and rounded stochastically; without one, as before, in the
@@ -325,12 +329,16 @@ def apply_update(
     if decay is not None:
         decay_weight_(param, decay)
 
-    def add_(matrix: torch.Tensor) -> None:
-        project_back_add_(matrix, update, bases, sides, alpha=alpha)
-
-    if int8_add_(param, lambda master: add_to_matrix_(master, add_)):
+    if int8_owner(param) is not None:  # float32 row blocks of the weight, stored back with SR
+        floats = [b.float() for b in bases]
+        update = update.float()
+        int8_add_(
+            param,
+            lambda master, first, last: project_back_add_(master, update, floats, sides, alpha=alpha, rows=(first, last)),
+            found_inf,
+        )
         return
-    add_to_matrix_(param, add_)
+    add_to_matrix_(param, lambda matrix: project_back_add_(matrix, update, bases, sides, alpha=alpha))
 
 
 def _apply_rounded(

@@ -73,14 +73,15 @@ class BasisFinder(ABC):
     def refresh_transient_bytes(self, side: int, other: int, rank: int, group: dict) -> int:
         """Temporaries of one refresh of a ``side × other`` gradient (``side``: the projected dimension).
 
-        For the memory estimate's ``transient``. This default is the exact
-        SVD's: a float32 copy of the gradient (``4·k·n``), LAPACK's copy of
-        the input and ``Vᵀ`` (``k × n`` each) and ``U`` with the
-        divide-and-conquer workspace (about ``5·k²``, float32): an
-        approximation of gesdd's documented workspace, not a count of tensors.
+        For the memory estimate's ``transient``: what :meth:`find` allocates
+        beyond the float32 gradient it is handed (that copy, made for a bf16 /
+        fp16 gradient, is counted by the caller's estimate). This default is the
+        exact SVD's: LAPACK's copy of the input and ``Vᵀ`` (``k × n`` each) and
+        ``U`` with the divide-and-conquer workspace (about ``5·k²``, float32):
+        an approximation of gesdd's documented workspace, not a count of tensors.
         """
         k, n = min(side, other), max(side, other)
-        return 4 * side * other + 2 * 4 * k * n + 5 * 4 * k * k
+        return 2 * 4 * k * n + 5 * 4 * k * k
 
     def projects_first(self, group: dict) -> bool:
         """Whether a step projects with the basis it had before :meth:`track` moves it (OSD's Alg. 1 order)."""

@@ -76,21 +76,26 @@ def project_back_add_(
     bases: Sequence[torch.Tensor],
     sides: Sequence[Side],
     alpha: float,
+    rows: tuple[int, int] | None = None,
 ) -> None:
     """``target += alpha · back(update)`` in place, without a full-size temporary.
 
     Fusing the back-projection into ``addmm_`` saves the two full ``m × n``
-    passes (project back, then scale and add) that galore-torch makes.
+    passes (project back, then scale and add) that galore-torch makes. With
+    ``rows = (first, last)``, ``target`` holds only those rows of the weight
+    and gets those rows of the back-projection (a weight updated block by
+    block, such as an INT8 one).
     """
     casted = [b.to(target.dtype) for b in bases]
     update = update.to(target.dtype)
+    first, last = rows if rows is not None else (0, target.shape[0])
     if len(sides) == 2:  # full: Bₗ N Bᵣᵀ; the inner product stays low-rank
         left, right = casted[sides.index("left")], casted[sides.index("right")]
-        target.addmm_(left @ update, right.t(), alpha=alpha)
+        target.addmm_(left[first:last] @ update, right.t(), alpha=alpha)
     elif sides[0] == "left":
-        target.addmm_(casted[0], update, alpha=alpha)
+        target.addmm_(casted[0][first:last], update, alpha=alpha)
     else:
-        target.addmm_(update, casted[0].t(), alpha=alpha)
+        target.addmm_(update[first:last], casted[0].t(), alpha=alpha)
 
 
 def as_matrix(tensor: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,9 @@ zero-stride expand), so it costs nothing; autograd still gives it a full
 float gradient (as for any weight, and freed by ``zero_grad``/layer-wise
 mode). The parameter carries a reference to its module, and
 ``lowrank.apply_update`` then dequantizes the weight to a float32 master
-(one weight at a time, freed right after), adds the low-rank update and
-requantizes **with stochastic rounding**: ``q = ⌊x/scale + u⌋``, ``u ~
+one block of rows at a time (:func:`row_blocks`; a whole LLaMA-7B MLP weight
+in float32 would be 180 MB), adds the low-rank update's rows and requantizes
+**with stochastic rounding**: ``q = ⌊x/scale + u⌋``, ``u ~
 U[0, 1)``, so ``E[q·scale] = x`` and updates far smaller than one
 quantization step still move the weight on average (the paper reports
 +7.86 ppl at 60M without it). Decoupled weight decay multiplies the scales
@@ -40,7 +41,7 @@ Int8 weights must sit in a low-rank (``rank``) param group.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ from torch import nn
 
 from ..errors import GaLoreConfigError
 from ..projectors.randomized import derive_seed
+from .rounding import block_elements
 
 DEFAULT_WEIGHT_GROUP_SIZE = 256
 _OWNER_ATTR = "_hf_galore_int8_owner"
@@ -76,11 +78,32 @@ def quantize_rows(
     return q.contiguous(), scale
 
 
+def row_blocks(rows: int, cols: int, device: torch.device) -> Iterator[tuple[int, int]]:
+    """``(first, last)`` row ranges of about :func:`~hf_galore.quant.rounding.block_elements` values each.
+
+    Why: dequantizing or updating a whole ``m × n`` INT8 weight at once makes
+    several float32 ``m × n`` temporaries (12·m·n bytes; 0.5 GiB for one
+    LLaMA-7B MLP weight), which is what sets Q-GaLore's peak memory; a block
+    of rows at a time keeps them to one block, with the same result.
+    """
+    step = max(1, block_elements(device) // max(cols, 1))
+    for first in range(0, rows, step):
+        yield first, min(rows, first + step)
+
+
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """``q · scale`` as a dense ``(m, n)`` tensor of ``dtype``."""
-    n = q.shape[1]
-    expanded = scale.repeat_interleave(group_size, dim=1)[:, :n]
-    return (q.to(torch.float32) * expanded).to(dtype)
+    """``q · scale`` as a dense ``(m, n)`` tensor of ``dtype``.
+
+    Computed in float32 a block of rows at a time (:func:`row_blocks`) into
+    the result, so the only full-size tensor is the result itself; the values
+    are those of the whole-tensor product, bit for bit.
+    """
+    m, n = q.shape
+    out = torch.empty(m, n, dtype=dtype, device=q.device)
+    for first, last in row_blocks(m, n, q.device):
+        expanded = scale[first:last].repeat_interleave(group_size, dim=1)[:, :n]
+        out[first:last] = q[first:last].to(torch.float32) * expanded
+    return out
 
 
 class _Int8LinearFunction(torch.autograd.Function):
@@ -169,14 +192,48 @@ class Int8Linear(nn.Linear):
     @torch.no_grad()
     def store_(self, weight: torch.Tensor, *, stochastic: bool = False) -> None:
         """Quantize ``weight`` into the module; stochastic rounding draws from the module's own stream."""
-        generator = None
-        if stochastic:
-            generator = torch.Generator(device=weight.device)
-            generator.manual_seed(derive_seed(int(self.sr_seed), int(self.sr_step), *weight.shape))
-            self.sr_step += 1
-        q, scale = quantize_rows(weight, self.group_size, generator=generator)
-        self.weight_int8.copy_(q)
-        self.weight_scale.copy_(scale)
+        generator = self._rounding_stream() if stochastic else None
+        for first, last in row_blocks(*self.weight_int8.shape, self.weight_int8.device):
+            self._store_rows(weight[first:last], first, generator)
+
+    @torch.no_grad()
+    def update_rows_(
+        self, fill: Callable[[torch.Tensor, int, int], None], keep: torch.Tensor | None = None
+    ) -> None:
+        """Change the weight a block of rows at a time, stored back with stochastic rounding.
+
+        ``fill(master, first, last)`` updates ``master``, a float32 copy of rows
+        ``[first, last)``, in place. Only one block is ever in float32, and the
+        result equals :meth:`dequantize`, change, ``store_(stochastic=True)`` on
+        the whole weight (on the CPU bit for bit: the noise is drawn block after
+        block from the same stream). Where the one-element ``keep`` is set (a
+        skipped step, read on the device without a host sync) each block's
+        codes and scales are put back as they were: requantizing, even by a
+        zero step, would move them.
+        """
+        generator = self._rounding_stream()
+        for first, last in row_blocks(*self.weight_int8.shape, self.weight_int8.device):
+            codes, scales = self.weight_int8[first:last], self.weight_scale[first:last]
+            master = dequantize_rows(codes, scales, self.group_size, torch.float32)
+            old = None if keep is None else (codes.clone(), scales.clone())
+            fill(master, first, last)
+            self._store_rows(master, first, generator)
+            if old is not None:
+                flag = keep.bool().to(codes.device)
+                codes.copy_(torch.where(flag, old[0], codes))
+                scales.copy_(torch.where(flag, old[1], scales))
+
+    def _rounding_stream(self) -> torch.Generator:
+        """The next stochastic-rounding stream: seeded by ``sr_seed`` and ``sr_step``, which advances."""
+        generator = torch.Generator(device=self.weight_int8.device)
+        generator.manual_seed(derive_seed(int(self.sr_seed), int(self.sr_step), *self.weight_int8.shape))
+        self.sr_step += 1
+        return generator
+
+    def _store_rows(self, rows: torch.Tensor, first: int, generator: torch.Generator | None) -> None:
+        q, scale = quantize_rows(rows, self.group_size, generator=generator)
+        self.weight_int8[first : first + rows.shape[0]].copy_(q)
+        self.weight_scale[first : first + rows.shape[0]].copy_(scale)
 
     # The placeholder holds no values: checkpoints carry the codes and scales
     # instead. A dense float ``weight`` in a loaded state dict (a checkpoint of
@@ -245,17 +302,19 @@ def weight_values(param: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def int8_add_(param: torch.Tensor, apply: Callable[[torch.Tensor], None]) -> bool:
-    """If ``param`` is an INT8 weight: ``apply(master)`` on a float32 copy, then store it back with SR.
+def int8_add_(
+    param: torch.Tensor, fill: Callable[[torch.Tensor, int, int], None], keep: torch.Tensor | None = None
+) -> bool:
+    """If ``param`` is an INT8 weight: ``fill(master, first, last)`` on float32 copies of its row blocks,
+    stored back with SR (:meth:`Int8Linear.update_rows_`; ``keep``: a skipped step's flag).
 
-    Returns ``False`` (doing nothing) for an ordinary parameter.
+    ``master`` holds rows ``[first, last)`` of the weight. Returns ``False``
+    (doing nothing) for an ordinary parameter.
     """
     owner = int8_owner(param)
     if owner is None:
         return False
-    master = owner.dequantize(torch.float32)
-    apply(master)
-    owner.store_(master, stochastic=True)
+    owner.update_rows_(fill, keep)
     return True
 
 

@@ -45,12 +45,29 @@ def test_weights_gradients_and_states_equal_the_estimate(results):
             assert got["states"] == est.optimizer_states - queue
 
 
+def test_activations_are_counted_from_tensors_and_match_the_estimate(results):
+    """Saved by the checkpointed forward, plus one layer as recomputed: the formula's count, within 5%."""
+    for got in results.values():
+        est = llama7b_step.estimate(got["method"], llama7b_step._config("tiny"), _args())
+        measured = got["activations_forward"] + got["activations_recomputed_layer"]
+        assert got["activations_recomputed_layer"] > 0
+        assert measured == pytest.approx(est.activations, rel=0.05)
+
+
+def test_the_largest_step_transient_is_found_and_named(results):
+    for got in results.values():
+        assert got["transient"] >= 0 and got["peak"] >= got["rss_after"]
+        assert got["transient"] == 0 or got["transient_weight"].endswith(".weight")
+        assert got["total_seconds"] > 0
+
+
 def test_rerun_is_skipped_and_report_renders(results, tmp_path, capsys):
     out = tmp_path / "saved.json"
     out.write_text(json.dumps(results))
     assert llama7b_step.main(["--preset", "tiny", "--projector", "randomized", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "peak (VmHWM - interpreter and libraries)" in table and "q_galore_layerwise" in table
+    assert "transient (largest one-weight step" in table and "largest one-weight step:" in table
 
 
 def test_refuses_when_the_machine_lacks_the_estimated_memory(monkeypatch):

@@ -399,7 +399,9 @@ def channels_last_conv_weight():
             opt.step()
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert (conv.weight - start).abs().max() > 1e-3, "the update did not reach the parameter"
-    assert torch.allclose(conv.weight, twin.weight, rtol=0, atol=1e-6), (conv.weight - twin.weight).abs().max()
+    # the two layouts' convolutions sum in different orders (the gradients differ in the last bits, and
+    # Adam's first steps carry that: 1.5e-6 apart on one CPU); a mis-laid update would be ~1e-3 off
+    assert torch.allclose(conv.weight, twin.weight, rtol=0, atol=1e-5), (conv.weight - twin.weight).abs().max()
 
 
 def run(name: str) -> dict:

@@ -110,7 +110,7 @@ def test_updates_below_one_quantization_step_still_move_the_weight_on_average():
     start = layer.dequantize()
     delta = 0.1 * float(layer.weight_scale.mean())
     for _ in range(40):  # the path lowrank.apply_update takes for an INT8 weight
-        assert int8_add_(layer.weight, lambda master: master.add_(delta))
+        assert int8_add_(layer.weight, lambda master, first, last: master.add_(delta))
     drift = layer.dequantize() - start
     assert float(drift.mean()) == pytest.approx(40 * delta, rel=0.05)
     assert int(layer.sr_step) == 40
@@ -119,7 +119,41 @@ def test_updates_below_one_quantization_step_still_move_the_weight_on_average():
     for _ in range(40):
         nearest = dequantize_rows(*quantize_rows(nearest + delta, 256), 256, torch.float32)
     assert float((nearest - start).mean()) < 0.25 * float(drift.mean())
-    assert not int8_add_(torch.nn.Parameter(torch.zeros(2, 2)), lambda master: None)
+    assert not int8_add_(torch.nn.Parameter(torch.zeros(2, 2)), lambda master, first, last: None)
+
+
+def test_row_blocked_update_equals_the_whole_weight_at_once(monkeypatch):
+    """Blocks of rows (a few here, ~2^18 values in use) give the codes, scales and stream of one whole-tensor pass."""
+    import hf_galore.quant.int8 as int8_module
+
+    weight = torch.randn(37, 300, generator=torch.Generator().manual_seed(4))
+    delta = torch.randn(37, 300, generator=torch.Generator().manual_seed(5)) * 1e-3
+    whole = Int8Linear(300, 37, bias=False, group_size=64)
+    whole.store_(weight)
+    # the reference: one float32 master of the whole weight, rounded in one call
+    master = dequantize_rows(whole.weight_int8, whole.weight_scale, 64, torch.float32) + delta
+    stream = torch.Generator().manual_seed(
+        int8_module.derive_seed(int(whole.sr_seed), int(whole.sr_step), *whole.weight_int8.shape)
+    )
+    q_ref, scale_ref = quantize_rows(master, 64, generator=stream)
+
+    monkeypatch.setattr(int8_module, "block_elements", lambda device: 5 * 300)  # 5 rows per block: 8 blocks
+    blocked = Int8Linear(300, 37, bias=False, group_size=64)
+    blocked.store_(weight)
+    seen = []
+
+    def fill(rows, first, last):
+        seen.append((first, last))
+        rows.add_(delta[first:last])
+
+    assert int8_add_(blocked.weight, fill)
+    assert seen == [(i, min(37, i + 5)) for i in range(0, 37, 5)]
+    assert torch.equal(blocked.weight_int8, q_ref) and torch.equal(blocked.weight_scale, scale_ref)
+    assert int(blocked.sr_step) == 1
+    # dequantizing by blocks is the whole-tensor product, bit for bit, in every dtype
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        expanded = blocked.weight_scale.repeat_interleave(64, dim=1)[:, :300]
+        assert torch.equal(blocked.dequantize(dtype), (blocked.weight_int8.float() * expanded).to(dtype))
 
 
 def test_model_checkpoint_resumes_the_rounding_stream():
