@@ -477,27 +477,43 @@ def test_peak_is_total_plus_the_largest_transient():
 
 
 def test_transient_is_the_largest_refresh_or_update_by_hand():
-    """One 96 x 200 linear at rank 16 (left side): the refresh's and the update's temporaries, counted."""
-    from hf_galore.optim.adamw8bit import CPU_KERNEL_BYTES_PER_VALUE as BNB_CPU_BYTES_PER_VALUE
+    """One 96 x 200 linear (left side): the refresh's and the update's temporaries, counted."""
+    from hf_galore.optim.adamw8bit import CPU_KERNEL_BYTES_PER_VALUE, CPU_KERNEL_BYTES_PER_VALUE_16BIT
 
     model = nn.Sequential(nn.Linear(200, 96, bias=False))
-    k, n, w = 96, 200, 16 + 8
+    k, n = 96, 200
+
+    def randomized(r):
+        w = r + 8
+        return 4 * (2 * n * w + w * n + 3 * k * w) + 8 * 2 * w * w
+
     copy = 4 * k * n  # the float32 copy of a bf16 gradient a refresh works on (none for a float32 one)
-    randomized = 4 * (2 * n * w + w * n + 3 * k * w) + 8 * 2 * w * w
     svd = 2 * 4 * k * n + 5 * 4 * k * k
-    est = estimate_memory(model, "galore", rank=16, target_modules=["0"], dtype="fp32", projector="randomized")
-    assert est.transient == max(randomized, 3 * 4 * 16 * n)
-    assert estimate_memory(model, "galore", rank=16, target_modules=["0"], dtype="fp32").transient == svd
-    assert estimate_memory(model, "galore", rank=16, target_modules=["0"], dtype="bf16").transient == copy + svd
-    # 8-bit: 16 rows of 200 padded to 256 (the kernel, the step buffer and the padded gradient copy)
-    update8 = 16 * 256 * (BNB_CPU_BYTES_PER_VALUE + 4 + 4)
-    eight = estimate_memory(model, "galore_8bit", rank=16, target_modules=["0"], dtype="fp32", projector="randomized")
-    assert eight.transient == max(randomized, update8)
-    # INT8 weight: updated a block of rows at a time (here all 96 rows fit one block): 4 float32 blocks
-    q = estimate_memory(model, "q_galore", rank=16, target_modules=["0"], dtype="fp32", projector="randomized")
-    assert q.transient == max(randomized, update8 + 4 * 4 * k * n)
-    q16 = estimate_memory(model, "q_galore", rank=16, target_modules=["0"], dtype="bf16", projector="randomized")
-    assert q16.transient == max(copy + randomized, update8 + 4 * 4 * k * n)
+
+    def est(method, rank, dtype, **kw):
+        return estimate_memory(model, method, rank=rank, target_modules=["0"], dtype=dtype, **kw).transient
+
+    # rank 16: R is 16 x 200 = 3200 values, under 8-bit Adam's 4096: 32-bit moments (3 float32 copies) + R
+    assert est("galore", 16, "fp32", projector="randomized") == max(randomized(16), 4 * 3200 + 3 * 4 * 3200)
+    assert est("galore", 16, "fp32") == svd
+    assert est("galore", 16, "bf16") == copy + svd
+    assert est("galore_8bit", 16, "fp32", projector="randomized") == max(randomized(16), 4 * 3200 + 3 * 4 * 3200)
+    # rank 32: R is 32 x 200 = 6400 values, 8-bit: rows padded to 256 (a padded copy and the step buffer),
+    # the kernel on 8192 values with the skipped-step snapshot of the values and both states
+    padded = 32 * 256
+    update8 = 4 * 6400 + 2 * 4 * padded + padded * (CPU_KERNEL_BYTES_PER_VALUE + 4 + 2)
+    assert est("galore_8bit", 32, "fp32", projector="randomized") == max(randomized(32), update8)
+    update8_bf16 = 2 * 6400 + 2 * 2 * padded + padded * (CPU_KERNEL_BYTES_PER_VALUE_16BIT + 2 + 2)
+    assert est("galore_8bit", 32, "bf16", projector="randomized") == max(copy + randomized(32), update8_bf16)
+    # Q-GaLore: the INT4 basis decoded to float32, and the INT8 write-back (the step, its float32 copy for
+    # bf16, and one row block in float32 with three requantization temporaries; all 96 rows fit one block)
+    decoded = 4 * k * 32
+    write_back = 4 * 6400 + 4 * 4 * k * n
+    q = est("q_galore", 32, "fp32", projector="randomized")
+    assert q == max(decoded + randomized(32), 4 * 6400 + decoded + max(update8 - 4 * 6400, write_back))
+    write_back16 = 2 * 6400 + 4 * 6400 + 4 * 4 * k * n
+    q16 = est("q_galore", 32, "bf16", projector="randomized")
+    assert q16 == max(copy + decoded + randomized(32), 2 * 6400 + decoded + max(update8_bf16 - 2 * 6400, write_back16))
 
 
 def test_randomized_refresh_needs_less_than_exact_svd_on_7b_shapes():

@@ -21,7 +21,7 @@ from ..projectors.geometry import (
     side_size,
     sides_for,
 )
-from ..quant.rounding import DEVICE_BLOCK_ELEMENTS
+from ..quant.int8 import INT8_BLOCK_ELEMENTS
 
 #: ``state["step"]``: a float32 scalar tensor per trainable tensor (as torch.optim.AdamW).
 STEP_BYTES = 4
@@ -122,21 +122,38 @@ def refresh_transient_bytes(
 
 
 def update_transient_bytes(
-    base: str | type, shape: Sequence[int], low_shape: Sequence[int] | None, *, int8: bool
+    base: str | type,
+    shape: Sequence[int],
+    low_shape: Sequence[int] | None,
+    *,
+    int8: bool,
+    dtype: torch.dtype = torch.bfloat16,
+    decoded: int = 0,
 ) -> int:
-    """Temporaries of one weight's update: the base optimizer's kernel (its ``update_transient_bytes``) and,
-    for an INT8 weight, one row block of it in float32 with its requantization temporaries
-    (``Int8Linear.update_rows_``: the master block, the padded grid, the scaled values and the rounding
-    noise, four float32 blocks). Float weights are updated in place, or in blocks of 2¹⁸ values with
-    stochastic rounding (bounded, ignored here)."""
+    """Temporaries of one weight's update, for a gradient of ``dtype``.
+
+    Full rank: the base optimizer's kernel (its ``update_transient_bytes``).
+    Low rank: the projected gradient ``R`` and ``decoded`` (the float32 bases
+    a quantized codec decodes) live through the whole update, on top of the
+    larger of two phases: the base optimizer's kernel on ``R``, and, for an
+    INT8 weight, the write-back (the step ``U`` and its float32 copy, and one
+    row block of the weight in float32 with its requantization temporaries,
+    four blocks: ``Int8Linear.update_rows_``). Float weights take the
+    back-projection in place (``addmm_``), or in blocks of 2¹⁸ values with
+    stochastic rounding (bounded, not counted).
+    """
     optimizer = BASE_OPTIMIZERS.lookup(base) if isinstance(base, str) else base
-    like = tuple(low_shape) if low_shape is not None else tuple(shape)
-    kernel = optimizer.update_transient_bytes(like, lowrank=low_shape is not None)
-    if not int8:
-        return kernel
-    m, n = shape[0], math.prod(shape[1:])
-    rows = min(m, max(1, DEVICE_BLOCK_ELEMENTS // max(n, 1)))
-    return kernel + 4 * 4 * rows * n
+    if low_shape is None:
+        return optimizer.update_transient_bytes(tuple(shape), lowrank=False, dtype=dtype)
+    e = torch.empty((), dtype=dtype).element_size()
+    low = math.prod(low_shape)
+    kernel = optimizer.update_transient_bytes(tuple(low_shape), lowrank=True, dtype=dtype)
+    write_back = 0
+    if int8:
+        m, n = shape[0], math.prod(shape[1:])
+        rows = min(m, max(1, INT8_BLOCK_ELEMENTS // max(n, 1)))
+        write_back = e * low + (4 * low if e != 4 else 0) + 4 * 4 * rows * n
+    return e * low + decoded + max(kernel, write_back)
 
 
 def weight_transient_bytes(
@@ -152,26 +169,31 @@ def weight_transient_bytes(
     ``group`` is the weight's param group (``None``, or one without ``rank``,
     for a weight trained at full rank); ``dtype`` the gradient's. A refresh
     works on a float32 copy of the gradient (none for a float32 gradient)
-    plus what the finder declares. Its temporaries are gone before the update
-    starts, so the step's peak is the larger of the two; a layer-wise step
-    adds it to whatever the backward pass holds at that moment.
-    ``estimate_memory`` reports the largest over the model as ``transient``;
-    ``benchmarks/step_transient.py`` measures it per shape.
+    and the previous bases as decoded, plus what the finder declares; the
+    update is :func:`update_transient_bytes`. The refresh's temporaries are
+    gone before the update starts, so the step's peak is the larger of the
+    two; a layer-wise step adds it to whatever the backward pass holds at
+    that moment. ``estimate_memory`` reports the largest over the model as
+    ``transient``; ``benchmarks/step_transient.py`` measures it per shape.
     """
     shape = tuple(int(s) for s in shape)
     if group is None or "rank" not in group or len(shape) < 2:
-        return update_transient_bytes(optimizer, shape, None, int8=False)
+        return update_transient_bytes(optimizer, shape, None, int8=False, dtype=dtype)
     matrix = matrix_shape(shape)
     sides = sides_for(group["proj_type"], matrix)
     rank = effective_rank(group["rank"], matrix)
     finder = PROJECTORS.lookup(group["projector"])
     numel = math.prod(matrix)
+    # a quantized codec decodes each basis to a new float32 tensor; the dense one hands the stored one
+    decoded = 0 if group.get("quant") is None else sum(4 * side_size(side, matrix) * rank for side in sides)
     copy = 0 if dtype == torch.float32 else 4 * numel
-    refresh = copy + max(
+    refresh = copy + decoded + max(
         finder.refresh_transient_bytes(side_size(side, matrix), numel // side_size(side, matrix), rank, group)
         for side in sides
     )
-    return max(refresh, update_transient_bytes(optimizer, matrix, projected_shape(matrix, rank, sides), int8=int8))
+    low_shape = projected_shape(matrix, rank, sides)
+    update = update_transient_bytes(optimizer, matrix, low_shape, int8=int8, dtype=dtype, decoded=decoded)
+    return max(refresh, update)
 
 
 # ----------------------------------------------------------------- quantized parts

@@ -31,9 +31,12 @@ BLOCK_SIZE = 256
 #: for a 131M-value embedding); calling it on slices of whole 256-value blocks gives the same
 #: result with bounded temporaries.
 CALL_ELEMENTS = 1 << 22
-#: float32 bytes its CPU kernel makes per value: both moments, the gradient, the weight, the
-#: denominator, the two re-quantized outputs (``bitsandbytes/backends/cpu/ops.py``).
-CPU_KERNEL_BYTES_PER_VALUE = 28
+#: Bytes of temporaries its CPU kernel makes per value, measured as resident memory on 4M-value
+#: calls (bitsandbytes 0.50, ``benchmarks/step_transient.py``'s note in docs/memory.md): float32
+#: moments and denominator for float32 inputs, and float32 copies of the gradient and the
+#: weight as well for bf16 / fp16 inputs.
+CPU_KERNEL_BYTES_PER_VALUE = 20
+CPU_KERNEL_BYTES_PER_VALUE_16BIT = 24
 
 
 def padded_length(length: int) -> int:
@@ -131,17 +134,24 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     }
 
     @classmethod
-    def update_transient_bytes(cls, like, *, lowrank):
-        """bitsandbytes' CPU kernel on at most ``CALL_ELEMENTS`` values per call, plus, for a low-rank
-        gradient, the float32 buffer the step is read from. A low-rank gradient's kernel and buffer span
-        its rows padded to whole 256-value blocks, and padded rows add the padded float32 copy of the
-        gradient (:meth:`_lowrank_updates`)."""
+    def update_transient_bytes(cls, like, *, lowrank, dtype=torch.float32):
+        """bitsandbytes' CPU kernel on at most ``CALL_ELEMENTS`` values per call (its float32 working
+        copies), with the skipped-step snapshot of that call's slice (the written values and both
+        8-bit states); for a low-rank gradient also the step buffer and, for a transposed or padded
+        one, its contiguous padded copy (:meth:`_lowrank_updates`), both in the gradient's dtype.
+        Tensors under ``MIN_8BIT_SIZE`` values take 32-bit Adam."""
         numel = math.prod(like)
+        if numel < MIN_8BIT_SIZE:
+            return super().update_transient_bytes(like, lowrank=lowrank, dtype=dtype)
+        e = torch.empty((), dtype=dtype).element_size()
+        kernel = CPU_KERNEL_BYTES_PER_VALUE if dtype == torch.float32 else CPU_KERNEL_BYTES_PER_VALUE_16BIT
+        per_value = kernel + e + 2  # the kernel's copies, the snapshot of the call's values and states
         if not lowrank:
-            return min(numel, CALL_ELEMENTS) * CPU_KERNEL_BYTES_PER_VALUE
-        padded = math.prod(lowrank_state_shape(tuple(like)))
-        gradient_copy = 4 * padded if padded != numel else 0
-        return min(padded, CALL_ELEMENTS) * CPU_KERNEL_BYTES_PER_VALUE + 4 * padded + gradient_copy
+            return min(numel, CALL_ELEMENTS) * per_value
+        shape = tuple(like)
+        padded = math.prod(lowrank_state_shape(shape))
+        copy = e * padded if padded != numel or shape[0] > shape[1] else 0
+        return copy + e * padded + min(padded, CALL_ELEMENTS) * per_value
 
     @classmethod
     def state_layout(cls, like, group, state, *, dtype):

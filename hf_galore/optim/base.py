@@ -568,8 +568,11 @@ class GaLoreOptimizer(Optimizer):
         return layout_bytes(cls.state_layout(tuple(like), group, {}, dtype=dtype))
 
     @classmethod
-    def update_transient_bytes(cls, like: tuple[int, ...], *, lowrank: bool) -> int:
-        """Temporaries of one update of a gradient of shape ``like`` (the memory estimate's ``transient``).
+    def update_transient_bytes(
+        cls, like: tuple[int, ...], *, lowrank: bool, dtype: torch.dtype = torch.float32
+    ) -> int:
+        """Temporaries of one update of a gradient of shape ``like`` and ``dtype`` (the memory estimate's
+        ``transient``), beyond the gradient itself.
 
         This default: three float32 tensors of the gradient's size (32-bit Adam's and Adafactor's kernels).
         """

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..numerics import all_finite
 from ..projectors import get_projector
 from ..projectors.geometry import (
     add_to_matrix_,
@@ -74,7 +75,7 @@ def refresh_basis(
     ``update_proj_gap`` steps, so it is skipped and counted instead.
     """
     where = matrix if not isinstance(matrix, torch.Tensor) else LocalPlacement(matrix, sync)
-    if not where.agree(bool(torch.isfinite(where.local).all())):
+    if not where.agree(all_finite(where.local)):
         stats.skipped_nonfinite += 1
         stats.warn_once("nonfinite", "GaLore: non-finite gradient at a refresh step; kept the previous basis")
         return
@@ -93,7 +94,7 @@ def refresh_basis(
         for side, old in zip(sides, olds):
             try:
                 new = finder.find(full, rank, side, previous=old, state=state, group=group)
-                if not bool(torch.isfinite(new).all()):
+                if not all_finite(new):
                     raise FloatingPointError("the new basis is not finite")
             except (RuntimeError, FloatingPointError) as exc:  # e.g. SVD did not converge
                 new = _fallback_basis(full, rank, side, old, step, group, stats, exc)
@@ -143,7 +144,7 @@ def _fallback_basis(
     if group["projector"] != "randomized":
         try:
             new = randomized_basis(matrix, rank, side, previous=old, step=step, group=group)
-            if bool(torch.isfinite(new).all()):
+            if all_finite(new):
                 stats.warn_once(
                     "fallback", f"GaLore: basis refresh failed ({exc}); used the randomized finder instead"
                 )
@@ -265,7 +266,7 @@ def _advance_bases(
     if bases is None or policy.due(state, group, step):
         # a step skipped for another weight's gradient keeps the basis (a non-finite own one is counted)
         found_inf = None if step_flag is None else step_flag()
-        if found_inf is None or not bool(found_inf) or not where.agree(bool(torch.isfinite(where.local).all())):
+        if found_inf is None or not bool(found_inf) or not where.agree(all_finite(where.local)):
             refresh_basis(where, state, group, step, stats, dtype=dtype)
         return load_bases(state, group, sides) is not None
     finder = get_projector(group["projector"])

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import StateMismatchError
+from ..numerics import all_finite
 from ..projectors.geometry import effective_rank, matrix_shape, sides_for
 from ..projectors.storage import get_codec
 from .engines import engine_for
@@ -234,7 +235,7 @@ def drop_nonfinite_bases(optimizer: GaLoreOptimizer) -> int:
                 continue
             for side in _SIDES:
                 basis = codec.decode(state, basis_key(side))
-                if isinstance(basis, torch.Tensor) and not bool(torch.isfinite(basis).all()):
+                if isinstance(basis, torch.Tensor) and not all_finite(basis):
                     codec.drop(state, basis_key(side))
                     dropped += 1
     return dropped

@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from ..declare import Option, StateTensor, check_non_negative, check_positive, one_of
+from ..numerics import all_finite
 from .base import BasisFinder, Side
 from .geometry import side_size
 from .svd import top_singular_basis
@@ -132,7 +133,7 @@ class OnlinePCAFinder(BasisFinder):
         lam = float(group.get("osd_lambda", ONLINE_PCA_DEFAULTS["osd_lambda"]))
         lr = alpha * float(group["lr"])
         a = matrix if side == "left" else matrix.t()
-        if not bool(torch.isfinite(a).all()):
+        if not all_finite(a):
             return basis
         _, grad = online_pca_loss_grad(a, basis, lam)
         key = f"osd_{side}"

@@ -49,7 +49,6 @@ from torch import nn
 
 from ..errors import GaLoreConfigError
 from ..projectors.randomized import derive_seed
-from .rounding import block_elements
 
 DEFAULT_WEIGHT_GROUP_SIZE = 256
 _OWNER_ATTR = "_hf_galore_int8_owner"
@@ -78,15 +77,20 @@ def quantize_rows(
     return q.contiguous(), scale
 
 
-def row_blocks(rows: int, cols: int, device: torch.device) -> Iterator[tuple[int, int]]:
-    """``(first, last)`` row ranges of about :func:`~hf_galore.quant.rounding.block_elements` values each.
+#: Values per row block of an INT8 weight's dequantization and update (on every device): four
+#: float32 temporaries of one block, 16 MiB, against 0.7 GiB for a whole LLaMA-7B MLP weight.
+INT8_BLOCK_ELEMENTS = 1 << 20
+
+
+def row_blocks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
+    """``(first, last)`` row ranges of about ``INT8_BLOCK_ELEMENTS`` values each (at least one row).
 
     Why: dequantizing or updating a whole ``m × n`` INT8 weight at once makes
     several float32 ``m × n`` temporaries (12·m·n bytes; 0.5 GiB for one
     LLaMA-7B MLP weight), which is what sets Q-GaLore's peak memory; a block
     of rows at a time keeps them to one block, with the same result.
     """
-    step = max(1, block_elements(device) // max(cols, 1))
+    step = max(1, INT8_BLOCK_ELEMENTS // max(cols, 1))
     for first in range(0, rows, step):
         yield first, min(rows, first + step)
 
@@ -100,7 +104,7 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype
     """
     m, n = q.shape
     out = torch.empty(m, n, dtype=dtype, device=q.device)
-    for first, last in row_blocks(m, n, q.device):
+    for first, last in row_blocks(m, n):
         expanded = scale[first:last].repeat_interleave(group_size, dim=1)[:, :n]
         out[first:last] = q[first:last].to(torch.float32) * expanded
     return out
@@ -193,7 +197,7 @@ class Int8Linear(nn.Linear):
     def store_(self, weight: torch.Tensor, *, stochastic: bool = False) -> None:
         """Quantize ``weight`` into the module; stochastic rounding draws from the module's own stream."""
         generator = self._rounding_stream() if stochastic else None
-        for first, last in row_blocks(*self.weight_int8.shape, self.weight_int8.device):
+        for first, last in row_blocks(*self.weight_int8.shape):
             self._store_rows(weight[first:last], first, generator)
 
     @torch.no_grad()
@@ -212,7 +216,7 @@ class Int8Linear(nn.Linear):
         zero step, would move them.
         """
         generator = self._rounding_stream()
-        for first, last in row_blocks(*self.weight_int8.shape, self.weight_int8.device):
+        for first, last in row_blocks(*self.weight_int8.shape):
             codes, scales = self.weight_int8[first:last], self.weight_scale[first:last]
             master = dequantize_rows(codes, scales, self.group_size, torch.float32)
             old = None if keep is None else (codes.clone(), scales.clone())

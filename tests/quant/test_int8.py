@@ -137,7 +137,7 @@ def test_row_blocked_update_equals_the_whole_weight_at_once(monkeypatch):
     )
     q_ref, scale_ref = quantize_rows(master, 64, generator=stream)
 
-    monkeypatch.setattr(int8_module, "block_elements", lambda device: 5 * 300)  # 5 rows per block: 8 blocks
+    monkeypatch.setattr(int8_module, "INT8_BLOCK_ELEMENTS", 5 * 300)  # 5 rows per block: 8 blocks
     blocked = Int8Linear(300, 37, bias=False, group_size=64)
     blocked.store_(weight)
     seen = []
