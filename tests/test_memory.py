@@ -496,7 +496,7 @@ def test_transient_is_the_largest_refresh_or_update_by_hand():
     # rank 16: R is 16 x 200 = 3200 values, under 8-bit Adam's 4096: 32-bit moments (3 float32 copies) + R
     assert est("galore", 16, "fp32", projector="randomized") == max(randomized(16), 4 * 3200 + 3 * 4 * 3200)
     assert est("galore", 16, "fp32") == svd
-    assert est("galore", 16, "bf16") == copy + svd
+    assert est("galore", 16, "bf16") == copy + 4 * k * 16 + svd  # and the previous bf16 basis in float32
     assert est("galore_8bit", 16, "fp32", projector="randomized") == max(randomized(16), 4 * 3200 + 3 * 4 * 3200)
     # rank 32: R is 32 x 200 = 6400 values, 8-bit: rows padded to 256 (a padded copy and the step buffer),
     # the kernel on 8192 values with the skipped-step snapshot of the values and both states
@@ -504,7 +504,8 @@ def test_transient_is_the_largest_refresh_or_update_by_hand():
     update8 = 4 * 6400 + 2 * 4 * padded + padded * (CPU_KERNEL_BYTES_PER_VALUE + 4 + 2)
     assert est("galore_8bit", 32, "fp32", projector="randomized") == max(randomized(32), update8)
     update8_bf16 = 2 * 6400 + 2 * 2 * padded + padded * (CPU_KERNEL_BYTES_PER_VALUE_16BIT + 2 + 2)
-    assert est("galore_8bit", 32, "bf16", projector="randomized") == max(copy + randomized(32), update8_bf16)
+    previous = 4 * k * 32  # the previous bf16 basis, read as float32 by the finder
+    assert est("galore_8bit", 32, "bf16", projector="randomized") == max(copy + previous + randomized(32), update8_bf16)
     # Q-GaLore: the INT4 basis decoded to float32, and the INT8 write-back (the step, its float32 copy for
     # bf16, and one row block in float32 with three requantization temporaries; all 96 rows fit one block)
     decoded = 4 * k * 32
@@ -514,6 +515,7 @@ def test_transient_is_the_largest_refresh_or_update_by_hand():
     write_back16 = 2 * 6400 + 4 * 6400 + 4 * 4 * k * n
     q16 = est("q_galore", 32, "bf16", projector="randomized")
     assert q16 == max(copy + decoded + randomized(32), 2 * 6400 + decoded + max(update8_bf16 - 2 * 6400, write_back16))
+    assert est("galore", 16, "bf16", projector="randomized") == max(copy + 4 * k * 16 + randomized(16), 2 * 3200 + 3 * 4 * 3200)
 
 
 def test_randomized_refresh_needs_less_than_exact_svd_on_7b_shapes():

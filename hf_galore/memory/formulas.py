@@ -169,7 +169,7 @@ def weight_transient_bytes(
     ``group`` is the weight's param group (``None``, or one without ``rank``,
     for a weight trained at full rank); ``dtype`` the gradient's. A refresh
     works on a float32 copy of the gradient (none for a float32 gradient)
-    and the previous bases as decoded, plus what the finder declares; the
+    and the previous bases in float32, plus what the finder declares; the
     update is :func:`update_transient_bytes`. The refresh's temporaries are
     gone before the update starts, so the step's peak is the larger of the
     two; a layer-wise step adds it to whatever the backward pass holds at
@@ -184,10 +184,13 @@ def weight_transient_bytes(
     rank = effective_rank(group["rank"], matrix)
     finder = PROJECTORS.lookup(group["projector"])
     numel = math.prod(matrix)
-    # a quantized codec decodes each basis to a new float32 tensor; the dense one hands the stored one
-    decoded = 0 if group.get("quant") is None else sum(4 * side_size(side, matrix) * rank for side in sides)
+    # a quantized codec decodes each basis to a new float32 tensor; the dense one hands the stored one,
+    # which the finder reads as float32 (a copy unless it is stored in float32)
+    float_bases = sum(4 * side_size(side, matrix) * rank for side in sides)
+    decoded = 0 if group.get("quant") is None else float_bases
+    previous = float_bases if decoded or dtype != torch.float32 else 0
     copy = 0 if dtype == torch.float32 else 4 * numel
-    refresh = copy + decoded + max(
+    refresh = copy + previous + max(
         finder.refresh_transient_bytes(side_size(side, matrix), numel // side_size(side, matrix), rank, group)
         for side in sides
     )
