@@ -22,7 +22,8 @@ after each update), activations (the storages autograd saves in the
 checkpointed forward, plus those of one layer run without checkpointing, as
 the backward pass recomputes it), the largest temporaries of one weight's
 step (refresh + update: ``VmHWM`` reset when its update starts, read when it
-ends, minus the resident set at its start), and the peak resident set
+ends, minus the resident set at its start and the optimizer state the step
+creates and keeps), and the peak resident set
 (``VmHWM``, reset before the step; the largest of all readings) — beside
 ``estimate_memory`` for the same setup, whose ``peak`` adds the transient
 working set of one refresh or update to its total.
@@ -349,13 +350,18 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
     # Per weight, two hooks around the layer-wise update (registered before and after it; hooks run in
     # order): the live gradients, and the step's own temporaries as resident memory: VmHWM is reset when
-    # the update starts and read when it ends (the overall peak is the largest of all readings).
+    # the update starts and read when it ends, less the optimizer state the step creates and keeps (the
+    # overall peak is the largest of all readings).
     names = {id(p): name for name, p in model.named_parameters()}
-    live, peak_grads, sizes = [0], [0], {}
+    live, peak_grads, sizes, held_before = [0], [0], {}, {}
     peak, entry, transient = [0], [0], {"bytes": 0, "weight": None}
     bar = _progress(len(params), "backward (update + refresh per weight)")
 
+    def held(p) -> int:  # the weight's optimizer state: created in its first step, kept, not a temporary
+        return distinct_storage_bytes(t for t in inner.state.get(p, {}).values() if torch.is_tensor(t))
+
     def count(p) -> None:
+        held_before[id(p)] = held(p)
         sizes[id(p)] = p.grad.numel() * p.grad.element_size()
         live[0] += sizes[id(p)]
         peak_grads[0] = max(peak_grads[0], live[0])
@@ -366,8 +372,9 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     def drop(p) -> None:
         high = _status_bytes("VmHWM")
         peak[0] = max(peak[0], high)
-        if high - entry[0] > transient["bytes"]:
-            transient.update(bytes=high - entry[0], weight=names.get(id(p)))
+        created = held(p) - held_before.pop(id(p), 0)
+        if high - entry[0] - created > transient["bytes"]:
+            transient.update(bytes=high - entry[0] - created, weight=names.get(id(p)))
         _reset_peak()
         live[0] -= sizes.pop(id(p), 0)
         bar.update()

@@ -48,6 +48,7 @@ from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import GaLoreConfigError, UnsupportedSetupError
+from ..numerics import l2_norm
 from .base import GaLoreOptimizer, claim_params, param_owner, release_params
 from .validation import check_positive, check_positive_int
 
@@ -397,7 +398,7 @@ class LayerwiseOptimizer(Optimizer):
                 "non-final backward passes in `with optimizer.accumulating():` (or build the optimizer "
                 "with `accumulation_steps=k`)"
             )
-        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        norm = l2_norm(grad)
         self._add_norm_sq(norm)
         if self.per_param_max_norm is not None:
             coef = torch.clamp(self.per_param_max_norm / (norm + _CLIP_EPS), max=1.0)
@@ -424,7 +425,7 @@ class LayerwiseOptimizer(Optimizer):
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None and p not in self._updated:
-                    sq = torch.linalg.vector_norm(p.grad, dtype=torch.float32).square()
+                    sq = l2_norm(p.grad).square()
                     total = sq if total is None else total + sq.to(total.device)
         if total is None:
             return torch.tensor(0.0)
