@@ -483,9 +483,9 @@ def test_transient_is_the_largest_refresh_or_update_by_hand():
     model = nn.Sequential(nn.Linear(200, 96, bias=False))
     k, n = 96, 200
 
-    def randomized(r):
+    def randomized(r):  # the larger of the subspace iteration and the energy check
         w = r + 8
-        return 4 * (2 * n * w + w * n + 3 * k * w) + 8 * 2 * w * w
+        return 4 * max(2 * n * w + 2 * k * w, n * w + 5 * k * w + k * r)
 
     copy = 4 * k * n  # the float32 copy of a bf16 gradient a refresh works on (none for a float32 one)
     svd = 2 * 4 * k * n + 5 * 4 * k * k

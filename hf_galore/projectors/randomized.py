@@ -188,11 +188,19 @@ class RandomizedFinder(BasisFinder):
     options = OPTIONS
 
     def refresh_transient_bytes(self, side, other, rank, group):
-        """With ``w = rank + oversample``: the sketch ``Ω`` and ``AᵀQ`` (``n × w``), ``B = QᵀA``
-        (``w × n``), ``AΩ``, ``Q`` and ``Z = ABᵀ`` (``k × w``), and the float64 ``BBᵀ`` with its
-        eigenvectors (``w × w``); the float32 gradient is the caller's."""
+        """The larger of two phases, ``A`` being ``k × n`` (``k = side``) and ``w = rank + oversample``.
+
+        The subspace iteration holds the cold sketch ``Ω`` and ``AᵀQ`` (``n × w`` each), ``Q`` and
+        ``A(AᵀQ)`` (``k × w``); the energy check holds ``B = QᵀA`` (``w × n``), ``Q``, ``Z = ABᵀ``,
+        the residual ``Z − Q(BBᵀ)`` and its float64 copy (``k × w``, five in all in float32 words)
+        and the Ritz basis (``k × rank``). The ``w × w`` products are smaller than either. Measured
+        (``benchmarks/step_transient.py``, bf16, LLaMA-7B shapes): the energy check is the peak, and
+        this is within 0.1 MiB of it. The float32 gradient and previous basis are the caller's.
+        """
         w = min(rank + int(group.get("oversample", RANDOMIZED_DEFAULTS["oversample"])), side, other)
-        return 4 * (2 * other * w + w * other + 3 * side * w) + 8 * 2 * w * w
+        subspace = 2 * other * w + 2 * side * w
+        energy = other * w + 5 * side * w + side * rank
+        return 4 * max(subspace, energy)
 
     def find(self, matrix, rank, side, *, previous, state, group):
         basis, exact = guarded_randomized_basis(
@@ -261,6 +269,9 @@ def guarded_randomized_basis(
             z = a @ b.t()
         if extra < budget:
             q = _orth(z)  # one more subspace-iteration round, reusing Z = A Aᵀ Q
+            # drop the last round's B = QᵀA and basis before the next Ritz step makes its own: holding
+            # both would double the largest term of the declared working set (refresh_transient_bytes)
+            z = basis = b = None
             basis, theta, b = ritz_basis(a, q, rank)
             rounds += 1
     return top_singular_basis(matrix, rank, side), True
