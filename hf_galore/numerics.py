@@ -1,6 +1,8 @@
-"""Numerical checks shared by the optimizers and the basis finders."""
+"""Numerical checks, norms and block iteration shared by the optimizers, the basis finders and INT8 weights."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -21,6 +23,21 @@ def all_finite(tensor: torch.Tensor) -> bool:
     low, high = torch.aminmax(tensor.detach())
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
+
+def rows_per_block(cols: int, block: int) -> int:
+    """Whole rows of ``cols`` values in a block of about ``block`` values (at least one row)."""
+    return max(1, block // max(cols, 1))
+
+
+def row_blocks(rows: int, cols: int, block: int) -> Iterator[tuple[int, int]]:
+    """``(first, last)`` ranges of :func:`rows_per_block` rows covering ``rows`` rows of ``cols`` values.
+
+    For work done a block at a time so that its temporaries are one block,
+    not the whole tensor (:func:`l2_norm`, the INT8 weights' row blocks).
+    """
+    step = rows_per_block(cols, block)
+    for first in range(0, rows, step):
+        yield first, min(rows, first + step)
 
 
 #: Values per float32 partial sum of :func:`l2_norm` (the accumulation a float32 reduction stays
@@ -51,8 +68,8 @@ def l2_norm(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.is_contiguous():
         blocks = tensor.view(-1).split(NORM_BLOCK_ELEMENTS)
     else:  # a strided view (a transposed or channels-last gradient): blocks of whole rows, copied one at a time
-        rows = max(1, NORM_BLOCK_ELEMENTS // (tensor.numel() // tensor.shape[0]))
-        blocks = tensor.split(rows)
+        rows = tensor.shape[0]
+        blocks = [tensor[a:b] for a, b in row_blocks(rows, tensor.numel() // rows, NORM_BLOCK_ELEMENTS)]
     norms = [_row_norms(block.contiguous().view(-1)) for block in blocks]
     return torch.linalg.vector_norm(torch.cat(norms))
 

@@ -10,6 +10,7 @@ import torch
 
 from ..declare import layout_bytes
 from ..errors import UnsupportedSetupError, format_choices
+from ..numerics import rows_per_block
 from ..optim.members import BASE_OPTIMIZERS
 from ..optim.schedules import REFRESH_POLICIES
 from ..optim.validation import lowrank_defaults
@@ -151,7 +152,7 @@ def update_transient_bytes(
     write_back = 0
     if int8:
         m, n = shape[0], math.prod(shape[1:])
-        rows = min(m, max(1, INT8_BLOCK_ELEMENTS // max(n, 1)))
+        rows = min(m, rows_per_block(n, INT8_BLOCK_ELEMENTS))
         write_back = e * low + (4 * low if e != 4 else 0) + 4 * 4 * rows * n
     return e * low + decoded + max(kernel, write_back)
 

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import numerics
 from ..errors import GaLoreConfigError
 from ..projectors.randomized import derive_seed
 
@@ -90,9 +91,7 @@ def row_blocks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
     LLaMA-7B MLP weight), which is what sets Q-GaLore's peak memory; a block
     of rows at a time keeps them to one block, with the same result.
     """
-    step = max(1, INT8_BLOCK_ELEMENTS // max(cols, 1))
-    for first in range(0, rows, step):
-        yield first, min(rows, first + step)
+    return numerics.row_blocks(rows, cols, INT8_BLOCK_ELEMENTS)
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
