@@ -59,9 +59,13 @@ def check_positive(name: str, value: object) -> float:
 
 
 def check_beta(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+    """A number in [0, 1); a one-element real tensor counts as its value, as torch.optim accepts."""
+    number = value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        number = float(value)
+    if isinstance(number, bool) or not isinstance(number, numbers.Real) or not 0.0 <= number < 1.0:
         raise GaLoreConfigError(f"`{name}` must be in [0, 1), got {value!r}")
-    return float(value)
+    return float(number)
 
 
 def check_choice(name: str, value: object, choices: Iterable[object]) -> object:

@@ -43,6 +43,20 @@ class BroadcastBasisSync:
         self.process_group = process_group
         self.src = src
 
+    def __deepcopy__(self, memo: dict) -> BroadcastBasisSync:
+        """A copied optimizer broadcasts over the same process group (a process-wide handle, not data)."""
+        return self
+
+    def __reduce__(self) -> tuple:
+        """Picklable over the default process group (the unpickling process's own); a custom group is not."""
+        if self.process_group is not None:
+            raise TypeError(
+                "a basis broadcast over a custom process group cannot be pickled; pickle the optimizer after "
+                "`synchronize_bases(optimizer, enabled=False)`, then call `synchronize_bases(optimizer, group)` "
+                "again where it is unpickled"
+            )
+        return (BroadcastBasisSync, (None, self.src))
+
     def __call__(self, basis: torch.Tensor) -> torch.Tensor:
         basis = basis.contiguous()
         dist().broadcast(basis, group=self.process_group, group_src=self.src)
@@ -186,9 +200,7 @@ def register_layerwise_ddp_hook(
 
 
 def _as_step_param(step_param: Any) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    if hasattr(step_param, "update_param") and hasattr(
-        step_param, "param_groups"
-    ):  # LayerwiseOptimizer
+    if hasattr(step_param, "update_param") and hasattr(step_param, "param_groups"):  # LayerwiseOptimizer
         layerwise = step_param
 
         def step(param: torch.Tensor, grad: torch.Tensor) -> None:
@@ -211,8 +223,6 @@ def _as_step_param(step_param: Any) -> Callable[[torch.Tensor, torch.Tensor], No
     raise UnsupportedSetupError(
         f"`step_param` must be a callable (param, grad) or a GaLore optimizer, got {type(step_param).__name__}"
     )
-
-
 
 
 def ddp_wrapping(params: list[Any]) -> Any:

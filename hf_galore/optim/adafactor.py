@@ -11,11 +11,11 @@ import torch
 from ..declare import StateKey
 from ..errors import GaLoreConfigError
 from ..quant.int8 import weight_values
-from .adamw import GALORE_GROUP_DOC
+from .adamw import GALORE_GROUP_DOC, TORCH_FLAGS_DOC
 from .base import GaLoreOptimizer
 from .functional import adafactor_step, rms
 from .members import register_base_optimizer
-from .validation import check_beta, check_positive
+from .validation import check_beta, check_positive, torch_flags_from
 
 
 @register_base_optimizer
@@ -31,6 +31,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
     The relative-step scale uses the RMS of the full weight, as in
     galore-torch.
 """
+        + TORCH_FLAGS_DOC
         + GALORE_GROUP_DOC
     )
 
@@ -47,6 +48,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
         relative_step: bool = True,
         warmup_init: bool = False,
         stochastic_rounding: bool = True,
+        **torch_flags: Any,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -59,6 +61,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
             "relative_step": relative_step,
             "warmup_init": warmup_init,
             "stochastic_rounding": stochastic_rounding,
+            **torch_flags_from(torch_flags, type(self).__name__),
         }
         super().__init__(params, defaults)
 

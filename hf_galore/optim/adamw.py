@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..declare import StateKey
+from ..errors import GaLoreConfigError
 from ..quant.rounding import add_rounded_, block_elements, scratch, write_rounded_
 from .base import GaLoreOptimizer
 from .functional import _fused_adamw_ as fused_adamw_
@@ -21,7 +22,14 @@ from .functional import (
     zero_where,
 )
 from .members import register_base_optimizer
-from .validation import check_beta, check_non_negative
+from .validation import BASE_TORCH_FLAGS, check_beta, check_bool, check_non_negative, torch_flags_from
+
+TORCH_FLAGS_DOC = """
+    Also takes torch.optim's flags as keywords (``maximize``, ``foreach``,
+    ``fused``, ``capturable``, ``differentiable``, ``amsgrad``,
+    ``decoupled_weight_decay``, torch's defaults), in every group: each is
+    honoured or refused by name (docs/optimizers.md, "torch.optim's flags").
+"""
 
 GALORE_GROUP_DOC = """
     Param groups with the key ``rank`` are projected (GaLore, arXiv:2403.03507);
@@ -46,12 +54,26 @@ class GaLoreAdamW(GaLoreOptimizer):
     galore-torch adds eps before bias correction (default 1e-6) and decays
     after the update, so the two agree exactly only with ``weight_decay=0``
     and gradients large against eps.
+
+    galore-torch's (and transformers' old ``AdamW``'s) ``correct_bias=False``
+    drops Adam's bias correction (BERT's recipe), and ``no_deprecation_warning``
+    is accepted (hf_galore emits no deprecation warning).
 """
+        + TORCH_FLAGS_DOC
         + GALORE_GROUP_DOC
     )
 
     # torch's fused AdamW kernel skips a flagged step in place; other buckets are snapshot and restored
     _native_found_inf = True
+    # torch's fused kernel (fused=True) and the multi-tensor one (foreach=True), one tensor at a time
+    # (foreach=False); by default the fused kernel wherever it runs
+    torch_flags: ClassVar[dict] = {
+        **BASE_TORCH_FLAGS,
+        "foreach": ((None, True, False), ""),
+        "fused": ((None, True, False), ""),
+    }
+    supports_complex = True
+    _constructor_only = ("no_deprecation_warning",)
 
     def __init__(
         self,
@@ -61,22 +83,46 @@ class GaLoreAdamW(GaLoreOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         stochastic_rounding: bool = True,
+        *,
+        correct_bias: bool = True,
+        no_deprecation_warning: bool = False,
+        **torch_flags: Any,
     ) -> None:
+        check_bool("no_deprecation_warning", no_deprecation_warning)
         defaults = {
             "lr": lr,
             "betas": betas,
             "eps": eps,
             "weight_decay": weight_decay,
             "stochastic_rounding": stochastic_rounding,
+            "correct_bias": correct_bias,
+            **self._extra_defaults(),
+            **torch_flags_from(torch_flags, type(self).__name__),
         }
         super().__init__(params, defaults)
 
+    def _extra_defaults(self) -> dict[str, Any]:
+        """Hyper-parameters a subclass adds to every group (set before the groups are checked)."""
+        return {}
+
     def _validate_group(self, group):
         super()._validate_group(group)
-        beta1, beta2 = group["betas"]
-        check_beta("betas[0]", beta1)
-        check_beta("betas[1]", beta2)
+        if group["lr"] is None:
+            raise GaLoreConfigError(f"`lr` must be a number >= 0 for {type(self).__name__}, got None")
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise GaLoreConfigError(f"`betas` must be a pair (beta1, beta2), got {betas!r}")
+        check_beta("betas[0]", betas[0])
+        check_beta("betas[1]", betas[1])
         check_non_negative("eps", group["eps"])
+        check_bool("correct_bias", group.get("correct_bias", True))
+        if group.get("fused"):
+            if not group.get("correct_bias", True):
+                raise GaLoreConfigError(
+                    "`fused`=True cannot be combined with `correct_bias`=False: torch's fused AdamW kernel always "
+                    "corrects the bias. Leave `fused` unset"
+                )
+            _check_fused_supported(group["params"])
 
     name = "adamw"
     state_keys: ClassVar[dict[str, StateKey]] = {
@@ -95,19 +141,21 @@ class GaLoreAdamW(GaLoreOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
 
     def _lowrank_updates(self, group, params, grads, states, found_inf=None):
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = betas_of(group)
         lr = float(group["lr"])
         hp = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": group["eps"]}
+        bias_correction = group.get("correct_bias", True)
         updates: list[torch.Tensor] = [None] * len(grads)  # type: ignore[list-item]
-        for indices in _by_device_and_dtype(grads):
+        for indices in _buckets(grads, group):
             g = [grads[i].contiguous() for i in indices]  # the fused kernel reads raw memory
             m = [states[i]["exp_avg"] for i in indices]
             v = [states[i]["exp_avg_sq"] for i in indices]
-            if fused_adamw_supports(g + m + v):
+            if _fused(group, g + m + v):
                 out = adam_steps_fused(g, m, v, [states[i]["step"] for i in indices], found_inf=found_inf, **hp)
             else:
                 with restored_where(found_inf, m + v):
-                    out = adam_steps(g, m, v, [float(states[i]["step"]) for i in indices], **hp)
+                    steps = [float(states[i]["step"]) for i in indices]
+                    out = adam_steps(g, m, v, steps, bias_correction=bias_correction, **hp)
                 if found_inf is not None:  # the fused kernel leaves its zero steps; here they are NaN
                     out = zero_where(found_inf, out)
             for i, u in zip(indices, out):
@@ -115,7 +163,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         return updates, [lr] * len(updates)
 
     def _step_full_rank(self, group, params, grads, states, found_inf=None):
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = betas_of(group)
         hp = {
             "lr": float(group["lr"]),
             "beta1": beta1,
@@ -129,16 +177,18 @@ class GaLoreAdamW(GaLoreOptimizer):
             taken = set(rounded)
             keep = [i for i in range(len(params)) if i not in taken]
             params, grads, states = [params[i] for i in keep], [grads[i] for i in keep], [states[i] for i in keep]
-        for indices in _by_device_and_dtype(params):
+        bias_correction = group.get("correct_bias", True)
+        for indices in _buckets(params, group):
             p = [params[i] for i in indices]
             g = [grads[i].contiguous() for i in indices]  # the fused kernel reads raw memory
             m = [states[i]["exp_avg"] for i in indices]
             v = [states[i]["exp_avg_sq"] for i in indices]
-            if fused_adamw_supports(p + g + m + v):
+            if _fused(group, p + g + m + v):
                 adamw_full_rank_fused_(p, g, m, v, [states[i]["step"] for i in indices], found_inf=found_inf, **hp)
             else:
                 with restored_where(found_inf, p + m + v):
-                    adamw_full_rank_(p, g, m, v, [float(states[i]["step"]) for i in indices], **hp)
+                    steps = [float(states[i]["step"]) for i in indices]
+                    adamw_full_rank_(p, g, m, v, steps, bias_correction=bias_correction, **hp)
 
     def _step_full_rank_rounded(self, group, params, grads, states, indices, hp, found_inf=None):
         """bf16 / fp16 weights with stochastic rounding: Adam's step in blocks, then a rounded write.
@@ -160,9 +210,12 @@ class GaLoreAdamW(GaLoreOptimizer):
             param, grad, state = params[i], grads[i].contiguous(), states[i]
             m, v = state["exp_avg"], state["exp_avg_sq"]
             key = self._rounding_key(param, group, state)
-            if not fused_adamw_supports([grad, m, v]):
+            if not _fused(group, [grad, m, v]):
                 with restored_where(found_inf, [m, v]):
-                    (step,) = adam_steps([grad], [m], [v], [float(state["step"])], **hp)
+                    bias_correction = group.get("correct_bias", True)
+                    (step,) = adam_steps(
+                        [grad], [m], [v], [float(state["step"])], bias_correction=bias_correction, **hp
+                    )
                 if found_inf is not None:
                     (step,) = zero_where(found_inf, [step])
                 add_rounded_(param, step, alpha=-1.0, decay=decay, key=key)
@@ -173,8 +226,14 @@ class GaLoreAdamW(GaLoreOptimizer):
             def fill(master, start, stop, state=state, flat_g=flat_g, flat_m=flat_m, flat_v=flat_v, buffer=buffer):
                 step = buffer[: stop - start].zero_()
                 fused_adamw_(
-                    [step], [flat_g[start:stop]], [flat_m[start:stop]], [flat_v[start:stop]], [state["step"]],
-                    weight_decay=0.0, found_inf=found_inf, **hp,
+                    [step],
+                    [flat_g[start:stop]],
+                    [flat_m[start:stop]],
+                    [flat_v[start:stop]],
+                    [state["step"]],
+                    weight_decay=0.0,
+                    found_inf=found_inf,
+                    **hp,
                 )
                 if decay is not None:
                     master.mul_(decay)
@@ -183,9 +242,41 @@ class GaLoreAdamW(GaLoreOptimizer):
             write_rounded_(param, fill, key)
 
 
-def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[int]]:
-    """Indices of ``tensors`` grouped by (device, dtype), the unit multi-tensor kernels work on."""
+def betas_of(group: dict) -> tuple[float, float]:
+    """The group's ``betas`` as floats (torch.optim accepts one-element tensors too)."""
+    beta1, beta2 = group["betas"]
+    return float(beta1), float(beta2)
+
+
+def _fused(group: dict, tensors: list[torch.Tensor]) -> bool:
+    """Whether this bucket runs torch's fused kernel: by default wherever it can, never with ``fused=False``,
+    ``foreach=True`` (the multi-tensor kernel) or ``correct_bias=False`` (the kernel always corrects)."""
+    if group.get("fused") is False or group.get("foreach") or not group.get("correct_bias", True):
+        return False
+    return fused_adamw_supports(tensors)
+
+
+def _buckets(tensors: list[torch.Tensor], group: dict) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), the unit multi-tensor kernels work on; one tensor
+    per bucket with ``foreach=False`` (torch's single-tensor implementation, the same maths)."""
+    if group.get("foreach") is False:
+        return [[i] for i in range(len(tensors))]
     buckets: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
         buckets.setdefault((t.device, t.dtype), []).append(i)
     return list(buckets.values())
+
+
+#: dtypes and devices torch's fused AdamW kernel runs on (what ``fused=True`` requires)
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FUSED_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _check_fused_supported(params: list[torch.Tensor]) -> None:
+    """``fused=True``: refuse parameters torch's fused kernel cannot run on, as torch.optim.AdamW does."""
+    for p in params:
+        if p.is_complex() or p.dtype not in _FUSED_DTYPES or p.device.type not in _FUSED_DEVICE_TYPES:
+            raise GaLoreConfigError(
+                f"`fused`=True needs floating-point parameters on {', '.join(_FUSED_DEVICE_TYPES)} for torch's "
+                f"fused AdamW kernel; got one of dtype {p.dtype} on {p.device}. Leave `fused` unset"
+            )

@@ -16,11 +16,12 @@ import torch
 
 from .._optional import require
 from ..declare import StateKey
-from ..errors import UnsupportedSetupError
+from ..errors import GaLoreConfigError, UnsupportedSetupError
 from ..quant.rounding import block_elements, scratch, write_rounded_
-from .adamw import GALORE_GROUP_DOC, GaLoreAdamW
+from .adamw import GALORE_GROUP_DOC, TORCH_FLAGS_DOC, GaLoreAdamW, betas_of
 from .functional import restored_where
 from .members import register_base_optimizer
+from .validation import BASE_TORCH_FLAGS, check_choice, check_positive_int
 
 #: bitsandbytes keeps tensors smaller than this in 32-bit states (its ``min_8bit_size``).
 MIN_8BIT_SIZE = 4096
@@ -74,6 +75,41 @@ def _state_slice(state: dict, start: int, stop: int) -> dict:
 _KERNEL_STATE = ("state1", "state2", "absmax1", "absmax2")
 
 
+def _min_8bit_size(group: Any) -> int:
+    """Tensors with fewer values keep 32-bit moments (bitsandbytes' ``min_8bit_size``, a group key here)."""
+    return int(group.get("min_8bit_size", MIN_8BIT_SIZE))
+
+
+def _check_bnb_keywords(optim_bits: Any, percentile_clipping: Any, block_wise: Any, is_paged: Any, args: Any) -> None:
+    """bitsandbytes' ``AdamW8bit`` keywords: accepted where they mean what hf_galore does, else refused by name."""
+    check_choice("optim_bits", optim_bits, (8, 32))  # both are 8-bit moments in bitsandbytes' AdamW8bit
+    refused = (
+        (
+            "percentile_clipping",
+            percentile_clipping,
+            percentile_clipping != 100,
+            (
+                "bitsandbytes' percentile gradient clipping is not implemented; clip with "
+                "torch.nn.utils.clip_grad_norm_ (the Trainer's `max_grad_norm`) and leave it at 100"
+            ),
+        ),
+        ("block_wise", block_wise, block_wise is not True, "the 8-bit states are always block-wise (256 values)"),
+        (
+            "is_paged",
+            is_paged,
+            is_paged is not False,
+            (
+                "paged optimizer state (CUDA unified memory) is not implemented; the low-rank states are small "
+                "enough to stay resident. Use `is_paged=False` (optim='adamw_bnb_8bit' rather than 'paged_adamw_8bit')"
+            ),
+        ),
+        ("args", args, args is not None, "bitsandbytes' per-parameter config object is not read; pass keywords"),
+    )
+    for name, value, bad, reason in refused:
+        if bad:
+            raise GaLoreConfigError(f"`{name}`={value!r} is not supported by GaLoreAdamW8bit: {reason}")
+
+
 def _bnb_functional():
     return require("bitsandbytes.functional", "GaLoreAdamW8bit")
 
@@ -84,11 +120,36 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         """GaLoreAdamW with both moments stored in 8 bits (block-wise, 256 values per block).
 
     Tensors (low-rank gradients or full-rank parameters) with fewer than
-    4096 elements keep 32-bit moments, as bitsandbytes does. Full-rank groups
-    are updated by the same kernel as ``bitsandbytes.optim.AdamW8bit``.
-    Needs bitsandbytes (``pip install 'hf_galore[8bit]'``).
+    ``min_8bit_size`` (4096) elements keep 32-bit moments, as bitsandbytes does.
+    Full-rank groups are updated by the same kernel as
+    ``bitsandbytes.optim.AdamW8bit``. Needs bitsandbytes
+    (``pip install 'hf_galore[8bit]'``).
+
+    bitsandbytes' (and galore-torch's ``GaLoreAdamW8bit``'s) keywords are
+    accepted with their meaning: ``optim_bits`` 8 or 32 (both give 8-bit
+    moments, as in ``bitsandbytes.optim.AdamW8bit``, where 32 is the
+    compatibility default), ``min_8bit_size`` (honoured, also a group key);
+    what hf_galore does not implement is refused by name:
+    ``percentile_clipping`` other than 100, ``block_wise=False``,
+    ``is_paged=True`` (paged state), ``args`` (bitsandbytes' config object).
 """
+        + TORCH_FLAGS_DOC
         + GALORE_GROUP_DOC
+    )
+
+    # bitsandbytes' 8-bit kernel is a fused one (``fused=True`` names it), run one tensor at a time
+    torch_flags: ClassVar[dict] = {
+        **BASE_TORCH_FLAGS,
+        "fused": ((None, True), "bitsandbytes' 8-bit kernel is a fused kernel; there is no unfused one"),
+    }
+    supports_complex = False
+    _constructor_only = (
+        "no_deprecation_warning",
+        "optim_bits",
+        "percentile_clipping",
+        "block_wise",
+        "is_paged",
+        "args",
     )
 
     # bitsandbytes' kernel has no found_inf: a guarded step snapshots what each kernel call writes
@@ -105,14 +166,46 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         stochastic_rounding: bool = True,
+        *,
+        optim_bits: int = 32,
+        min_8bit_size: int = MIN_8BIT_SIZE,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        is_paged: bool = False,
+        args: Any = None,
+        correct_bias: bool = True,
+        no_deprecation_warning: bool = False,
+        **torch_flags: Any,
     ) -> None:
+        _check_bnb_keywords(optim_bits, percentile_clipping, block_wise, is_paged, args)
         functional = _bnb_functional()
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._create_dynamic_map = functional.create_dynamic_map
         self._update_8bit = functional.optimizer_update_8bit_blockwise
+        self._min_8bit_size = min_8bit_size
         super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, stochastic_rounding=stochastic_rounding
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            stochastic_rounding=stochastic_rounding,
+            correct_bias=correct_bias,
+            no_deprecation_warning=no_deprecation_warning,
+            **torch_flags,
         )
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        return {"min_8bit_size": self._min_8bit_size}
+
+    def _validate_group(self, group):
+        super()._validate_group(group)
+        check_positive_int("min_8bit_size", group.get("min_8bit_size", MIN_8BIT_SIZE))
+        if not group.get("correct_bias", True):
+            raise GaLoreConfigError(
+                "`correct_bias`=False is not supported by GaLoreAdamW8bit: bitsandbytes' 8-bit kernel always "
+                "corrects the bias. Use GaLoreAdamW for `correct_bias=False`"
+            )
 
     def _qmaps_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The signed / unsigned dynamic quantization maps, shared by all states (not checkpointed)."""
@@ -156,7 +249,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     @classmethod
     def state_layout(cls, like, group, state, *, dtype):
         # the layout in use (32-bit moments also load from a GaLoreAdamW checkpoint), else the one made
-        if "exp_avg" in state or ("state1" not in state and math.prod(like) < MIN_8BIT_SIZE):
+        if "exp_avg" in state or ("state1" not in state and math.prod(like) < _min_8bit_size(group)):
             return super().state_layout(like, group, state, dtype=dtype)
         # a low-rank gradient: one row per projected direction, padded to whole blocks
         shape = lowrank_state_shape(tuple(like)) if "rank" in group else tuple(like)
@@ -180,7 +273,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     def _init_moments(self, state, like, group):
         if "exp_avg" in state or "state1" in state:
             return
-        if like.numel() < MIN_8BIT_SIZE:
+        if like.numel() < _min_8bit_size(group):
             super()._init_moments(state, like, group)
             return
         # the declared layout (state_layout): a low-rank gradient's rows padded to whole blocks
@@ -219,7 +312,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     def _bnb_call_(self, target: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, lr: float, wd: float):
         """One call of bitsandbytes' fused 8-bit AdamW kernel (keyword arguments only)."""
         qmap1, qmap2 = self._qmaps_on(grad.device)
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = betas_of(group)
         self._update_8bit(
             optimizer_name="adam",
             g=grad,

@@ -40,8 +40,10 @@ from . import engines, lowrank, state_checks
 from .functional import restored_where, zero_where
 from .stats import RefreshStats
 from .validation import (
+    BASE_TORCH_FLAGS,
     GROUP_DEFAULTS,
     ROUNDING_DEFAULTS,
+    TORCH_FLAG_DEFAULTS,
     check_choice,
     check_full_rank_group_keys,
     check_group_keys,
@@ -83,11 +85,13 @@ def release_params(params: Iterable[torch.Tensor], owner: Any) -> None:
 def nonfinite_flag(tensors: list[torch.Tensor], *, across_ranks: bool = False) -> torch.Tensor | None:
     """A float32 0-dim tensor, 1.0 when any of ``tensors`` holds a NaN or an Inf (``None`` for no tensors).
 
-    One read of each tensor, the cheapest reduction torch has on CPU:
-    ``dot(g, g)`` (BLAS) for contiguous tensors, a sum otherwise (about 1.3x
-    and 1.5x faster than ``_foreach_norm``; the max-abs norm is ~8x slower).
-    Either is NaN or Inf when an entry is; on finite entries it overflows only
-    beyond ~1e19 (squares) / ~3e38 (sums), which flags such a step too.
+    One read of each tensor with the cheapest reduction that answers the
+    question for its dtype (:func:`_reduce`): float32, float64 and bf16 are
+    flagged for a NaN/Inf and also when their sum of squares overflows
+    (an L2 norm beyond ~1.8e19: Adam's second moment of such a gradient is
+    already infinite, and the weight would never move again); fp16 only for a
+    NaN/Inf (its values can never overflow a float32 sum, while a plain fp16
+    sum overflows at 65504 and would skip every step of a large gradient).
     Nothing is read on the host. Sharded (FSDP2 ``DTensor``) tensors, or
     ``across_ranks``, take the maximum over the process group so that every
     rank skips the same steps.
@@ -111,9 +115,28 @@ def nonfinite_flag(tensors: list[torch.Tensor], *, across_ranks: bool = False) -
 
 
 def _reduce(t: torch.Tensor) -> torch.Tensor:
-    if t.is_contiguous() and t.dtype in (torch.float32, torch.float64) and t.numel():
+    """A scalar that is NaN/Inf exactly when ``t`` is flagged (see :func:`nonfinite_flag`), without temporaries.
+
+    Measured on a 4096×11008 tensor, one CPU thread: ``dot`` (BLAS) 18 ms
+    float32; ``vector_norm`` 11 ms bf16 (float32 accumulation inside, so it
+    overflows where a float32 sum of squares does); ``aminmax`` 12 ms fp16
+    (exact; ``vector_norm(dtype=float32)`` and ``sum(dtype=float32)`` copy the
+    tensor to float32 first: 210 ms).
+    """
+    if not t.numel():
+        return t.new_zeros((), dtype=torch.float32)
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous():
+        t = t.t()  # the same values; a transposed gradient reduces at contiguous speed
+    if t.dtype == torch.float16:
+        low, high = torch.aminmax(t)
+        return low.float() + high.float()
+    if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
         flat = t.view(-1)
         return torch.dot(flat, flat)
+    if t.is_floating_point():
+        return torch.linalg.vector_norm(t)
     return t.sum()
 
 
@@ -145,14 +168,31 @@ class GaLoreOptimizer(Optimizer):
     #: place); otherwise their state tensors are snapshot and restored with ``torch.where``
     _native_found_inf = False
 
+    #: torch.optim's flags: ``flag -> (values honoured, why another value cannot be)``, checked for
+    #: every group (``validation.check_torch_flags``); ``maximize`` is honoured here for every member
+    torch_flags: ClassVar[Mapping[str, tuple[tuple[object, ...], str]]] = BASE_TORCH_FLAGS
+    #: complex parameters in full-rank groups are updated as their real view (as torch.optim.AdamW does)
+    supports_complex: ClassVar[bool] = False
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self.galore_stats = RefreshStats()
         self._param_index: dict[torch.Tensor, int] = {}
-        super().__init__(params, {**ROUNDING_DEFAULTS, **defaults})
+        super().__init__(params, {**ROUNDING_DEFAULTS, **TORCH_FLAG_DEFAULTS, **defaults})
         # sharded engines (FSDP2): low-rank shards appear as DTensors in state_dict() so that
         # torch.distributed.checkpoint saves every rank's part (no-ops otherwise)
         self.register_state_dict_post_hook(engines.state_dict_post_hook)
         self.register_load_state_dict_pre_hook(engines.load_state_dict_pre_hook)
+
+    #: instance attributes a copy or pickle keeps beside torch's ``defaults``, ``state`` and ``param_groups``
+    _PICKLED = ("basis_sync", "basis_sync_decided")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's three entries plus the basis-sync decision (``synchronize_bases(opt, enabled=False)``)."""
+        state = super().__getstate__()
+        for key in self._PICKLED:
+            if key in self.__dict__:
+                state[key] = self.__dict__[key]
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A deep-copied or unpickled optimizer gets fresh counters and its FSDP2 state_dict hooks back.
@@ -173,7 +213,6 @@ class GaLoreOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if isinstance(param_group, dict) and "rank" in param_group:  # the keys as written, before defaults
             check_group_keys(param_group, self.defaults)
-            check_torch_flags(param_group)
         elif isinstance(param_group, dict):
             check_full_rank_group_keys(param_group, self.defaults)
         super().add_param_group(param_group)
@@ -189,6 +228,13 @@ class GaLoreOptimizer(Optimizer):
                 "an INT8 weight (`Int8Linear.weight`, see `prepare_model_for_int8_weights`) is in a group "
                 "without `rank`; its updates are applied with stochastic rounding by the low-rank path only. "
                 "Put it in a low-rank group, or lower `rank` below its smaller dimension"
+            )
+        elif not self.supports_complex and any(p.is_complex() for p in group["params"]):
+            shape = next(tuple(p.shape) for p in group["params"] if p.is_complex())
+            raise GaLoreConfigError(
+                f"a complex parameter of shape {shape} is in a param group of {type(self).__name__}, which "
+                "updates real tensors only; use GaLoreAdamW (it updates complex parameters as their real "
+                "view, as torch.optim.AdamW does) or pass `torch.view_as_real(param)` as the parameter"
             )
         claim_params(group["params"], self)
 
@@ -218,24 +264,31 @@ class GaLoreOptimizer(Optimizer):
             check_non_negative("lr", float(group["lr"]))
         check_non_negative("weight_decay", group.get("weight_decay", 0.0))
         check_rounding_keys(group)
+        check_torch_flags(group, self.torch_flags, type(self).__name__)
 
     # ------------------------------------------------------------------- state
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load, keeping each state tensor's saved dtype.
+        """Load; moments that follow the gradient's dtype take the parameter's, every other entry keeps its own.
 
         ``torch.optim.Optimizer`` casts every floating state tensor to its
-        parameter's dtype, which would turn quantized bases and 8-bit moments
-        into floats and round float32 bases of bf16 weights. We restore the
-        saved dtype afterwards (lossless: the saved tensors are the source).
+        parameter's dtype. For moments declared without a dtype (they follow
+        the gradient) that is what torch.optim.AdamW does, so resuming an fp32
+        run in bf16 (or the reverse) works; quantized bases, 8-bit moments and
+        float32 statistics get their saved dtype back (lossless: the saved
+        tensors are the source).
 
         State that would not fit its group after loading (other settings,
         another model or parameter order, another optimizer, galore-torch or
-        a full-rank optimizer's moments in a low-rank group) is refused with
-        ``StateMismatchError`` before anything changes; a basis holding NaN/Inf
-        is dropped, recomputed at the next step, warned about and counted
-        (``galore_stats.dropped_bases``).
+        a full-rank optimizer's moments in a low-rank group, FSDP2 shards in an
+        unsharded optimizer) is refused with ``StateMismatchError``, and a
+        group whose ``rank``, ``proj_type`` or ``quant`` differs from the
+        checkpoint's with ``GaLoreConfigError``, before anything changes. A
+        basis holding NaN/Inf is dropped and recomputed at the next step
+        (``galore_stats.dropped_bases``); a weight whose moments hold NaN/Inf
+        starts again as a new weight (``galore_stats.state_resets``); both warned.
         """
         state_checks.check_loadable(self, state_dict)
+        follows = {key for key, spec in type(self).state_keys.items() if spec.dtype is None}
         built = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
         super().load_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
@@ -253,10 +306,21 @@ class GaLoreOptimizer(Optimizer):
                     continue
                 live = self.state[param]
                 for key, value in saved.items():
-                    if isinstance(value, torch.Tensor) and live[key].dtype != value.dtype:
-                        live[key] = value.to(device=param.device if key != "step" else value.device, copy=True)
+                    if not isinstance(value, torch.Tensor) or live[key].dtype == value.dtype:
+                        continue
+                    if key in follows and live[key].dtype == param.dtype:
+                        continue  # torch's cast to the parameter's dtype, as torch.optim.AdamW resumes
+                    live[key] = value.to(device=param.device if key != "step" else value.device, copy=True)
                 if isinstance(live.get("step"), (int, float)):  # torch < 1.12 and galore-torch save an int
                     live["step"] = torch.tensor(float(live["step"]), dtype=torch.float32)
+        reset = state_checks.reset_nonfinite_moments(self)
+        if reset:
+            self.galore_stats.state_resets += reset
+            self.galore_stats.warn_once(
+                "nonfinite_loaded_moments",
+                f"GaLore: the loaded optimizer state of {reset} weight(s) holds NaN/Inf moments; they start "
+                "again as new weights (moments and step from zero; counted in galore_stats.state_resets)",
+            )
         dropped = state_checks.drop_nonfinite_bases(self)
         if dropped:
             self.galore_stats.dropped_bases += dropped
@@ -266,22 +330,33 @@ class GaLoreOptimizer(Optimizer):
                 "computed at the next step (counted in galore_stats.dropped_bases)",
             )
 
-    def _refit_state(self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        """Re-make ``param``'s state if it no longer fits ``group`` (``rank`` / ``proj_type`` changed mid-run).
+    def _refit_state(
+        self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any], dtype: torch.dtype
+    ) -> None:
+        """Make ``param``'s state fit ``group`` and a gradient of ``dtype`` before it reaches a kernel.
 
-        Shapes only, no device sync. The new state is that of a new weight:
-        basis computed at this step, moments and ``step`` from zero (so Adam's
-        bias correction and the refresh schedule restart). Warned once,
-        counted in ``galore_stats.state_resets``. In a full-rank group only a
-        state left by a removed ``rank`` (it holds a basis) can misfit, since
-        loads are checked on load: other full-rank states skip the comparison.
+        Shapes and dtypes only, no device sync. A state whose shapes no longer
+        fit (``rank`` / ``proj_type`` changed mid-run, ``rank`` added or
+        removed, or the weight's data replaced by one of another shape) is
+        re-made as that of a new weight: basis computed at this step, moments
+        and ``step`` from zero (so Adam's bias correction and the refresh
+        schedule restart); warned once, counted in ``galore_stats.state_resets``.
+        Moments that follow the gradient's dtype but hold another one (the
+        model cast with ``model.to(torch.bfloat16)`` after the optimizer was
+        built) are cast to it, warned once: torch.optim.AdamW would fail there.
         """
         if "step" not in state or lowrank.is_sharded(param):
             return
-        if "rank" not in group and not any(key.startswith("basis_") for key in state):
-            return
         mismatch = state_checks.find_mismatch(self, param, state, group)
         if mismatch is None:
+            cast = state_checks.conform_dtypes(self, param, state, group, dtype)
+            if cast:
+                self.galore_stats.warn_once(
+                    "state_cast",
+                    f"GaLore: optimizer state of a weight of shape {tuple(param.shape)} was {cast[0][1]} while its "
+                    f"gradient is {dtype}; cast {', '.join(f'`{key}`' for key, _ in cast)} to {dtype} (the model's "
+                    "dtype changed after the optimizer was built or loaded)",
+                )
             return
         state.clear()
         self.galore_stats.state_resets += 1
@@ -290,8 +365,8 @@ class GaLoreOptimizer(Optimizer):
             "state_remade",
             f"GaLore: the state of a weight of shape {tuple(param.shape)} in param group {index} no longer fits "
             f"the group ({state_checks.describe(mismatch, group)}); re-made it: new basis now, moments and step "
-            "from zero. Expected after changing `rank` or `proj_type` during training (docs/optimizers.md); "
-            "counted in galore_stats.state_resets",
+            "from zero. Expected after changing `rank` or `proj_type` during training (docs/optimizers.md) or "
+            "replacing a weight's data by one of another shape; counted in galore_stats.state_resets",
         )
 
     def _state_for(self, param: torch.Tensor) -> dict[str, Any]:
@@ -363,8 +438,10 @@ class GaLoreOptimizer(Optimizer):
 
         def step_flag() -> torch.Tensor | None:  # refresh steps only
             if "flag" not in upfront:
-                upfront["flag"] = scaler_flag if scaler_flag is not None else nonfinite_flag(
-                    [g for group, _, grads in work if guarded(group) for g in grads]
+                upfront["flag"] = (
+                    scaler_flag
+                    if scaler_flag is not None
+                    else nonfinite_flag([g for group, _, grads in work if guarded(group) for g in grads])
                 )
             return upfront["flag"]
 
@@ -388,9 +465,12 @@ class GaLoreOptimizer(Optimizer):
         for (group, params, grads), plan in zip(work, projected):
             flag = found_inf if guarded(group) else None
             if plan is not None:
+                if group.get("maximize"):  # R of −G is −R, in the same subspace: the basis stays G's
+                    torch._foreach_neg_(plan.lows)
                 self._apply_lowrank(group, plan, flag)
             elif params:
-                self._step_full(group, params, grads, flag)
+                with _negated(grads, bool(group.get("maximize"))):
+                    self._step_full(group, params, grads, flag)
         if found_inf is not None:
             self.galore_stats.record_skip(found_inf)
         return found_inf
@@ -402,12 +482,14 @@ class GaLoreOptimizer(Optimizer):
         grads: list[torch.Tensor],
         found_inf: torch.Tensor | None,
     ) -> None:
-        for p in params:
-            self._refit_state(p, self.state[p], group)
+        for p, g in zip(params, grads):
+            self._refit_state(p, self.state[p], group, g.dtype)
         states = [self._state_for(p) for p in params]
         for g, s in zip(grads, states):
             self._init_moments(s, g, group)
             s["step"] += 1
+        if any(p.is_complex() for p in params):  # as torch.optim.AdamW: the real view of each complex tensor
+            params, grads, states = _real_views(params), _real_views(grads), [_real_state(s) for s in states]
         if found_inf is None:
             self._step_full_rank(group, params, grads, states)
             return
@@ -443,7 +525,7 @@ class GaLoreOptimizer(Optimizer):
         tracking = step_flag is not None and get_projector(group["projector"]).tracks_every_step
         sync = self._basis_sync_for(params, grads)
         for p, g in zip(params, grads):
-            self._refit_state(p, self.state[p], group)
+            self._refit_state(p, self.state[p], group, g.dtype)
             state = self._state_for(p)
             if tracking:
                 plan.saved.append((state, {k: state[k].clone() for k in _state_tensors(state)}))
@@ -568,9 +650,7 @@ class GaLoreOptimizer(Optimizer):
         return layout_bytes(cls.state_layout(tuple(like), group, {}, dtype=dtype))
 
     @classmethod
-    def update_transient_bytes(
-        cls, like: tuple[int, ...], *, lowrank: bool, dtype: torch.dtype = torch.float32
-    ) -> int:
+    def update_transient_bytes(cls, like: tuple[int, ...], *, lowrank: bool, dtype: torch.dtype = torch.float32) -> int:
         """Temporaries of one update of a gradient of shape ``like`` and ``dtype`` (the memory estimate's
         ``transient``), beyond the gradient itself.
 
@@ -578,13 +658,20 @@ class GaLoreOptimizer(Optimizer):
         """
         return 3 * 4 * math.prod(like)
 
+    #: constructor keywords that are checked once and never become group keys (a peer's switches)
+    _constructor_only: ClassVar[tuple[str, ...]] = ()
+
     @classmethod
     def default_hyperparams(cls) -> dict[str, Any]:
-        """The constructor's keyword defaults (``lr``, ``betas``, ...): a group's settings when none are given."""
+        """A group's settings when none are given: the constructor's keyword defaults (``lr``, ``betas``, ...)
+        and torch.optim's flags."""
         return {
-            name: p.default
-            for name, p in inspect.signature(cls.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty
+            **TORCH_FLAG_DEFAULTS,
+            **{
+                name: p.default
+                for name, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty and name not in cls._constructor_only
+            },
         }
 
     def _init_moments(self, state: dict[str, Any], like: torch.Tensor, group: dict[str, Any]) -> None:
@@ -650,8 +737,6 @@ class _Projected:
     saved: list = field(default_factory=list)
 
 
-
-
 @contextlib.contextmanager
 def _int8_stream_kept(param: torch.Tensor, found_inf: torch.Tensor | None) -> Iterator[None]:
     """An INT8 weight is re-quantized with stochastic rounding even by a zero step: on a skipped
@@ -661,6 +746,28 @@ def _int8_stream_kept(param: torch.Tensor, found_inf: torch.Tensor | None) -> It
     yield
     if owner is not None:
         owner.sr_step.sub_(_host_flag(found_inf).to(owner.sr_step.dtype))
+
+
+@contextlib.contextmanager
+def _negated(grads: list[torch.Tensor], negate: bool) -> Iterator[None]:
+    """``maximize=True``: the gradients negated in place for the block, then put back (negation is exact)."""
+    if not negate or not grads:
+        yield
+        return
+    torch._foreach_neg_(grads)
+    try:
+        yield
+    finally:
+        torch._foreach_neg_(grads)
+
+
+def _real_views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+
+
+def _real_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with its complex tensors as real views (updates write through; ``step`` is the same tensor)."""
+    return {k: torch.view_as_real(v) if isinstance(v, torch.Tensor) and v.is_complex() else v for k, v in state.items()}
 
 
 def _unstep(states: list[dict], found_inf: torch.Tensor) -> None:

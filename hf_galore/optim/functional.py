@@ -24,17 +24,20 @@ def adam_moments_(
     beta1: float,
     beta2: float,
     eps: float,
+    bias_correction: bool = True,
 ) -> tuple[list[torch.Tensor], list[float]]:
     """Advance Adam's moments in place; return the denominators and ``1 − β₁ᵗ``.
 
     ``denom = sqrt(v)/sqrt(1 − β₂ᵗ) + eps``: eps is added *after* bias
     correction, as in torch.optim.AdamW (galore-torch adds it before).
+    ``bias_correction=False`` (galore-torch's ``correct_bias=False``) takes
+    both corrections as 1: ``denom = sqrt(v) + eps``, step ``lr·m/denom``.
     """
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-    bias_correction1 = [1.0 - beta1**s for s in steps]
-    bias_correction2_sqrt = [math.sqrt(1.0 - beta2**s) for s in steps]
+    bias_correction1 = [1.0 - beta1**s if bias_correction else 1.0 for s in steps]
+    bias_correction2_sqrt = [math.sqrt(1.0 - beta2**s) if bias_correction else 1.0 for s in steps]
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
@@ -130,8 +133,17 @@ def adam_steps_fused(
     """
     buffers = [torch.zeros_like(g, memory_format=torch.contiguous_format) for g in grads]
     _fused_adamw_(
-        buffers, grads, exp_avgs, exp_avg_sqs, step_tensors,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=0.0, found_inf=found_inf,
+        buffers,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        step_tensors,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=0.0,
+        found_inf=found_inf,
     )
     torch._foreach_neg_(buffers)
     return buffers
@@ -147,10 +159,11 @@ def adam_steps(
     beta1: float,
     beta2: float,
     eps: float,
+    bias_correction: bool = True,
 ) -> list[torch.Tensor]:
     """Adam steps ``lr · m̂ / (sqrt(v̂) + eps)`` (to be subtracted), moments advanced in place."""
     denom, bias_correction1 = adam_moments_(
-        grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps
+        grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps, bias_correction=bias_correction
     )
     updates = torch._foreach_div(exp_avgs, denom)
     torch._foreach_mul_(updates, [lr / bc for bc in bias_correction1])
@@ -169,12 +182,13 @@ def adamw_full_rank_(
     beta2: float,
     eps: float,
     weight_decay: float,
+    bias_correction: bool = True,
 ) -> None:
     """torch.optim.AdamW (amsgrad off, multi-tensor path) on full-rank tensors, in place."""
     if weight_decay:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     denom, bias_correction1 = adam_moments_(
-        grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps
+        grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps, bias_correction=bias_correction
     )
     torch._foreach_addcdiv_(params, exp_avgs, denom, [-(lr / bc) for bc in bias_correction1])
 
@@ -198,8 +212,17 @@ def adamw_full_rank_fused_(
     Where ``found_inf`` is 1 nothing is written (the caller takes the step increment back).
     """
     _fused_adamw_(
-        params, grads, exp_avgs, exp_avg_sqs, step_tensors,
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, found_inf=found_inf,
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        step_tensors,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        found_inf=found_inf,
     )
 
 

@@ -167,6 +167,10 @@ class LayerwiseOptimizer(Optimizer):
     :meth:`current_grad_norm` (before it).
     """
 
+    # GradScaler then hands step() its `grad_scale` / `found_inf` instead of asserting "No inf checks were
+    # recorded" (the hooks freed every gradient), and step() refuses it by name
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params: GaLoreOptimizer | Iterable[Any],
@@ -267,6 +271,24 @@ class LayerwiseOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         return f"LayerwiseOptimizer({self.optimizer!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What rebuilds an equal layer-wise optimizer: the inner optimizer and the settings (not the hooks)."""
+        return {
+            "optimizer": self.optimizer,
+            "per_param_max_norm": self.per_param_max_norm,
+            "accumulation_steps": self.accumulation_steps,
+            "sync": self.sync,
+            "register_hooks": self.hooks_registered,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy or an unpickled optimizer hooks its own parameters (those of the copied inner optimizer)."""
+        state = dict(state)
+        optimizer = state.pop("optimizer")
+        sync = state.pop("sync")
+        self.__init__(optimizer, sync=None, **state)  # type: ignore[misc]
+        self.sync = sync
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)
@@ -440,6 +462,7 @@ class LayerwiseOptimizer(Optimizer):
         still holding a gradient (no hook, or the end of a shorter
         accumulation window) is updated now and its gradient freed.
         """
+        _refuse_grad_scaler(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -465,6 +488,19 @@ class LayerwiseOptimizer(Optimizer):
         self._seen.clear()
         self._updated.clear()
         self._norm_sq = None
+
+
+def _refuse_grad_scaler(optimizer: LayerwiseOptimizer) -> None:
+    """``GradScaler.step(layerwise_optimizer)``: refused by name; the scaled gradients were applied in backward."""
+    if getattr(optimizer, "grad_scale", None) is None and getattr(optimizer, "found_inf", None) is None:
+        return
+    optimizer.grad_scale = optimizer.found_inf = None
+    raise UnsupportedSetupError(
+        "torch.amp.GradScaler cannot drive layer-wise mode: each weight is updated inside backward, before the "
+        "scaler can unscale and check its gradient (the weights were updated with scaled gradients). Train in "
+        "bf16 (no scaler needed: autocast(dtype=torch.bfloat16), or the Trainer's `bf16=True`), or use the "
+        "regular optimizer (`layerwise=False`) with the scaler"
+    )
 
 
 def as_layerwise(optimizer: Optimizer) -> LayerwiseOptimizer | None:

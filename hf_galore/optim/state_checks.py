@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import StateMismatchError
+from ..errors import GaLoreConfigError, StateMismatchError
 from ..numerics import all_finite
 from ..projectors.geometry import effective_rank, matrix_shape, sides_for
 from ..projectors.storage import get_codec
@@ -65,9 +65,45 @@ def find_mismatch(optimizer: GaLoreOptimizer, param: torch.Tensor, state: dict, 
                 expected = (size, rank) if side in sides else None
                 if found != expected:
                     return (key, expected, tuple(found))
-        like = (rank if "left" in sides else m, rank if "right" in sides else n)
-    else:
-        like = tuple(param.shape)
+    return _moments_mismatch(optimizer, moment_like(param, group), state, group)
+
+
+def moment_like(param: torch.Tensor, group: dict) -> tuple[int, ...]:
+    """Shape of the gradient the base update sees: ``R`` in a low-rank group, the weight's own otherwise."""
+    if "rank" not in group or param.dim() < 2:
+        return tuple(param.shape)
+    m, n = matrix_shape(param.shape)
+    sides = sides_for(group["proj_type"], (m, n))
+    rank = effective_rank(group["rank"], (m, n))
+    return (rank if "left" in sides else m, rank if "right" in sides else n)
+
+
+def conform_dtypes(
+    optimizer: GaLoreOptimizer, param: torch.Tensor, state: dict, group: dict, dtype: torch.dtype
+) -> list[tuple[str, torch.dtype]]:
+    """Cast the float state entries that follow the gradient's dtype to ``dtype``; ``(key, old dtype)`` of each.
+
+    The member's ``state_layout`` says which entries follow the gradient
+    (declared without a dtype) and which keep theirs (8-bit codes, float32
+    statistics). Shapes are assumed to fit (checked first).
+    """
+    cast = []
+    layout = optimizer.state_layout(moment_like(param, group), group, state, dtype=dtype)
+    for key, entry in layout.items():
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor) or value.dtype == entry.dtype:
+            continue
+        if _is_float(value.dtype) and _is_float(entry.dtype):
+            cast.append((key, value.dtype))
+            state[key] = value.to(entry.dtype)
+    return cast
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def _moments_mismatch(optimizer: GaLoreOptimizer, like: tuple[int, ...], state: dict, group: dict) -> Mismatch | None:
     expected_moments = optimizer._moment_shapes(like, group, state)
     missing = None
     for key, expected in expected_moments.items():
@@ -155,6 +191,7 @@ def check_loadable(optimizer: GaLoreOptimizer, state_dict: dict) -> None:
     ):
         return
     for index, (live, saved) in enumerate(zip(live_groups, saved_groups)):
+        _check_galore_settings(optimizer, index, live, saved)
         missing = [key for key in optimizer._group_identity if key not in saved]
         if missing:
             raise StateMismatchError(
@@ -186,6 +223,16 @@ def check_loadable(optimizer: GaLoreOptimizer, state_dict: dict) -> None:
                 _refuse(index, live, position, param, ("param", ">= 2 dimensions", tuple(param.shape)), group)
             if not state:
                 continue
+            if engine_for(param) is None:
+                shards = sorted(k for k, v in state.items() if _is_dtensor(v))
+                if shards:
+                    raise StateMismatchError(
+                        f"param group {index}, {_param_label(live, position, param)}: state keys "
+                        f"{', '.join(f'`{k}`' for k in shards)} are FSDP2 shards (DTensor), saved by a sharded "
+                        f"run, but {name} here is not sharded. Load it under fully_shard with the same mesh, or "
+                        "save a full state dict from that run (torch.distributed.checkpoint.state_dict."
+                        "get_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True)))"
+                    )
             foreign = _foreign_keys(optimizer, state)
             if foreign:
                 raise StateMismatchError(
@@ -205,6 +252,54 @@ def check_loadable(optimizer: GaLoreOptimizer, state_dict: dict) -> None:
                 _refuse(index, live, position, param, mismatch, group, optimizer._mismatch_hint(*mismatch))
 
 
+#: Group keys that decide the state's shapes: a checkpoint saved with other values cannot continue unnoticed
+LAYOUT_KEYS = ("rank", "proj_type", "quant")
+
+
+def _check_galore_settings(optimizer: GaLoreOptimizer, index: int, live: dict, saved: dict) -> None:
+    """Refuse a checkpoint whose layout keys differ from the group's; warn for other GaLore keys that differ.
+
+    ``torch.optim.Optimizer.load_state_dict`` restores the saved groups'
+    values, so resuming a Trainer run with another ``optim_args`` rank kept
+    the old rank and said nothing. The GaLore keys both groups hold are
+    compared: ``rank``, ``proj_type`` and ``quant`` must match (the state's
+    shapes depend on them); any other GaLore key that differs takes the
+    checkpoint's value, as torch.optim does for ``lr``, with one warning.
+    """
+    if "rank" not in live or "rank" not in saved:
+        return
+    galore_keys = ("rank", *lowrank_defaults())
+    differ = [k for k in galore_keys if k in live and k in saved and not _same(live[k], saved[k])]
+    layout = [k for k in differ if k in LAYOUT_KEYS]
+    if layout:
+        shown = ", ".join(f"`{k}`={saved[k]!r} in the checkpoint, {live[k]!r} here" for k in layout)
+        raise GaLoreConfigError(
+            f"param group {index} was saved with other settings than this optimizer has ({shown}); the saved "
+            "state cannot continue under them. Resume with the checkpoint's settings, or to change them "
+            f"mid-run, load into an optimizer built with those and then set e.g. "
+            f"`optimizer.param_groups[{index}][{layout[0]!r}] = {live[layout[0]]!r}`: each weight's state is "
+            "re-made at the next step (docs/optimizers.md, 'Changing rank or proj_type during training')"
+        )
+    if differ:
+        shown = ", ".join(f"`{k}`={saved[k]!r} (built with {live[k]!r})" for k in differ)
+        optimizer.galore_stats.warn_once(
+            "loaded_settings",
+            f"GaLore: param group {index} takes the checkpoint's {shown}, as torch.optim restores a saved "
+            "group's hyper-parameters; set them on `optimizer.param_groups` after loading to change them",
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except (RuntimeError, ValueError, TypeError):  # tensors of several values
+        return a is b
+
+
+def _is_dtensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and type(value) is not torch.Tensor and hasattr(value, "to_local")
+
+
 _OTHER_SETTINGS = ". The checkpoint was saved with other group settings, another model or another parameter order"
 
 
@@ -216,6 +311,28 @@ def _refuse(
         f"the state_dict does not fit param group {index}, {_param_label(live, position, param)}: "
         f"{describe(mismatch, group)}{cause or _OTHER_SETTINGS}. " + _START_FRESH + "."
     )
+
+
+def reset_nonfinite_moments(optimizer: GaLoreOptimizer) -> int:
+    """Clear the base update's state of every weight whose loaded moments hold NaN/Inf; returns how many.
+
+    Such moments would turn the weight NaN at its first step, and every step
+    after that would be skipped for a "NaN gradient". The weight starts again
+    as a new one (its moments and ``step``; its basis is checked separately).
+    One host sync per loaded floating-point moment, once per ``load_state_dict``.
+    """
+    keys = tuple(type(optimizer).state_keys)
+    reset = 0
+    for state in optimizer.state.values():
+        moments = [state[k] for k in keys if isinstance(state.get(k), torch.Tensor) and _is_float(state[k].dtype)]
+        if all(all_finite(torch.view_as_real(m) if m.is_complex() else m) for m in moments):
+            continue
+        for key in keys:
+            state.pop(key, None)
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"].zero_()
+        reset += 1
+    return reset
 
 
 def drop_nonfinite_bases(optimizer: GaLoreOptimizer) -> int:

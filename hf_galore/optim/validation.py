@@ -132,8 +132,67 @@ TORCH_GROUP_KEYS: tuple[str, ...] = (
     "decoupled_weight_decay",
 )
 
-#: torch flags that change the update; accepted only with the value hf_galore honours.
-_UNSUPPORTED_FLAGS: dict[str, bool] = {"maximize": False, "amsgrad": False}
+#: torch.optim's flags, with torch.optim.AdamW's defaults: every member's constructor takes them and
+#: every group has them (as in torch), each either honoured or refused by name (:func:`check_torch_flags`).
+TORCH_FLAG_DEFAULTS: dict[str, object] = {
+    "maximize": False,
+    "foreach": None,
+    "fused": None,
+    "capturable": False,
+    "differentiable": False,
+    "amsgrad": False,
+    "decoupled_weight_decay": True,
+}
+
+#: ``flag -> (values honoured, why another value cannot be)``: what every member accepts; a member
+#: widens an entry where it honours more (``GaLoreAdamW`` runs torch's fused and multi-tensor kernels).
+BASE_TORCH_FLAGS: dict[str, tuple[tuple[object, ...], str]] = {
+    # minimising -f: the gradient (full-rank) or its projection R (low-rank; the subspace of -G is G's) is negated
+    "maximize": ((False, True), ""),
+    "amsgrad": ((False,), "AMSGrad's running maximum of the second moment is not implemented"),
+    "capturable": ((False,), "CUDA-graph capture is not supported (the step counters live on the CPU)"),
+    "differentiable": ((False,), "the update runs under torch.no_grad(); it cannot be differentiated through"),
+    "decoupled_weight_decay": ((True,), "weight decay is always decoupled, W <- W*(1 - lr*wd), as in AdamW"),
+    "foreach": ((None, False), "this optimizer updates one tensor at a time"),
+    "fused": ((None, False), "this optimizer has no fused kernel"),
+}
+
+
+def torch_flags_from(kwargs: Mapping[str, object], owner: str) -> dict[str, object]:
+    """The torch.optim flags among a constructor's ``**torch_flags``, with torch's defaults for the rest.
+
+    Any other keyword is a ``TypeError`` naming it, as Python gives for an
+    unknown keyword argument (with the flags accepted listed).
+    """
+    unknown = sorted(set(kwargs) - set(TORCH_FLAG_DEFAULTS))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(TORCH_FLAG_DEFAULTS), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise TypeError(
+            f"{owner}.__init__() got an unexpected keyword argument {unknown[0]!r}.{hint} Besides its own "
+            f"hyper-parameters it takes torch.optim's flags: {', '.join(TORCH_FLAG_DEFAULTS)}"
+        )
+    return {**TORCH_FLAG_DEFAULTS, **kwargs}
+
+
+def check_torch_flags(group: Mapping, accepted: Mapping[str, tuple[tuple[object, ...], str]], owner: str) -> None:
+    """Refuse a torch.optim flag value ``owner`` cannot honour, naming the flag, the value and the reason.
+
+    Checked for every group, low-rank and full-rank alike: a flag is never
+    accepted and then ignored (``maximize=True`` in a full-rank group once
+    descended where torch.optim.AdamW ascends).
+    """
+    for key, (values, reason) in accepted.items():
+        if key not in group:
+            continue
+        value = group[key]
+        if not any(value is v or (type(value) is type(v) and value == v) for v in values):
+            shown = ", ".join(repr(v) for v in values)
+            raise GaLoreConfigError(
+                f"`{key}`={value!r} is not supported by {owner}: {reason}. Leave it out or set it to {shown}"
+            )
+    if group.get("fused") and group.get("foreach"):
+        raise GaLoreConfigError("`fused`=True and `foreach`=True cannot be set together (as in torch.optim)")
 
 
 def check_group_keys(keys: Iterable[str], optimizer_keys: Iterable[str]) -> None:
@@ -169,8 +228,7 @@ def check_full_rank_group_keys(keys: Iterable[str], optimizer_keys: Iterable[str
             continue
         if difflib.get_close_matches(str(key), ["rank"], n=1, cutoff=0.75):
             raise GaLoreConfigError(
-                f"unknown key {key!r} in a param group. Did you mean 'rank'? A group without `rank` "
-                "trains at full rank"
+                f"unknown key {key!r} in a param group. Did you mean 'rank'? A group without `rank` trains at full rank"
             )
     stray = sorted(str(k) for k in keys if k in lowrank_only)
     if stray:
@@ -181,16 +239,6 @@ def check_full_rank_group_keys(keys: Iterable[str], optimizer_keys: Iterable[str
         )
 
 
-def check_torch_flags(group: dict) -> None:
-    """Refuse torch.optim flags a low-rank group cannot honour (``maximize=True``, ``amsgrad=True``)."""
-    for key, supported in _UNSUPPORTED_FLAGS.items():
-        if key in group and bool(group[key]) != supported:
-            raise GaLoreConfigError(
-                f"`{key}`={group[key]!r} is not supported in a low-rank param group; "
-                f"leave it out or set it to {supported!r}"
-            )
-
-
 def check_lowrank_keys(group: dict) -> None:
     """Validate the GaLore keys of a param group that has ``rank`` (every declared option, defaults filled)."""
     check_positive_int("rank", group["rank"])
@@ -199,10 +247,12 @@ def check_lowrank_keys(group: dict) -> None:
 
 
 __all__ = [
+    "BASE_TORCH_FLAGS",
     "CORE_OPTIONS",
     "GROUP_DEFAULTS",
     "LOWRANK_DEFAULTS",
     "ROUNDING_DEFAULTS",
+    "TORCH_FLAG_DEFAULTS",
     "TORCH_GROUP_KEYS",
     "check_beta",
     "check_choice",
@@ -217,4 +267,5 @@ __all__ = [
     "check_torch_flags",
     "lowrank_defaults",
     "lowrank_options",
+    "torch_flags_from",
 ]

@@ -93,12 +93,22 @@ def test_matches_naive_loop_with_weight_decay_and_eps(shape, proj_type):
     start = weight.detach().clone()
     grads = [torch.randn(*shape) * 1e-3 for _ in range(12)]  # small: eps matters
     hp = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-4, "weight_decay": 0.5}
-    opt = GaLoreAdamW([{"params": [weight], "rank": 3, "update_proj_gap": 4, "scale": 0.5, "proj_type": proj_type}], **hp)
+    opt = GaLoreAdamW(
+        [{"params": [weight], "rank": 3, "update_proj_gap": 4, "scale": 0.5, "proj_type": proj_type}], **hp
+    )
     for g in grads:
         weight.grad = g.clone()
         opt.step()
     expected = _naive_galore_adamw(
-        start, grads, rank=3, gap=4, scale=0.5, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], wd=hp["weight_decay"],
+        start,
+        grads,
+        rank=3,
+        gap=4,
+        scale=0.5,
+        lr=hp["lr"],
+        betas=hp["betas"],
+        eps=hp["eps"],
+        wd=hp["weight_decay"],
         proj_type=proj_type,
     )
     torch.testing.assert_close(weight.detach().double(), expected, atol=1e-6, rtol=1e-5)
@@ -341,7 +351,9 @@ def test_save_weights_only_load_continue_is_bit_exact():
     assert all(isinstance(s["step"], torch.Tensor) for s in opt.state.values())
 
 
-@pytest.mark.parametrize("cls,hp", [(GaLoreAdamW, {"lr": 1e-2}), (GaLoreAdafactor, {"lr": 1e-2, "relative_step": False})])
+@pytest.mark.parametrize(
+    "cls,hp", [(GaLoreAdamW, {"lr": 1e-2}), (GaLoreAdafactor, {"lr": 1e-2, "relative_step": False})]
+)
 def test_deep_copied_optimizer_continues_like_the_original(cls, hp):
     """``copy.deepcopy`` (and pickling) kept only torch's three keys: the copy failed at its first step."""
     model = tiny_mlp()
@@ -352,7 +364,9 @@ def test_deep_copied_optimizer_continues_like_the_original(cls, hp):
     train(model_copy, opt_copy, 5)
     for p, q in zip(model.parameters(), model_copy.parameters()):
         assert torch.equal(p, q)
-    assert opt_copy.galore_stats.refreshes == 3  # fresh counters: the copy refreshed once (step 6) for each of 3 weights
+    assert (
+        opt_copy.galore_stats.refreshes == 3
+    )  # fresh counters: the copy refreshed once (step 6) for each of 3 weights
     assert len(opt_copy._optimizer_state_dict_post_hooks) == len(opt._optimizer_state_dict_post_hooks)
 
 
@@ -411,3 +425,73 @@ def test_checkpoint_without_newer_group_keys_loads_with_their_defaults():
     w.grad, idle.grad = torch.randn(8, 4), torch.randn(8, 4)
     fresh.step()
     assert int(fresh.state[w]["step"]) == 2 and int(fresh.state[idle]["step"]) == 1
+
+
+# ------------------------------------------------ callers written for peers (issue 26)
+def test_galore_torch_keywords_are_accepted_with_their_meaning():
+    """galore-torch's GaLoreAdamW takes `correct_bias` / `no_deprecation_warning` (a TypeError here before)."""
+    galore_torch = pytest.importorskip("galore_torch")
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 3))
+    ref = torch.nn.Parameter(w.detach().clone())
+    ours = GaLoreAdamW([w], lr=1e-2, eps=1e-6, correct_bias=False, no_deprecation_warning=True)
+    theirs = galore_torch.GaLoreAdamW([ref], lr=1e-2, eps=1e-6, correct_bias=False, no_deprecation_warning=True)
+    for step in range(8):
+        grad = torch.randn(5, 3, generator=torch.Generator().manual_seed(step))
+        w.grad, ref.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+    # without bias correction eps sits where both put it: the same update up to float rounding
+    torch.testing.assert_close(w, ref, rtol=1e-6, atol=1e-7)
+    GaLoreAdamW([w], correct_bias=True, no_deprecation_warning=False)  # the defaults: torch's AdamW maths
+
+
+def test_tensor_betas_are_accepted_as_torch_accepts_them():
+    """Issue 26: `betas=(tensor(0.9), tensor(0.999))` was refused ("must be in [0, 1), got tensor(0.9000)")."""
+    models = [tiny_mlp(seed=2), tiny_mlp(seed=2)]
+    opts = [
+        GaLoreAdamW(split_groups(models[0], rank=4), lr=1e-2, betas=(torch.tensor(0.9), torch.tensor(0.99))),
+        # the tensors' own values (0.9 in float32 is 0.89999998)
+        GaLoreAdamW(
+            split_groups(models[1], rank=4), lr=1e-2, betas=(float(torch.tensor(0.9)), float(torch.tensor(0.99)))
+        ),
+    ]
+    for model, opt in zip(models, opts):
+        train(model, opt, 4)
+    assert max_param_diff(*models) == 0.0
+    with pytest.raises(GaLoreConfigError, match=r"`betas\[0\]` must be in \[0, 1\), got tensor\(\[0.9000, 0.9000\]\)"):
+        GaLoreAdamW(split_groups(tiny_mlp(), rank=4), betas=(torch.tensor([0.9, 0.9]), 0.99))
+
+
+@pytest.mark.parametrize("flags", [{"fused": False}, {"foreach": True}, {"foreach": False}, {"fused": True}])
+def test_implementation_flags_pick_the_kernel_and_keep_the_maths(flags, monkeypatch):
+    """`fused` / `foreach` are honoured: they choose torch's fused, multi-tensor or one-tensor kernel."""
+    import hf_galore.optim.adamw as adamw_module
+
+    calls = {"fused": 0, "foreach": 0}
+    fused, steps = adamw_module.adam_steps_fused, adamw_module.adam_steps
+    monkeypatch.setattr(
+        adamw_module,
+        "adam_steps_fused",
+        lambda *a, **k: calls.__setitem__("fused", calls["fused"] + 1) or fused(*a, **k),
+    )
+    monkeypatch.setattr(
+        adamw_module, "adam_steps", lambda *a, **k: calls.__setitem__("foreach", calls["foreach"] + 1) or steps(*a, **k)
+    )
+    models = [tiny_mlp(seed=4), tiny_mlp(seed=4)]
+    train(models[0], GaLoreAdamW(split_groups(models[0], rank=4), lr=1e-2, **flags), 3)
+    counted = dict(calls)
+    train(models[1], GaLoreAdamW(split_groups(models[1], rank=4), lr=1e-2), 3)
+    assert max_param_diff(*models) < 1e-6
+    if flags.get("fused"):
+        assert counted == {"fused": 3, "foreach": 0}
+    elif flags.get("foreach") is False:  # one call per low-rank weight (3 weights)
+        assert counted == {"fused": 9, "foreach": 0}
+    else:
+        assert counted == {"fused": 0, "foreach": 3}
+
+
+def test_lr_none_is_refused_at_construction():
+    """Issue 26: `lr=None` built and failed at step 1."""
+    with pytest.raises(GaLoreConfigError, match="`lr` must be a number >= 0 for GaLoreAdamW, got None"):
+        GaLoreAdamW(split_groups(tiny_mlp(), rank=4), lr=None)

@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from hf_galore import GaLoreAdamW, GaLoreAdamW8bit
+from hf_galore import GaLoreAdamW, GaLoreAdamW8bit, GaLoreConfigError
 from hf_galore.errors import StateMismatchError
 from hf_galore.optim import adamw8bit
 from tests.helpers import max_param_diff, regression_batch, split_groups, tiny_mlp, train
@@ -306,3 +306,54 @@ def test_a_skipped_step_snapshots_one_kernel_slice_at_a_time(monkeypatch, dtype)
         assert torch.equal(value, before[1][key]), key
     assert copied and max(copied) <= 1024  # 5 slices of at most 1024 values, no whole-tensor copy
     assert not whole  # the base class's whole-tensor snapshot is not used
+
+
+# ------------------------------------------ bitsandbytes' and galore-torch's keywords (issue 26)
+def test_the_keywords_llama_factory_and_ms_swift_pass_are_accepted():
+    """`GaLoreAdamW8bit(..., optim_bits=8, is_paged=False)` (what `Trainer.get_optimizer_cls_and_kwargs` gives
+    for adamw_bnb_8bit) was a TypeError, so their 8-bit GaLore paths crashed."""
+    models = [tiny_mlp(seed=5, dims=(96, 80, 8)), tiny_mlp(seed=5, dims=(96, 80, 8))]
+    plain = GaLoreAdamW8bit(split_groups(models[0], rank=4), lr=1e-3)
+    like_bnb = GaLoreAdamW8bit(
+        split_groups(models[1], rank=4),
+        lr=1e-3,
+        optim_bits=8,
+        is_paged=False,
+        percentile_clipping=100,
+        block_wise=True,
+        args=None,
+        amsgrad=False,
+        min_8bit_size=4096,
+    )
+    GaLoreAdamW8bit(split_groups(tiny_mlp(), rank=4), optim_bits=32)  # bitsandbytes' compatibility default
+    train(models[0], plain, 3)
+    train(models[1], like_bnb, 3)
+    assert max_param_diff(*models) == 0.0
+
+
+@pytest.mark.parametrize(
+    "keyword, value, reason",
+    [
+        ("is_paged", True, "paged optimizer state"),
+        ("percentile_clipping", 5, "percentile gradient clipping is not implemented"),
+        ("block_wise", False, "always block-wise"),
+        ("args", object(), "config object is not read"),
+        ("correct_bias", False, "always corrects the bias"),
+    ],
+)
+def test_bitsandbytes_keywords_without_an_implementation_are_refused_by_name(keyword, value, reason):
+    with pytest.raises(GaLoreConfigError, match=rf"`{keyword}`=.* is not supported by GaLoreAdamW8bit: .*{reason}"):
+        GaLoreAdamW8bit(split_groups(tiny_mlp(), rank=4), **{keyword: value})
+    with pytest.raises(GaLoreConfigError, match=r"`optim_bits` must be one of 32, 8, got 16"):
+        GaLoreAdamW8bit(split_groups(tiny_mlp(), rank=4), optim_bits=16)
+
+
+def test_min_8bit_size_is_honoured():
+    w = torch.nn.Parameter(torch.randn(80, 96))
+    default = GaLoreAdamW8bit([w], lr=1e-3)
+    larger = GaLoreAdamW8bit([{"params": [w]}], lr=1e-3, min_8bit_size=1 << 20)
+    for opt in (default, larger):
+        w.grad = torch.randn(80, 96)
+        opt.step()
+    assert "state1" in default.state[w] and "exp_avg" not in default.state[w]
+    assert "exp_avg" in larger.state[w] and larger.param_groups[0]["min_8bit_size"] == 1 << 20

@@ -12,6 +12,7 @@ import copy
 import gc
 import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -428,3 +429,38 @@ def test_refuses_ddp_before_the_reduction(monkeypatch):
         _loss(model, x, y).backward()
     _, _, _, layerwise = _pair(register_hooks=False)  # an engine calling update_param itself is allowed
     assert not layerwise.hooks_registered
+
+
+# ------------------------------------------------------------ issue 26
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))], ids=["deepcopy", "pickle"])
+def test_copies_and_pickles_of_a_layerwise_optimizer_round_trip(clone):
+    """Issue 26: `copy.deepcopy` / `pickle` of a LayerwiseOptimizer raised AttributeError."""
+    model = tiny_mlp(seed=6)
+    opt = LayerwiseOptimizer(GaLoreAdamW(split_groups(model, rank=4), lr=1e-2), per_param_max_norm=1.0)
+    x, y = regression_batch(d_in=32, d_out=8)
+    (model(x) - y).square().mean().backward()
+    opt.step()
+    copied = clone(opt)
+    assert copied.per_param_max_norm == 1.0 and copied.hooks_registered
+    assert copied.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    # the copy drives its own (copied) parameters from their hooks; the original model is untouched by it
+    params = [p for g in copied.param_groups for p in g["params"]]
+    assert not any(p is q for p in params for q in model.parameters())
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+        copied._hook(p)
+    copied.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+    assert all(p.grad is None for p in params)
+
+
+def test_grad_scaler_on_a_layerwise_optimizer_is_refused_by_name():
+    """Issue 26: `GradScaler.step(layerwise_optimizer)` asserted "No inf checks were recorded"."""
+    model = tiny_mlp(seed=7)
+    opt = LayerwiseOptimizer(GaLoreAdamW(split_groups(model, rank=4), lr=1e-2))
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = regression_batch(d_in=32, d_out=8)
+    scaler.scale((model(x) - y).square().mean()).backward()
+    with pytest.raises(UnsupportedSetupError, match="GradScaler cannot drive layer-wise mode.*Train in bf16"):
+        scaler.step(opt)

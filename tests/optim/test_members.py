@@ -8,6 +8,7 @@ import torch
 from hf_galore.declare import StateKey
 from hf_galore.errors import GaLoreConfigError
 from hf_galore.optim.members import BASE_OPTIMIZERS, follows_gradient, register_base_optimizer, rotation_rules
+from hf_galore.optim.validation import TORCH_FLAG_DEFAULTS
 from hf_galore.projectors.geometry import effective_rank, projected_shape, sides_for
 from tests.helpers import split_groups, tiny_mlp
 
@@ -74,6 +75,17 @@ def test_a_member_rotating_a_shared_key_differently_is_refused():
 
 def test_default_hyperparams_are_the_constructor_defaults():
     assert BASE_OPTIMIZERS["adamw"].default_hyperparams() == {
-        "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "stochastic_rounding": True,
+        "lr": 1e-3,
+        "betas": (0.9, 0.999),
+        "eps": 1e-8,
+        "weight_decay": 0.0,
+        "stochastic_rounding": True,
+        "correct_bias": True,
+        **TORCH_FLAG_DEFAULTS,
     }
+    # bitsandbytes' switches are checked at construction and never become group keys
+    assert BASE_OPTIMIZERS["adamw8bit"].default_hyperparams()["min_8bit_size"] == 4096
+    assert not {"optim_bits", "is_paged", "no_deprecation_warning"} & set(
+        BASE_OPTIMIZERS["adamw8bit"].default_hyperparams()
+    )
     assert BASE_OPTIMIZERS["adafactor"].default_hyperparams()["beta1"] is None

@@ -300,3 +300,37 @@ def test_a_skipped_step_with_stochastically_rounded_bf16_weights(member, target)
     assert all(g["stochastic_rounding"] for g in opt_a.param_groups)
     _assert_same(model_a, opt_a, model_b, opt_b)
     assert opt_a.galore_stats.skipped_steps == 1
+
+
+# ------------------------------------------------------- per dtype (issue 26)
+@pytest.mark.parametrize(
+    "dtype, fill, spike, flagged",
+    [
+        # a square beyond float32's range: Adam's second moment would be infinite, the weight stuck forever
+        (torch.bfloat16, 0.5, 2e19, True),
+        (torch.float32, 0.5, 2e19, True),
+        (torch.bfloat16, 0.5, 1e18, False),
+        # fp16 values never overflow a float32 sum: a 64x64 gradient of 20.0 (fp16 sum 81920 > 65504) is fine
+        (torch.float16, 20.0, 20.0, False),
+        (torch.float16, 60000.0, 60000.0, False),
+        (torch.float16, 0.5, float("inf"), True),
+        (torch.float16, 0.5, float("nan"), True),
+        (torch.bfloat16, 0.5, float("nan"), True),
+    ],
+)
+def test_the_flag_follows_each_dtypes_range(dtype, fill, spike, flagged):
+    """Issue 26: bf16 gradients >= ~1.8e19 were not flagged (exp_avg_sq became inf) and fp16 gradients whose
+    sum passed 65504 were flagged, so every step was skipped."""
+    grad = torch.full((64, 64), fill, dtype=dtype)
+    grad[3, 5] = spike
+    for tensor in (grad, grad.t()):  # contiguous and transposed layouts
+        assert float(nonfinite_flag([tensor])) == float(flagged)
+
+
+def test_an_fp16_model_with_large_gradients_still_steps():
+    w = nn.Parameter(torch.zeros(64, 64, dtype=torch.float16))
+    opt = GaLoreAdamW([{"params": [w], "rank": 8}], lr=1e-2)
+    for _ in range(3):
+        w.grad = torch.full((64, 64), 20.0, dtype=torch.float16)
+        opt.step()
+    assert opt.galore_stats.skipped_steps == 0 and float(w.detach().float().abs().max()) > 0

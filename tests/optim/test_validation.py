@@ -67,8 +67,21 @@ def test_add_param_group_refuses_before_adding_the_group():
 def test_each_optimizer_accepts_its_own_hyper_parameters_in_a_lowrank_group():
     w = torch.nn.Parameter(torch.randn(8, 8))
     GaLoreAdamW([{"params": [w], "rank": 2, "lr": 1e-2, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.1}])
-    opt = GaLoreAdafactor([{"params": [w], "rank": 2, "beta1": 0.9, "clip_threshold": 2.0, "relative_step": False,
-                            "lr": 1e-3, "scale_parameter": False, "decay_rate": -0.7, "warmup_init": False}])
+    opt = GaLoreAdafactor(
+        [
+            {
+                "params": [w],
+                "rank": 2,
+                "beta1": 0.9,
+                "clip_threshold": 2.0,
+                "relative_step": False,
+                "lr": 1e-3,
+                "scale_parameter": False,
+                "decay_rate": -0.7,
+                "warmup_init": False,
+            }
+        ]
+    )
     assert opt.param_groups[0]["clip_threshold"] == 2.0
     # Adafactor's key is not AdamW's and vice versa
     with pytest.raises(GaLoreConfigError, match="'clip_threshold'"):
@@ -92,12 +105,78 @@ def test_groups_copied_from_torch_adamw_and_a_scheduler_are_accepted():
     assert named.param_groups[0]["param_names"] == ["weight"]
 
 
-@pytest.mark.parametrize("flag", ["maximize", "amsgrad"])
-def test_torch_flags_the_lowrank_path_cannot_honour_are_refused(flag):
+#: (optimizer, flag, value, words of the reason): values no member can honour, refused in every group
+#: (issue 26: a full-rank group took `maximize=True` / `amsgrad=True` and ignored them)
+REFUSED_FLAGS = [
+    ("adamw", "amsgrad", True, "AMSGrad's running maximum"),
+    ("adamw", "capturable", True, "CUDA-graph capture"),
+    ("adamw", "differentiable", True, "cannot be differentiated"),
+    ("adamw", "decoupled_weight_decay", False, "always decoupled"),
+    ("adafactor", "fused", True, "has no fused kernel"),
+    ("adafactor", "foreach", True, "one tensor at a time"),
+    ("adafactor", "amsgrad", True, "AMSGrad"),
+    ("adamw8bit", "fused", False, "bitsandbytes' 8-bit kernel is a fused kernel"),
+    ("adamw8bit", "foreach", True, "one tensor at a time"),
+]
+
+
+def _member(name):
+    if name == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+    from hf_galore.optim.members import BASE_OPTIMIZERS
+
+    return BASE_OPTIMIZERS[name]
+
+
+def _hyper(name):
+    return {"lr": 1e-2, "relative_step": False} if name == "adafactor" else {"lr": 1e-2}
+
+
+@pytest.mark.parametrize("name, flag, value, reason", REFUSED_FLAGS)
+@pytest.mark.parametrize("where", ["constructor", "lowrank group", "full-rank group"])
+def test_torch_flags_a_member_cannot_honour_are_refused_everywhere(name, flag, value, reason, where):
+    cls = _member(name)
     w = torch.nn.Parameter(torch.randn(8, 8))
-    with pytest.raises(GaLoreConfigError, match=f"`{flag}`=True is not supported"):
-        GaLoreAdamW([{"params": [w], "rank": 2, flag: True}])
-    GaLoreAdamW([{"params": [w], "rank": 2, flag: False}])  # the value torch would use: fine
+    if where == "constructor":
+        build = lambda: cls([{"params": [w], "rank": 2}], **_hyper(name), **{flag: value})
+    elif where == "lowrank group":
+        build = lambda: cls([{"params": [w], "rank": 2, flag: value}], **_hyper(name))
+    else:
+        build = lambda: cls([{"params": [w], flag: value}], **_hyper(name))
+    with pytest.raises(GaLoreConfigError, match=rf"`{flag}`={value!r} is not supported by {cls.__name__}: .*{reason}"):
+        build()
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "adafactor"])
+def test_constructors_take_torchs_flags_with_the_values_they_honour(name):
+    cls = _member(name)
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    opt = cls(
+        [{"params": [w], "rank": 2}],
+        **_hyper(name),
+        maximize=False,
+        foreach=None,
+        fused=None,
+        capturable=False,
+        differentiable=False,
+        amsgrad=False,
+        decoupled_weight_decay=True,
+    )
+    assert opt.param_groups[0]["maximize"] is False and opt.param_groups[0]["fused"] is None
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'fuse'\. Did you mean 'fused'\?"):
+        cls([w], **_hyper(name), fuse=True)
+
+
+def test_fused_and_foreach_together_are_refused_as_torch_does():
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(GaLoreConfigError, match="`fused`=True and `foreach`=True cannot be set together"):
+        GaLoreAdamW([w], fused=True, foreach=True)
+
+
+def test_fused_on_parameters_the_kernel_cannot_run_on_is_refused():
+    w = torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64))
+    with pytest.raises(GaLoreConfigError, match="`fused`=True needs floating-point parameters"):
+        GaLoreAdamW([w], fused=True)
 
 
 def test_schedulers_and_state_dict_round_trip_still_work():
@@ -125,7 +204,10 @@ def test_full_rank_groups_keep_their_own_keys():
     [
         ({"rnak": 8}, "unknown key 'rnak' in a param group. Did you mean 'rank'?"),
         ({"ranks": 8}, "unknown key 'ranks' in a param group. Did you mean 'rank'?"),
-        ({"update_proj_gap": 50, "scale": 0.5}, "without `rank` sets the low-rank key\\(s\\) 'scale', 'update_proj_gap'"),
+        (
+            {"update_proj_gap": 50, "scale": 0.5},
+            "without `rank` sets the low-rank key\\(s\\) 'scale', 'update_proj_gap'",
+        ),
         ({"projector": "randomized"}, "without `rank` sets the low-rank key\\(s\\) 'projector'"),
     ],
 )
