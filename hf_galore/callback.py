@@ -22,7 +22,8 @@ start, Trainer settings it cannot honour, and sets every training log's
 ``grad_norm`` to the global pre-clip norm the gradient hooks recorded (the
 Trainer's own norm comes after the hooks freed every gradient); both through
 public callback events only. At train end a layer-wise optimizer's gradient
-hooks are removed, so the model outlives them. ``import hf_galore`` adds the callback to every Trainer; it is
+hooks are removed, so the model outlives them; ``on_init_end`` wraps that Trainer's ``train`` so that an
+exception ends them too (``hf_galore.trainer_guard``). ``import hf_galore`` adds the callback to every Trainer; it is
 inert unless an hf_galore optimizer is in use, and several instances on one
 Trainer act as one.
 """
@@ -46,34 +47,27 @@ from .optim.layerwise import LayerwiseOptimizer
 from .projectors.geometry import effective_rank
 from .trainer_args import (
     EXPLICIT_PATH,
+    check_optional_dependencies,
     config_from_training_args,
     hook_error,
     is_galore_optim,
     optim_name,
 )
+from .trainer_guard import (
+    calling_trainer,
+    end_layerwise_hooks,
+    guard_train,
+    is_hf_galore_optimizer,
+    rearm_layerwise_hooks,
+    unwrap_optimizer,
+)
 from .trainer_layerwise import check_trainer_args, logged_grad_norm, loss_scaler
 
 _OWNER_ATTR = "_hf_galore_callback"
 _PEERS_ATTR = "_hf_galore_callbacks"
-#: set on a LayerwiseOptimizer whose hooks ``on_train_end`` removed: the next ``train()`` re-arms them
-_REARM_ATTR = "_hf_galore_rearm_hooks"
 _LOGGED_ATTR = "_hf_galore_logged"  # the last `logs` dict a GaLoreCallback wrote into
 MB = 2**20
 _SUMMARY_KEYS = ("update_proj_gap", "projector", "proj_type", "quant", "refresh")
-
-
-def unwrap_optimizer(optimizer: Any) -> Any:
-    """The optimizer inside accelerate's ``AcceleratedOptimizer`` (and similar ``.optimizer`` wrappers)."""
-    for _ in range(8):
-        if is_hf_galore_optimizer(optimizer) or not hasattr(optimizer, "optimizer"):
-            break
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
-def is_hf_galore_optimizer(optimizer: Any) -> bool:
-    """An optimizer of this package (a GaLore member or the layer-wise wrapper), by its counters and origin."""
-    return hasattr(optimizer, "galore_stats") and type(optimizer).__module__.startswith("hf_galore.")
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -254,6 +248,10 @@ class GaLoreCallback(TrainerCallback):
     # -------------------------------------------------------------- checks
     def on_init_end(self, args, state, control, model=None, **kwargs):
         """Bad GaLore settings fail at ``Trainer(...)``, before any data is touched."""
+        if is_galore_optim(optim_name(args)) or is_hf_galore_optimizer(unwrap_optimizer(kwargs.get("optimizer"))):
+            trainer = calling_trainer(self)
+            if trainer is not None:  # hooks end and damaged checkpoint files are named however train() ends
+                guard_train(trainer)
         peers = getattr(state, _PEERS_ATTR, None)
         if peers is None:
             peers = []
@@ -270,6 +268,7 @@ class GaLoreCallback(TrainerCallback):
         check_supported_engine(args)
         config = config_from_training_args(args)
         check_optim_args_split(getattr(args, "optim_args", None))
+        check_optional_dependencies(optim_name(args), config)
         if model is not None:
             plan_param_groups(model, config)
 
@@ -294,9 +293,7 @@ class GaLoreCallback(TrainerCallback):
         ours = is_hf_galore_optimizer(inner)
         if model is not None:
             _release_stale_hooks(model, inner)
-        if isinstance(inner, LayerwiseOptimizer) and getattr(inner, _REARM_ATTR, False):
-            inner.register_hooks()  # removed when this Trainer's previous train() ended
-            setattr(inner, _REARM_ATTR, False)
+        rearm_layerwise_hooks(inner)  # removed when this Trainer's previous train() ended
         if is_galore_optim(name) and not ours:
             reason = hook_error()
             raise UnsupportedSetupError(
@@ -328,16 +325,14 @@ class GaLoreCallback(TrainerCallback):
             print(self.summary, flush=True)
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
-        """A layer-wise optimizer's gradient hooks end with the training that uses them.
+        """A layer-wise optimizer's gradient hooks end with the training that uses them (on an exception:
+        ``trainer_guard.guard_train``).
 
         The model often outlives its Trainer (a notebook comparing optimizers
         on one model): hooks left on its weights would keep updating it in the
         next run's backward passes.
         """
-        inner = self._optimizer if self._optimizer is not None else unwrap_optimizer(optimizer)
-        if isinstance(inner, LayerwiseOptimizer) and inner.hooks_registered:
-            inner.remove_hooks()
-            setattr(inner, _REARM_ATTR, True)
+        end_layerwise_hooks(self._optimizer if self._optimizer is not None else optimizer)
 
     # ---------------------------------------------------------------- logs
     def stats(self) -> dict[str, float]:
@@ -374,7 +369,14 @@ class GaLoreCallback(TrainerCallback):
         setattr(state, _LOGGED_ATTR, logs)
         if owner._optimizer is None:
             return
-        if any(k.startswith(("eval_", "test_")) for k in logs) or "train_runtime" in logs:
+        if any(k.startswith(("eval_", "test_")) for k in logs):
+            return
+        if "train_runtime" in logs:  # the closing summary: the values at the end, so a short run logs them too
+            if owner.log_stats:
+                extra = owner.stats()
+                logs.update(extra)
+                if state.log_history and "train_runtime" in state.log_history[-1]:
+                    state.log_history[-1].update(extra)
             return
         extra = owner.stats() if owner.log_stats else {}
         grad_norm = logged_grad_norm(owner._optimizer) if "loss" in logs else None

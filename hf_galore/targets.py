@@ -311,6 +311,7 @@ def select_target_modules(
                 stacklevel=2,
             )
         chosen = [n for n in chosen if n not in excluded]
+    _refuse_adapter_factors(target_modules, chosen, modules)
     if not chosen:
         raise TargetModulesError(
             f"`target_modules`={target_modules!r} with `exclude_modules`={exclude_modules!r} leaves no module "
@@ -342,6 +343,41 @@ def select_target_modules(
             "(requires_grad=False); nothing would be trained with GaLore"
         )
     return selection
+
+
+def _adapter_factors(chosen: list[str], modules: dict[str, nn.Module]) -> list[str]:
+    """The chosen modules that are a PEFT adapter's weights (LoRA's ``lora_A`` / ``lora_B``, ...)."""
+    if "peft" not in sys.modules:  # a PEFT model cannot exist without peft imported
+        return []
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    found = []
+    for name in chosen:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            layer = modules.get(".".join(parts[:i]))
+            if isinstance(layer, BaseTunerLayer) and parts[i] in getattr(layer, "adapter_layer_names", ()):
+                found.append(name)
+                break
+    return found
+
+
+def _refuse_adapter_factors(target_modules: Any, chosen: list[str], modules: dict[str, nn.Module]) -> None:
+    """GaLore on a LoRA model would project the adapter's factors, already low-rank: say so instead."""
+    factors = _adapter_factors(chosen, modules)
+    if not factors:
+        return
+    example = factors[0]
+    shape = tuple(modules[example].weight.shape)
+    raise GaLoreConfigError(
+        f"`target_modules`={target_modules!r} selects {len(factors)} weights of PEFT adapters, e.g. {example} "
+        f"{shape}: LoRA factors, already low-rank, which GaLore would project again while the frozen base weights "
+        "stay as they are. GaLore trains the full weights instead of an adapter: build the Trainer on the base "
+        "model (without `get_peft_model`) for full-parameter training at LoRA-like memory, or train this PEFT "
+        "model with a plain optimizer (optim='adamw_torch')"
+    )
 
 
 # ---------------------------------------------------------------- decay rule

@@ -43,7 +43,7 @@ from torch.optim import Optimizer
 
 from .compat_transformers import hook_optimizer_dispatch
 from .config import GaLoreConfig
-from .errors import GaLoreConfigError, UnsupportedSetupError, format_choices
+from .errors import GaLoreConfigError, format_choices
 from .optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from .targets import GaLorePlan, plan_param_groups
 from .trainer_args import (
@@ -58,6 +58,7 @@ from .trainer_args import (
     config_from_training_args,
     hook_error,
     is_galore_optim,
+    lookup_trainer_optimizer,
     optim_name,
     register_trainer_optimizer,
 )
@@ -95,26 +96,15 @@ def _build_adafactor(groups, hp, config):
 
 
 register_trainer_optimizer("galore_adamw", _build_adamw)
-register_trainer_optimizer("galore_adamw_8bit", _build_adamw_8bit)
+register_trainer_optimizer("galore_adamw_8bit", _build_adamw_8bit, requires=("bitsandbytes.functional",))
 register_trainer_optimizer("galore_adafactor", _build_adafactor)
-
-
-def _lookup(name: str, config: GaLoreConfig) -> TrainerOptimizer:
-    if config.layerwise and not name.endswith("_layerwise"):
-        name += "_layerwise"
-    entry = TRAINER_OPTIMIZERS.get(name)
-    if entry is None:
-        raise UnsupportedSetupError(
-            f"`optim`={name!r} is not provided by hf_galore; available: {format_choices(TRAINER_OPTIMIZERS)}"
-        )
-    return entry
 
 
 def build_optimizer_cls_and_kwargs(
     model: nn.Module, name: str, config: GaLoreConfig, hp: HyperParams
 ) -> tuple[type[Optimizer], dict[str, Any], GaLorePlan]:
     """The optimizer class, its kwargs including ``params`` (param groups), and the plan behind them."""
-    entry = _lookup(name, config)
+    entry = lookup_trainer_optimizer(name, config)
     plan = plan_param_groups(model, config, weight_decay=hp.weight_decay)
     cls, kwargs = entry.build(plan.groups, hp, config)
     return cls, {"params": plan.groups, **kwargs}, plan

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch.optim import Optimizer
 
+from ._optional import require
 from .config import GaLoreConfig
-from .errors import GaLoreConfigError, UnsupportedSetupError
+from .errors import GaLoreConfigError, UnsupportedSetupError, format_choices
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -76,23 +77,52 @@ OptimizerBuilder = Callable[[list[dict], HyperParams, GaLoreConfig], tuple[type[
 
 @dataclass(frozen=True)
 class TrainerOptimizer:
+    """One ``optim=`` name: its builder, whether it runs layer-wise, and the optional modules it needs."""
+
     name: str
     build: OptimizerBuilder
     layerwise: bool = False
+    #: modules imported when the name is chosen (``Trainer(...)``), so a missing one fails before any data is read
+    requires: tuple[str, ...] = ()
 
 
 TRAINER_OPTIMIZERS: dict[str, TrainerOptimizer] = {}
 
 
-def register_trainer_optimizer(name: str, build: OptimizerBuilder, *, layerwise: bool = False) -> TrainerOptimizer:
-    """Make ``optim=name`` build an hf_galore optimizer; names are unique."""
+def register_trainer_optimizer(
+    name: str, build: OptimizerBuilder, *, layerwise: bool = False, requires: tuple[str, ...] = ()
+) -> TrainerOptimizer:
+    """Make ``optim=name`` build an hf_galore optimizer; names are unique.
+
+    ``requires`` names optional modules the optimizer imports (``"bitsandbytes.functional"``):
+    ``Trainer(...)`` checks them, with the pip line, instead of ``train()`` failing later.
+    """
     if name in TRAINER_OPTIMIZERS:
         raise GaLoreConfigError(f"Trainer optimizer {name!r} is already registered")
-    entry = TrainerOptimizer(name, build, layerwise)
+    entry = TrainerOptimizer(name, build, layerwise, tuple(requires))
     TRAINER_OPTIMIZERS[name] = entry
     if HOOK_STATE.installed and HOOK_STATE.on_register is not None:
         HOOK_STATE.on_register()  # hf_galore.trainer: put the new name into transformers' tables too
     return entry
+
+
+def lookup_trainer_optimizer(name: str, config: GaLoreConfig) -> TrainerOptimizer:
+    """The registered entry ``optim=name`` builds (``<name>_layerwise`` when ``config.layerwise``)."""
+    if config.layerwise and not name.endswith("_layerwise"):
+        name += "_layerwise"
+    entry = TRAINER_OPTIMIZERS.get(name)
+    if entry is None:
+        raise UnsupportedSetupError(
+            f"`optim`={name!r} is not provided by hf_galore; available: {format_choices(TRAINER_OPTIMIZERS)}"
+        )
+    return entry
+
+
+def check_optional_dependencies(name: str, config: GaLoreConfig) -> None:
+    """Import the optional modules ``optim=name`` needs; a missing one is an error with its pip line."""
+    entry = lookup_trainer_optimizer(name, config)
+    for module in entry.requires:
+        require(module, f"`optim`={entry.name!r}")
 
 
 # ----------------------------------------------------------------- building
@@ -167,10 +197,12 @@ __all__ = [
     "HyperParams",
     "OptimizerBuilder",
     "TrainerOptimizer",
+    "check_optional_dependencies",
     "check_supported_engine",
     "config_from_training_args",
     "hook_error",
     "is_galore_optim",
+    "lookup_trainer_optimizer",
     "optim_name",
     "register_trainer_optimizer",
 ]

@@ -128,7 +128,13 @@ def register_layerwise_trainer_optimizers() -> None:
     ):
         name = f"{regular_name}_layerwise"
         if name not in TRAINER_OPTIMIZERS:
-            register_trainer_optimizer(name, _layerwise_builder(cls, regular_name), layerwise=True)
+            regular = TRAINER_OPTIMIZERS.get(regular_name)
+            register_trainer_optimizer(
+                name,
+                _layerwise_builder(cls, regular_name),
+                layerwise=True,
+                requires=regular.requires if regular is not None else (),
+            )
 
 
 __all__ = [

@@ -230,3 +230,14 @@ def test_without_the_automatic_instance_the_users_callback_writes_in_its_place(t
     trainer.train()
     assert [log.get("galore/refreshes") for log in after.logs if "loss" in log] == [14, 28]
     assert [h["galore/refreshes"] for h in _galore_logs(trainer)] == [14, 28]
+
+
+def test_a_short_run_with_default_logging_steps_logs_galore_stats(tmp_path):
+    """max_steps below `logging_steps` (500 by default): the closing summary carries the `galore/*` values."""
+    trainer = make_trainer(tmp_path, max_steps=2, logging_steps=500)
+    output = trainer.train()
+    summary = trainer.state.log_history[-1]
+    assert "train_runtime" in summary and not any("loss" in h for h in trainer.state.log_history)
+    assert summary["galore/refreshes"] == 14 and summary["galore/skipped_steps"] == 0
+    assert output.metrics["galore/refreshes"] == 14  # what train() returns, as the reporters see it
+    assert "grad_norm" not in summary

@@ -385,3 +385,29 @@ def test_t5_self_attention_container_leaves_relative_attention_bias_alone():
     selection = select_target_modules(model, ["SelfAttention"])
     assert [n.rsplit(".", 1)[-1] for n in selection.modules] == ["q", "k", "v", "o"] * 2  # encoder, decoder
     assert "relative_attention_bias" in selection.notes[0] and "Embedding" in selection.notes[0]
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear", [r".*\.self_attn\..*"]])
+def test_lora_factors_of_a_peft_model_are_refused(targets):
+    """On a PEFT LoRA model the names match the adapter's lora_A / lora_B, which GaLore would project again."""
+    peft = pytest.importorskip("peft")
+    from tests import helpers
+
+    model = peft.get_peft_model(
+        helpers.tiny_llama(0, vocab=64, seq=16), peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"])
+    )
+    with pytest.raises(GaLoreConfigError, match=r"selects \d+ weights of PEFT adapters, e.g. \S+lora_[AB]\.default"):
+        select_target_modules(model, targets)
+    with pytest.raises(GaLoreConfigError, match="without `get_peft_model`"):
+        galore_param_groups(model, GaLoreConfig(rank=4, target_modules=targets))
+
+
+def test_a_peft_model_s_modules_to_save_may_be_projected():
+    """`modules_to_save` copies are full trainable weights, not adapter factors: they stay selectable."""
+    peft = pytest.importorskip("peft")
+    from tests import helpers
+
+    config = peft.LoraConfig(r=8, target_modules=["q_proj"], modules_to_save=["gate_proj"])
+    model = peft.get_peft_model(helpers.tiny_llama(0, vocab=64, seq=16), config)
+    selection = select_target_modules(model, ["gate_proj"])
+    assert selection.modules and all("modules_to_save" in name for name in selection.modules)

@@ -412,3 +412,12 @@ def test_resume_with_another_galore_optimizer_names_the_mismatch(tmp_path, saved
     trainer = make_trainer(tmp_path / "b", optim=resumed, max_steps=4, **common)
     with pytest.raises(StateMismatchError, match="saved by a different optimizer"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"))
+
+
+@pytest.mark.parametrize("name", ["galore_adamw_8bit", "galore_adamw_8bit_layerwise"])
+def test_8bit_without_bitsandbytes_fails_at_trainer_construction(tmp_path, monkeypatch, name):
+    """The README's promise: a missing optional dependency stops `Trainer(...)`, not `train()` after loading data."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(UnsupportedSetupError, match=rf"`optim`='{name}' needs `bitsandbytes.functional`.*pip install"):
+        make_trainer(tmp_path, optim=name)

@@ -312,3 +312,74 @@ def test_a_model_reused_after_a_layerwise_run_trains_like_a_fresh_copy(tmp_path)
     assert first.optimizer.optimizer.hooks_registered is False
     inner = first.optimizer.optimizer.optimizer
     assert {float(s["step"]) for s in inner.state.values()} == {5.0}  # 2 + 3 steps, one tick each
+
+
+class _StopAt(TrainerCallback):
+    """Raises ``error`` at the end of step ``step``: a callback bug, or Ctrl-C in a notebook."""
+
+    def __init__(self, step: int, error: BaseException) -> None:
+        self.step, self.error = step, error
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise self.error
+
+
+@pytest.mark.parametrize("error", [RuntimeError("callback bug"), KeyboardInterrupt()], ids=["exception", "ctrl-c"])
+def test_hooks_end_when_train_raises(tmp_path, error):
+    """A run stopped by an exception leaves no live hook: a plain AdamW loop on the model gets every gradient."""
+    model = tiny_llama()
+    trainer = make_trainer(tmp_path, model=model)
+    trainer.add_callback(_StopAt(2, error))
+    with pytest.raises(type(error)):
+        trainer.train()
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = TokenData()[0]
+    ids = batch["input_ids"].unsqueeze(0)
+    for _ in range(2):  # two steps: the second raised "received a second final gradient" with hooks left live
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None for g in grads), f"{sum(g is None for g in grads)} of {len(grads)} gradients missing"
+        plain.step()
+        plain.zero_grad()
+    # the same Trainer trains again: its hooks are re-armed for the run and removed after it
+    trainer.pop_callback(_StopAt)
+    trainer.train()
+    assert trainer.optimizer.optimizer.hooks_registered is False
+
+
+def test_train_class_is_untouched_by_the_guard(tmp_path):
+    """The guard wraps one instance's ``train``; the class (and other Trainers) keep transformers' method."""
+    trainer = make_trainer(tmp_path)
+    assert "train" in vars(trainer) and vars(Trainer)["train"] is Trainer.__dict__["train"]
+    plain = Trainer(
+        model=tiny_llama(),
+        args=TrainingArguments(output_dir=str(tmp_path / "plain"), report_to=[], use_cpu=True),
+        train_dataset=TokenData(),
+    )
+    assert "train" not in vars(plain)  # no GaLore optimizer: nothing wrapped
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate optimizer.pt", r"optimizer\.pt is truncated or damaged"),
+        ("empty trainer_state.json", r"trainer_state\.json is empty"),
+        ("truncate model.safetensors", r"model\.safetensors is truncated: \d+ bytes, its header describes \d+"),
+    ],
+)
+def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path, damage, message):
+    from hf_galore.checkpoint_files import CheckpointFileError
+
+    make_trainer(tmp_path, name="run", max_steps=2, save_strategy="steps", save_steps=2).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    action, name = damage.split(" ")
+    path = checkpoint / name
+    data = path.read_bytes()
+    path.write_bytes(b"" if action == "empty" else data[: len(data) // 2])
+    resumed = make_trainer(tmp_path, name="run", max_steps=4)
+    with pytest.raises(CheckpointFileError, match=message) as info:
+        resumed.train(resume_from_checkpoint=True)  # the last checkpoint of output_dir
+    assert str(checkpoint) in str(info.value) and info.value.__cause__ is not None
+    assert not any(p._post_accumulate_grad_hooks for p in resumed.model.parameters())

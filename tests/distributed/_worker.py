@@ -225,6 +225,7 @@ def fsdp2(
         for v in opt.state[p].values()
     )
     return {
+        "per_rank_file_into_one_process": per_rank_file_into_one_process(opt, lowrank) if checkpoint else None,
         "max_diff_vs_one_process": max_diff(model, ref),
         "moments_rel_diff": moments_rel_diff(model, opt, ref, ref_opt),
         "checkpoint": checkpoint_round_trip(model, opt, ref, ref_opt)
@@ -366,6 +367,25 @@ def trainer_ddp(projector: str = "svd", callback: bool = True) -> dict:
         "refreshes": inner.galore_stats.refreshes,
         "callbacks": callbacks,
     }
+
+
+def per_rank_file_into_one_process(opt, lowrank: dict) -> str:
+    """A rank's own ``opt.state_dict()`` file (DTensor shards) loaded into an unsharded optimizer: refused.
+
+    Before the refusal the local shards passed the shape check and the first step failed.
+    """
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    _, one_process = reference(lowrank, steps=1)
+    try:
+        one_process.load_state_dict(loaded)
+    except hf_galore.StateMismatchError as exc:
+        return f"refused: {exc}"
+    return "loaded"
 
 
 def checkpoint_round_trip(model, opt, ref, ref_opt) -> dict:

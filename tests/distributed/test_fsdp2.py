@@ -95,3 +95,11 @@ def test_fsdp2_quantized_bases_checkpoint_as_one_process(scenario):
         assert checkpoint["codes_equal"]  # the gathered codes are one process's, bit for bit
         assert checkpoint["rel_diff_vs_one_process"] < 1e-5
         assert checkpoint["restored_full"] and checkpoint["restored_dcp"]
+
+
+def test_fsdp2_a_per_rank_optimizer_file_is_refused_in_one_process(scenario):
+    """A rank's ``optimizer.state_dict()`` (its DTensor shards) is no checkpoint for an unsharded run."""
+    for rank in scenario("fsdp2_std"):
+        message = rank["per_rank_file_into_one_process"]
+        assert message.startswith("refused: "), message
+        assert "DTensor" in message or "shard" in message, message
