@@ -130,3 +130,28 @@ def test_extraction_reads_markers_and_chains_continued_blocks(tmp_path):
     with pytest.raises(ValueError, match="'continues' needs a previous Python block"):
         plan_runs(extract(page))
 
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, re.DOTALL | re.MULTILINE)
+    assert match, f"README.md has no '## {title}' section"
+    return match[1]
+
+
+def test_readme_install_uses_the_repository_until_the_package_is_published():
+    """`pip install hf_galore` finds nothing on the index: the README must not tell a newcomer to run it."""
+    import configparser
+
+    section = _readme_section("Install")
+    commands = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+                for line in block.splitlines() if line.strip().startswith("pip install")]  # fmt: skip
+    assert commands, section
+    index_installs = [c for c in commands if re.search(r"pip install\s+['\"]?hf_galore(\[|['\"]?(\s|$))", c)]
+    assert not index_installs, f"install(s) from an index that does not have the package: {index_installs}"
+    assert "pip install -e ." in commands
+    extras_declared = configparser.ConfigParser()
+    extras_declared.read(ROOT / "setup.cfg")
+    declared = set(extras_declared["options.extras_require"])
+    for extras in re.findall(r"\.\[([\w,]+)\]", " ".join(commands)):
+        assert set(extras.split(",")) <= declared, (extras, declared)
+    assert 'pip install "hf_galore @ git+<repository URL>"' in section  # the form without a clone, explained
