@@ -14,9 +14,13 @@ import sys
 from collections.abc import Sequence
 
 from .errors import HfGaloreError
-from .memory import DTYPES, METHODS, estimate_memory, preset_names
+from .memory import DTYPES, METHODS, estimate_memory, preset_names, resolve_model
+from .memory.inputs import check_patterns_in_time
 
 PROG = "hf-galore"
+
+#: Longest error line the command prints.
+MAX_ERROR_CHARS = 1000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,11 +100,18 @@ def _target_modules(text: str):
 
 
 def _run_estimate(args: argparse.Namespace) -> int:
+    target_modules = _target_modules(args.target_modules)
+    model = args.model
+    if METHODS[args.method].lowrank or METHODS[args.method].lora:
+        model, _ = resolve_model(args.model)  # built once, here; estimate_memory takes the module
+        patterns = [target_modules] if isinstance(target_modules, str) else target_modules
+        names = [name for name, _ in model.named_modules()]
+        check_patterns_in_time([p for p in patterns if p != "all-linear"], names)
     est = estimate_memory(
-        args.model,
+        model,
         args.method,
         rank=args.rank,
-        target_modules=_target_modules(args.target_modules),
+        target_modules=target_modules,
         dtype=args.dtype,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -130,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except (HfGaloreError, ValueError) as exc:
         message = " ".join(str(exc).split())
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[: MAX_ERROR_CHARS - 1] + "…"
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -7,10 +7,8 @@ lives beside target selection, above the INT8 layer itself
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +16,7 @@ from torch import nn
 from .errors import GaLoreConfigError
 from .projectors.randomized import derive_seed
 from .quant.int8 import DEFAULT_WEIGHT_GROUP_SIZE, Int8Linear
+from .safetensors_files import checkpoint_files, load_shard
 from .targets import TargetModulesError, select_target_modules
 
 
@@ -78,28 +77,6 @@ def _progress_bar(total: int, desc: str = "INT8 weights", unit: str = "layer"):
     return tqdm(total=total, desc=desc, unit=unit)
 
 
-def checkpoint_files(checkpoint: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """The safetensors files of a checkpoint: a file, a list of files, or a directory (sharded or not)."""
-    if isinstance(checkpoint, (str, os.PathLike)):
-        path = Path(checkpoint)
-        if path.is_dir():
-            index = path / "model.safetensors.index.json"
-            if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                return [path / shard for shard in shards]
-            files = sorted(path.glob("*.safetensors"))
-            if not files:
-                raise GaLoreConfigError(f"`checkpoint` directory {str(path)!r} holds no *.safetensors file")
-            return files
-        paths = [path]
-    else:
-        paths = [Path(p) for p in checkpoint]
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing or not paths:
-        raise GaLoreConfigError(f"`checkpoint`: no such safetensors file(s): {missing or checkpoint!r}")
-    return paths
-
-
 def load_checkpoint_into_int8(
     model: nn.Module,
     checkpoint: str | os.PathLike | Sequence[str | os.PathLike],
@@ -124,15 +101,23 @@ def load_checkpoint_into_int8(
     arrives, exactly as ``prepare_model_for_int8_weights`` quantizes a float
     layer. Tied weights are re-tied at the end. Raises
     :class:`~hf_galore.errors.GaLoreConfigError` naming the tensors the
-    checkpoint did not provide (still on the meta device).
+    checkpoint did not provide (still on the meta device), and naming the
+    file for a damaged shard or index, a missing shard, or an index entry
+    that resolves outside the checkpoint folder
+    (:mod:`hf_galore.safetensors_files`).
     """
     files = checkpoint_files(checkpoint)
-    from safetensors.torch import load_file
-
     bar = _progress_bar(len(files), desc="checkpoint shards", unit="shard") if progress else None
     for path in files:
-        shard = load_file(str(path), device=str(device))
-        model.load_state_dict(shard, strict=False, assign=True)
+        shard = load_shard(path, device)
+        try:
+            model.load_state_dict(shard, strict=False, assign=True)
+        except RuntimeError as exc:  # size mismatches, all listed in one multi-line message
+            problems = " ".join(str(exc).split())
+            raise GaLoreConfigError(
+                f"`checkpoint` shard {str(path)!r} does not fit the model: {problems[:400]}"
+                "; load the checkpoint of this model's config"
+            ) from None
         del shard
         if bar is not None:
             bar.update()

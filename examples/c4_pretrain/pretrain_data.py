@@ -36,6 +36,36 @@ IGNORE_INDEX = -100
 C4_TOKENIZER = "t5-base"
 
 
+class HubUnreachableError(RuntimeError):
+    """``--dataset c4`` could not reach the Hugging Face Hub: one line that names what and offers the offline path.
+
+    Without it, an offline machine gets transformers' and huggingface_hub's
+    chained tracebacks (three exceptions deep) for the tokenizer, or
+    ``datasets``' for the stream.
+    """
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What "no hub" looks like: OSError (ConnectionError, transformers' OSError) and the HTTP clients' errors."""
+    errors: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def hub_unreachable(what: str, exc: BaseException) -> HubUnreachableError:
+    """The one-line error for ``what`` (a repo on the hub) failing to load with ``exc``."""
+    reason = " ".join(str(exc).split())[:200] or "no message"
+    return HubUnreachableError(
+        f"`--dataset c4` needs the Hugging Face Hub for {what}, and the hub is unreachable "
+        f"({type(exc).__name__}: {reason}); use the offline corpus instead (`--dataset offline`, the default), "
+        "or run where huggingface.co is reachable"
+    )
+
+
 def default_cache_dir() -> Path:
     """``$HF_GALORE_CACHE`` or ``~/.cache/hf_galore/c4_pretrain``."""
     root = os.environ.get("HF_GALORE_CACHE")
@@ -218,7 +248,10 @@ def c4_batches(
     """
     import datasets
 
-    stream = datasets.load_dataset("allenai/c4", "en", split=split, streaming=True)
+    try:
+        stream = datasets.load_dataset("allenai/c4", "en", split=split, streaming=True)
+    except _network_errors() as exc:
+        raise hub_unreachable(f"the dataset 'allenai/c4' ({split})", exc) from None
     if split == "train":
         stream = stream.shuffle(seed=seed)
     if world > 1:
@@ -226,7 +259,14 @@ def c4_batches(
     if skip_examples:
         stream = stream.skip(skip_examples)
     texts: list[str] = []
-    for example in stream:
+    examples = iter(stream)
+    while True:
+        try:
+            example = next(examples)
+        except StopIteration:
+            break
+        except _network_errors() as exc:  # the stream reads shards over the network as it goes
+            raise hub_unreachable(f"the dataset 'allenai/c4' ({split})", exc) from None
         texts.append(example["text"])
         if len(texts) == batch_size:
             enc = tokenizer(texts, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt")
@@ -241,7 +281,10 @@ def c4_tokenizer():
     """The paper's tokenizer, ``t5-base`` (sentencepiece, 32k pieces + 100 sentinels)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(C4_TOKENIZER, model_max_length=int(1e30))
+    try:
+        return AutoTokenizer.from_pretrained(C4_TOKENIZER, model_max_length=int(1e30))
+    except _network_errors() as exc:
+        raise hub_unreachable(f"the T5 tokenizer {C4_TOKENIZER!r}", exc) from None
 
 
 def corpus_summary(corpus: PackedCorpus) -> dict[str, int]:
@@ -260,6 +303,7 @@ __all__ = [
     "EOS_ID",
     "IGNORE_INDEX",
     "PAD_ID",
+    "HubUnreachableError",
     "PackedCorpus",
     "build_offline_corpus",
     "c4_batches",

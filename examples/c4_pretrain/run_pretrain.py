@@ -32,7 +32,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pretrain_data import (
     IGNORE_INDEX,
+    HubUnreachableError,
     build_offline_corpus,
     c4_batches,
     c4_tokenizer,
@@ -54,6 +55,11 @@ from pretrain_data import (
 from pretrain_methods import METHODS, get_method, optimizer_state_bytes
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: Held-out tokens per evaluation when ``--eval_tokens`` is not given: on the offline corpus 16,384
+#: (a quarter of its ~64K held-out tokens at ``--max_length 128``, as benchmarks/convergence.py uses;
+#: every evaluation of all of them cost a third of the quick start's time), on C4 the paper's 10M.
+DEFAULT_EVAL_TOKENS = {"offline": 16_384, "c4": 10_000_000}
 
 
 def _is_galore(optimizer: torch.optim.Optimizer) -> bool:
@@ -130,7 +136,11 @@ class PretrainArguments:
     # --- evaluation, logging, checkpoints
     eval_every: int = field(default=50, metadata={"help": "steps between held-out evaluations (paper: 1000)"})
     eval_tokens: int | None = field(
-        default=None, metadata={"help": "held-out tokens per evaluation; default all (offline) / 10M (c4, the paper)"}
+        default=None,
+        metadata={
+            "help": "held-out tokens per evaluation; default 16384 (offline; a larger number reads more, up to "
+            "all of the held-out set) / 10M (c4, the paper)"
+        },
     )
     log_every: int = 10
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints; 0: only at the end"})
@@ -146,6 +156,14 @@ class PretrainArguments:
     max_corpus_chars: int = field(default=8_000_000, metadata={"help": "characters of stdlib source to use"})
     cache_dir: str | None = field(default=None, metadata={"help": "where the tokenizer and blocks are cached"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    # --- CPU
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch's CPU threads (torch.set_num_threads); default on a CPU-only machine: 1, unless "
+            "OMP_NUM_THREADS is set; with CUDA: torch's default"
+        },
+    )
 
 
 def resolve_defaults(args: PretrainArguments) -> PretrainArguments:
@@ -158,7 +176,28 @@ def resolve_defaults(args: PretrainArguments) -> PretrainArguments:
         args.update_proj_gap = recipe.get("gap", 200)
     if args.rank is None:
         args.rank = recipe.get("rank") or load_model_config(args.model_config).hidden_size // 4
+    if args.eval_tokens is None:
+        args.eval_tokens = DEFAULT_EVAL_TOKENS[args.dataset]
+    for name in ("eval_tokens", "num_threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"`--{name}` must be a positive integer, got {value}")
     return args
+
+
+def default_num_threads(environ: Mapping[str, str], cuda_available: bool) -> int | None:
+    """The command line's thread count when ``--num_threads`` is not given; ``None``: leave torch's.
+
+    On a CPU-only machine one thread: on cores shared with other work, torch's
+    default (a thread per core) oversubscribes them, and a quick-start step on
+    2 busy cores took 3.3 s with 2 threads against 1.6 s with one (on 2 idle
+    cores 2 threads are faster, 0.58 s against 0.78 s: ask for them with
+    ``--num_threads 2``). ``OMP_NUM_THREADS`` (torchrun sets it to 1 per
+    process) is the user's choice and is kept.
+    """
+    if cuda_available or environ.get("OMP_NUM_THREADS", "").strip():
+        return None
+    return 1
 
 
 def load_model_config(name_or_path: str, vocab_size: int | None = None) -> Any:
@@ -305,6 +344,8 @@ def train(args: PretrainArguments) -> dict[str, Any]:
     from accelerate import Accelerator
 
     args = resolve_defaults(args)
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
     # Launched by torchrun / accelerate launch on a machine without CUDA: accelerate only sets up
     # multi-process CPU training (gloo) when told `cpu=True`.
     accelerator = Accelerator(cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available())
@@ -325,11 +366,10 @@ def train(args: PretrainArguments) -> dict[str, Any]:
                 args.max_length, args.vocab_size, args.max_corpus_chars, cache_dir=args.cache_dir
             )
         vocab_size = corpus.vocab_size
-        eval_tokens = args.eval_tokens
     else:
         tokenizer = c4_tokenizer()
         vocab_size = None  # the config's 32,000, as in the paper
-        eval_tokens = args.eval_tokens if args.eval_tokens is not None else 10_000_000
+    eval_tokens = args.eval_tokens
 
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
         # The optimizer is built on the unsharded parameters before `prepare`;
@@ -375,7 +415,7 @@ def train(args: PretrainArguments) -> dict[str, Any]:
         """Held-out loss and perplexity; on the main process a progress bar while it runs, then one line."""
         nonlocal eval_seconds
         t0 = time.perf_counter()
-        per_device = None if eval_tokens is None else -(-eval_tokens // world)
+        per_device = -(-eval_tokens // world)
         bar = None
         if args.progress and accelerator.is_main_process:
             from tqdm.auto import tqdm
@@ -383,7 +423,7 @@ def train(args: PretrainArguments) -> dict[str, Any]:
             total = per_device
             if args.dataset == "offline":  # every held-out token counts: the whole share is known
                 rows = corpus.heldout.shape[0] // world
-                total = min(total or math.inf, rows * (corpus.heldout.shape[1] - 1))
+                total = min(total, rows * (corpus.heldout.shape[1] - 1))
             bar = tqdm(total=total, desc=f"eval @ {step}", unit="tok", unit_scale=True, leave=False)
         batches = _heldout_batches(args, corpus, tokenizer, rank, world)
         loss, tokens = evaluate(model, batches, per_device, accelerator, None if bar is None else bar.update)
@@ -518,8 +558,17 @@ def parse_args(argv: list[str] | None = None) -> PretrainArguments:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: the CPU thread default, then :func:`train`; an unreachable hub is one error line."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train(parse_args(argv))
+    args = parse_args(argv)
+    if args.num_threads is None:
+        args.num_threads = default_num_threads(os.environ, torch.cuda.is_available())
+    if args.num_threads is not None and args.num_threads >= 1:
+        torch.set_num_threads(args.num_threads)
+    try:
+        train(args)
+    except HubUnreachableError as exc:
+        raise SystemExit(f"run_pretrain.py: error: {exc}") from None
 
 
 if __name__ == "__main__":

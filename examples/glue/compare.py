@@ -55,6 +55,8 @@ def _child(conn, fn: Callable, args: tuple, log_path: str | None) -> None:
             # Python-level streams too: they may be replaced objects (pytest, Jupyter) not writing to fd 1/2.
             sys.stdout = sys.stderr = os.fdopen(fd, "w", buffering=1)
         conn.send(("ok", fn(*args)))
+    except run_glue.HubUnreachableError as exc:  # a one-line error, not a traceback to nest in the parent's
+        conn.send(("hub", str(exc)))
     except BaseException:  # noqa: BLE001 - report everything to the parent, SystemExit from argparse too
         conn.send(("error", traceback.format_exc()))
     finally:
@@ -79,6 +81,8 @@ def run_isolated(fn: Callable, args: tuple = (), *, isolate: bool = True, log_pa
         proc.join()
         raise RuntimeError(f"the run died without a result (exit code {proc.exitcode}); see {log_path}") from None
     proc.join()
+    if status == "hub":
+        raise run_glue.HubUnreachableError(payload)
     if status == "error":
         raise RuntimeError(f"the run failed (log: {log_path}):\n{payload}")
     return payload
@@ -317,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = run_comparison(args.task, args.methods, args.seeds, rank=args.rank, source=args.source,
                                 output_dir=args.output_dir, extra_args=extra,
                                 isolate=False if args.no_isolate else None)
-    except ValueError as exc:  # bad task/method: the message lists the valid ones
+    except (ValueError, run_glue.HubUnreachableError) as exc:  # bad task/method (valid ones listed), no hub
         raise SystemExit(f"error: {exc}") from None
     print()
     print(result["text"])

@@ -220,13 +220,48 @@ def probe_hub(timeout: float = 10.0) -> tuple[bool, str]:
     return True, "the hub answered"
 
 
+class HubUnreachableError(RuntimeError):
+    """``--source hub`` could not load from the Hugging Face Hub: one line naming what, with the offline source.
+
+    Without it an offline machine gets ``datasets``' traceback (and, under
+    ``compare.py``, that traceback inside the parent's).
+    """
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What "no hub" looks like: OSError (ConnectionError, transformers' OSError) and the HTTP clients' errors."""
+    errors: list[type[BaseException]] = [OSError]
+    for module, name in (("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def hub_unreachable(what: str, exc: BaseException) -> HubUnreachableError:
+    """The one-line error for ``what`` failing to load from the hub with ``exc``."""
+    reason = " ".join(str(exc).split())[:200] or "no message"
+    return HubUnreachableError(
+        f"`--source hub`: {what} could not be loaded from the Hugging Face Hub ({type(exc).__name__}: {reason}); "
+        "if the hub is unreachable from this machine, use `--source offline` (generated GLUE-format data and a "
+        "small locally pre-trained RoBERTa) or `--source auto` (the hub when it answers, else offline)"
+    )
+
+
 def load_hub(task: str, model_name: str):
     """The real path: GLUE from the hub and the tokenizer/config of ``model_name``."""
     import datasets
     from transformers import AutoTokenizer
 
-    raw = datasets.load_dataset("nyu-mll/glue", task)
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    try:
+        raw = datasets.load_dataset("nyu-mll/glue", task)
+    except _network_errors() as exc:
+        raise hub_unreachable(f"the dataset 'nyu-mll/glue' ({task})", exc) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+    except _network_errors() as exc:
+        raise hub_unreachable(f"the tokenizer of {model_name!r}", exc) from None
     return raw, tokenizer, model_name
 
 
@@ -543,7 +578,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     set_seed(training_args.seed)  # the head's initialisation does not depend on the data path taken
     train_embeddings = args.train_embeddings if args.train_embeddings is not None else recipe == "offline"
-    model = apply_method(load_model(model_path, task), args, train_embeddings)
+    try:
+        loaded = load_model(model_path, task)
+    except _network_errors() as exc:
+        if source != "hub":
+            raise
+        raise hub_unreachable(f"the model {model_path!r}", exc) from None
+    model = apply_method(loaded, args, train_embeddings)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
 
@@ -624,5 +665,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: :func:`main`, with an unreachable hub as one error line (exit code 2)."""
+    try:
+        main(argv)
+    except HubUnreachableError as exc:
+        print(f"run_glue.py: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -293,7 +293,7 @@ def estimate_memory(
             f"activations use the LLaMA-layout formula; for model_type {getattr(config, 'model_type', None)!r} "
             "treat them as a rough guide"
         )
-    if not isinstance(model_or_config, nn.Module) and not getattr(config, "architectures", None):
+    if getattr(model, "_hf_galore_built_from_config", False) and not getattr(config, "architectures", None):
         notes.append(f"the config names no architecture; estimated as {type(model).__name__}")
     return MemoryEstimate(
         method=method,

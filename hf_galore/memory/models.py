@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import GaLoreConfigError, UnsupportedSetupError
+from .inputs import check_config_sizes, read_config_file, reason
 
 
 # ------------------------------------------------------------------ model lookup
@@ -52,32 +53,40 @@ def _load_config(spec: str):
     from transformers import AutoConfig
 
     if os.path.isfile(spec):
-        with open(spec) as fh:
-            data = json.load(fh)
-        if "model_type" not in data:
-            raise GaLoreConfigError(f"config file {spec!r} has no `model_type`; it is not a transformers config")
-        return AutoConfig.for_model(data.pop("model_type"), **data)
+        return read_config_file(spec)
+    if os.path.isdir(spec):
+        path = os.path.join(spec, "config.json")
+        if not os.path.isfile(path):
+            raise GaLoreConfigError(
+                f"`model` directory {spec!r} has no config.json; pass a model directory, a config file, "
+                f"a shipped preset ({', '.join(preset_names())}) or a hub id"
+            )
+        return read_config_file(path)
     presets = ", ".join(preset_names())
     close = difflib.get_close_matches(spec, preset_names(), n=1, cutoff=0.8)
-    if close and not os.path.exists(spec):  # a mistyped preset: do not wait for the hub
+    if close:  # a mistyped preset: do not wait for the hub
         raise GaLoreConfigError(f"unknown preset {spec!r} (did you mean {close[0]!r}?); shipped presets: {presets}")
+    if spec.endswith(".json") or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
+        # a path, not a hub id (``org/name``): say so instead of asking the hub
+        raise GaLoreConfigError(f"`model` {spec!r}: no such file or directory (and not a shipped preset: {presets})")
     try:
         return AutoConfig.from_pretrained(spec)
-    except (OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - OSError / ValueError from transformers, huggingface_hub validation
         raise GaLoreConfigError(
             f"`model` {spec!r} is neither a shipped preset ({presets}), a config "
-            f"file or directory, nor a reachable hub id ({reason})"
+            f"file or directory, nor a reachable hub id ({reason(exc)})"
         ) from None
 
 
-def _model_from_config(config) -> nn.Module:
-    """Build the model on the meta device: shapes only, no memory, ~1 s for 7B."""
+def _model_from_config(config, source: str | None = None) -> nn.Module:
+    """Build the model on the meta device: shapes only, no memory, ~1 s for 7B; ``source`` names it in errors."""
     import transformers
 
+    source = source or f"config {type(config).__name__}"
+    check_config_sizes(config, source)
     builders = []
     for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
         if cls is not None:
             builders.append(cls._from_config)
     builders += [transformers.AutoModelForCausalLM.from_config, transformers.AutoModel.from_config]
@@ -85,10 +94,17 @@ def _model_from_config(config) -> nn.Module:
     for build in builders:
         try:
             with torch.device("meta"):
-                return build(config)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                model = build(config)
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, IndexError) as exc:
             last_error = exc
-    raise UnsupportedSetupError(f"could not build a model from config {type(config).__name__}: {last_error}")
+            continue
+        model._hf_galore_built_from_config = True  # estimate_memory's note on configs without `architectures`
+        return model
+    raise UnsupportedSetupError(
+        f"could not build a model from {source} ({type(config).__name__}, "
+        f"model_type {getattr(config, 'model_type', None)!r}): {reason(last_error or ValueError())}; "
+        "fix the config's fields (or pass the model itself to estimate_memory)"
+    )
 
 
 def resolve_model(model_or_config: Any) -> tuple[nn.Module, Any]:
@@ -96,8 +112,9 @@ def resolve_model(model_or_config: Any) -> tuple[nn.Module, Any]:
     if isinstance(model_or_config, nn.Module):
         return model_or_config, getattr(model_or_config, "config", None)
     if isinstance(model_or_config, (str, os.PathLike)):
-        config = _load_config(os.fspath(model_or_config))
-        return _model_from_config(config), config
+        spec = os.fspath(model_or_config)
+        config = _load_config(spec)
+        return _model_from_config(config, f"`model` {spec!r}"), config
     try:
         from transformers import PretrainedConfig
     except ImportError:  # pragma: no cover - transformers is a hard dependency
@@ -127,5 +144,3 @@ def select_target_modules(model: nn.Module, target_modules: str | Sequence[str] 
     if not isinstance(spec, str):
         spec = list(spec)
     return list(select(model, spec).modules)
-
-

@@ -105,3 +105,19 @@ def test_readme_quick_start_says_it_is_smoke_scale():
     assert "--source offline" in section and "--source hub" in section
     intro = section.split("```", 1)[0]  # before the command: what the numbers are, and where the real run is
     assert "--source hub" in intro and "generated" in intro
+
+
+def test_source_hub_without_the_hub_is_one_error_line_not_two_tracebacks(monkeypatch, tmp_path):
+    """The forked run's failure used to arrive as its traceback inside the parent's RuntimeError."""
+    import datasets
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)  # the forked runs inherit it
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--source", "hub", "--methods", "galore", "--seeds", "0", "--output_dir", str(tmp_path)])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: `--source hub`: the dataset 'nyu-mll/glue' (sst2) could not be loaded")
+    assert "use `--source offline`" in message
+    assert "\n" not in message and "Traceback" not in message

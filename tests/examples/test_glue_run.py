@@ -181,3 +181,26 @@ def test_probe_hub_reports_why(monkeypatch):
     assert run_glue.probe_hub() == (False, "the hub was unreachable (ConnectionError: Name or service not known)")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert run_glue.probe_hub() == (False, "HF_HUB_OFFLINE is set, so the hub is not contacted")
+
+
+# ----------------------------------------------------------------------------- no hub
+def _hub_down(monkeypatch):
+    import datasets
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+
+
+def test_source_hub_without_the_hub_is_one_error_line_naming_the_offline_source(monkeypatch, tmp_path, capsys):
+    _hub_down(monkeypatch)
+    argv = ["--task_name", "sst2", "--method", "galore", "--source", "hub", "--output_dir", str(tmp_path)]
+    with pytest.raises(run_glue.HubUnreachableError, match=r"'nyu-mll/glue' \(sst2\) could not be loaded"):
+        run_glue.main(argv)
+    assert run_glue.cli(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("run_glue.py: error: `--source hub`: the dataset 'nyu-mll/glue' (sst2)")
+    assert "ConnectionError: Couldn't reach 'nyu-mll/glue'" in lines[0] and "use `--source offline`" in lines[0]

@@ -472,3 +472,65 @@ def test_q_galore_run_shows_eval_progress_and_exports_a_plain_model(workdir, cap
     batches = run_pretrain._heldout_batches(args, corpus, None, 0, 1)
     loss, _ = run_pretrain.evaluate(loaded, batches, args.eval_tokens, single)
     assert loss == result["eval_loss"]  # the same weights: dequantized codes are what Int8Linear computes with
+
+
+# ------------------------------------------------------------------------------ CPU threads, eval budget, no hub
+def test_command_line_runs_one_cpu_thread_unless_the_user_sets_a_count(monkeypatch):
+    """torch's default (a thread per core) oversubscribes shared cores: 2x slower per step on 2 busy cores."""
+    seen = []
+    monkeypatch.setattr(run_pretrain, "train", lambda args: seen.append((args.num_threads, torch.get_num_threads())))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_pretrain.main([])
+        assert seen[-1] == (1, 1)
+        run_pretrain.main(["--num_threads", "2"])
+        assert seen[-1] == (2, 2)
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice: left to torch
+        run_pretrain.main([])
+        assert seen[-1] == (None, 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_default_thread_count_is_one_on_cpu_only():
+    assert run_pretrain.default_num_threads({}, cuda_available=False) == 1
+    assert run_pretrain.default_num_threads({"OMP_NUM_THREADS": "4"}, cuda_available=False) is None
+    assert run_pretrain.default_num_threads({}, cuda_available=True) is None
+
+
+def test_default_eval_reads_a_budget_not_the_whole_heldout_set():
+    offline = run_pretrain.resolve_defaults(run_pretrain.parse_args([]))
+    assert offline.eval_tokens == 16_384  # of ~64K held-out tokens at --max_length 128
+    c4 = run_pretrain.resolve_defaults(run_pretrain.parse_args(["--dataset", "c4"]))
+    assert c4.eval_tokens == 10_000_000  # the paper's
+    assert run_pretrain.resolve_defaults(run_pretrain.parse_args(["--eval_tokens", "512"])).eval_tokens == 512
+    for flag in ("--eval_tokens", "--num_threads"):
+        with pytest.raises(ValueError, match=f"`{flag}` must be a positive integer, got 0"):
+            run_pretrain.resolve_defaults(run_pretrain.parse_args([flag, "0"]))
+
+
+def test_c4_without_the_hub_is_one_error_line_naming_the_offline_corpus(monkeypatch, workdir, capsys):
+    monkeypatch.setattr(data, "C4_TOKENIZER", "hf-galore-tests/no-such-tokenizer")  # never cached; the suite is offline
+    argv = ["--dataset", "c4", "--model_config", str(workdir / "tiny.json"), "--output_dir", str(workdir / "c4"),
+            "--progress", "false"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        run_pretrain.main(argv)
+    message = str(exit_info.value.code)
+    assert message.startswith("run_pretrain.py: error: `--dataset c4` needs the Hugging Face Hub for the T5 tokenizer")
+    assert "'hf-galore-tests/no-such-tokenizer'" in message and "the hub is unreachable" in message
+    assert "`--dataset offline`" in message and "\n" not in message and len(message) < 700
+
+
+def test_c4_stream_without_the_hub_is_one_error_line(monkeypatch):
+    import datasets
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(data.HubUnreachableError, match=r"'allenai/c4' \(train\).*ConnectionError.*--dataset offline"):
+        next(data.c4_batches("train", None, 16, 2, seed=0, skip_examples=0, rank=0, world=1))
