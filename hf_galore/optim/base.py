@@ -347,9 +347,10 @@ class GaLoreOptimizer(Optimizer):
         """
         if "step" not in state or lowrank.is_sharded(param):
             return
-        mismatch = state_checks.find_mismatch(self, param, state, group)
+        layout = self.state_layout(state_checks.moment_like(param, group), group, state, dtype=dtype)
+        mismatch = state_checks.find_mismatch(self, param, state, group, layout)
         if mismatch is None:
-            cast = state_checks.conform_dtypes(self, param, state, group, dtype)
+            cast = state_checks.conform_dtypes(state, layout)
             if cast:
                 self.galore_stats.warn_once(
                     "state_cast",

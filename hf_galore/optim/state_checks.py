@@ -29,6 +29,7 @@ from .lowrank import basis_key
 from .validation import lowrank_defaults
 
 if TYPE_CHECKING:
+    from ..declare import StateTensor
     from .base import GaLoreOptimizer
 
 #: ``(state key, expected shape or None for "absent", found shape or None for "missing")``
@@ -42,14 +43,22 @@ def _shape_of(value: Any) -> tuple[int, ...] | None:
     return None if shape is None else tuple(shape)
 
 
-def find_mismatch(optimizer: GaLoreOptimizer, param: torch.Tensor, state: dict, group: dict) -> Mismatch | None:
+def find_mismatch(
+    optimizer: GaLoreOptimizer,
+    param: torch.Tensor,
+    state: dict,
+    group: dict,
+    layout: dict[str, StateTensor] | None = None,
+) -> Mismatch | None:
     """The first state entry of ``param`` whose shape does not fit ``group``, or ``None``.
 
     Bases must be ``(k, r)`` for the sides ``proj_type`` picks (and absent for
     the other side); moments must have the shapes the member declares for the
     low-rank gradient (or the weight, in a full-rank group). A layout that is
     only partly present (e.g. ``exp_avg`` without ``exp_avg_sq``) is a mismatch
-    too. Missing state is not: it is created at the next step.
+    too. Missing state is not: it is created at the next step. ``layout`` is
+    the member's ``state_layout`` for ``moment_like(param, group)`` when the
+    caller has it (shapes do not depend on its dtype); else it is computed.
     """
     if "rank" in group:
         shape = param.shape
@@ -65,7 +74,11 @@ def find_mismatch(optimizer: GaLoreOptimizer, param: torch.Tensor, state: dict, 
                 expected = (size, rank) if side in sides else None
                 if found != expected:
                     return (key, expected, tuple(found))
-    return _moments_mismatch(optimizer, moment_like(param, group), state, group)
+    if layout is None:
+        expected = optimizer._moment_shapes(moment_like(param, group), group, state)
+    else:
+        expected = {key: entry.shape for key, entry in layout.items()}
+    return _moments_mismatch(expected, state)
 
 
 def moment_like(param: torch.Tensor, group: dict) -> tuple[int, ...]:
@@ -78,17 +91,15 @@ def moment_like(param: torch.Tensor, group: dict) -> tuple[int, ...]:
     return (rank if "left" in sides else m, rank if "right" in sides else n)
 
 
-def conform_dtypes(
-    optimizer: GaLoreOptimizer, param: torch.Tensor, state: dict, group: dict, dtype: torch.dtype
-) -> list[tuple[str, torch.dtype]]:
-    """Cast the float state entries that follow the gradient's dtype to ``dtype``; ``(key, old dtype)`` of each.
+def conform_dtypes(state: dict, layout: dict[str, StateTensor]) -> list[tuple[str, torch.dtype]]:
+    """Cast float state entries to the dtype ``layout`` gives them; ``(key, old dtype)`` of each cast.
 
-    The member's ``state_layout`` says which entries follow the gradient
-    (declared without a dtype) and which keep theirs (8-bit codes, float32
-    statistics). Shapes are assumed to fit (checked first).
+    ``layout`` is the member's ``state_layout`` for the gradient's dtype: it
+    says which entries follow the gradient (declared without a dtype) and
+    which keep theirs (8-bit codes, float32 statistics). Shapes are assumed to
+    fit (checked first, :func:`find_mismatch`).
     """
     cast = []
-    layout = optimizer.state_layout(moment_like(param, group), group, state, dtype=dtype)
     for key, entry in layout.items():
         value = state.get(key)
         if not isinstance(value, torch.Tensor) or value.dtype == entry.dtype:
@@ -103,8 +114,7 @@ def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point or dtype.is_complex
 
 
-def _moments_mismatch(optimizer: GaLoreOptimizer, like: tuple[int, ...], state: dict, group: dict) -> Mismatch | None:
-    expected_moments = optimizer._moment_shapes(like, group, state)
+def _moments_mismatch(expected_moments: dict[str, tuple[int, ...]], state: dict) -> Mismatch | None:
     missing = None
     for key, expected in expected_moments.items():
         value = state.get(key)
