@@ -26,6 +26,17 @@ class UnsupportedSetupError(HfGaloreError, RuntimeError):
     """The training setup (engine, tensor kind, library version) cannot be honoured."""
 
 
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (huggingface_hub puts the useful part on the second), cut to ``limit``.
+
+    What the package's one-line errors quote of a library's exception.
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, KeyError):  # str(KeyError('x')) is just "'x'"
+        text = f"KeyError {text}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def format_choices(choices: Iterable[object]) -> str:
     """Render a set of valid values the same way in every message."""
     return ", ".join(repr(c) for c in sorted(choices, key=str))

@@ -20,17 +20,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import GaLoreConfigError
+from .errors import GaLoreConfigError, one_line
 
 INDEX_NAME = "model.safetensors.index.json"
 
 #: Largest index file read: a 7B model's index is ~25 KB, the largest published ones well under 10 MB.
 MAX_INDEX_BYTES = 64 * 2**20
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _allowed_roots(folder: Path) -> list[Path]:
@@ -65,7 +60,7 @@ def _read_index(index: Path) -> dict[str, str]:
         with open(index, "rb") as fh:
             raw = fh.read(MAX_INDEX_BYTES + 1)
     except OSError as exc:
-        raise GaLoreConfigError(f"`checkpoint` index {str(index)!r} cannot be read: {_one_line(exc)}") from None
+        raise GaLoreConfigError(f"`checkpoint` index {str(index)!r} cannot be read: {one_line(exc, limit=200)}") from None
     if len(raw) > MAX_INDEX_BYTES:
         raise GaLoreConfigError(
             f"`checkpoint` index {str(index)!r} is over {MAX_INDEX_BYTES:,} bytes: it is not a safetensors index"
@@ -141,7 +136,7 @@ def load_shard(path: Path, device: str | torch.device = "cpu") -> dict[str, torc
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as exc:
         raise GaLoreConfigError(
-            f"`checkpoint` shard {str(path)!r} cannot be read as safetensors ({_one_line(exc)}): it is damaged or "
+            f"`checkpoint` shard {str(path)!r} cannot be read as safetensors ({one_line(exc, limit=200)}): it is damaged or "
             "truncated; re-download or re-save it"
         ) from None
 

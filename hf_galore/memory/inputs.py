@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..errors import GaLoreConfigError
+from ..errors import GaLoreConfigError, one_line
 
 #: Largest config file read: transformers configs are a few KB; a bigger file is not one (a weights file, say).
 MAX_CONFIG_FILE_BYTES = 16 * 2**20
@@ -68,14 +68,6 @@ _BOUNDS: dict[str, tuple[int, str]] = {
 def short(value: object, limit: int = 60) -> str:
     """``repr`` cut to ``limit`` characters, so a huge bad value still gives a short message."""
     text = repr(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def reason(exc: BaseException, limit: int = 300) -> str:
-    """An exception's message on one line (huggingface_hub puts the useful part on the second), cut to ``limit``."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, KeyError):  # str(KeyError('x')) is just "'x'"
-        text = f"KeyError {text}"
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -149,7 +141,7 @@ def read_config_file(path: str) -> Any:
         with open(path, "rb") as fh:
             raw = fh.read(MAX_CONFIG_FILE_BYTES + 1)
     except OSError as exc:
-        raise GaLoreConfigError(f"{source} cannot be read: {reason(exc)}") from None
+        raise GaLoreConfigError(f"{source} cannot be read: {one_line(exc)}") from None
     if len(raw) > MAX_CONFIG_FILE_BYTES:
         raise GaLoreConfigError(
             f"{source} is over {MAX_CONFIG_FILE_BYTES:,} bytes: it is not a transformers config "
@@ -196,7 +188,7 @@ def read_config_file(path: str) -> Any:
     try:
         return AutoConfig.for_model(model_type, **data)
     except Exception as exc:  # noqa: BLE001 - transformers and huggingface_hub validate fields with many types
-        raise GaLoreConfigError(f"{source} is not a valid {model_type} config: {reason(exc)}") from None
+        raise GaLoreConfigError(f"{source} is not a valid {model_type} config: {one_line(exc)}") from None
 
 
 class _PatternTimeout(Exception):

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import GaLoreConfigError, UnsupportedSetupError
-from .inputs import check_config_sizes, read_config_file, reason
+from ..errors import GaLoreConfigError, UnsupportedSetupError, one_line
+from .inputs import check_config_sizes, read_config_file
 
 
 # ------------------------------------------------------------------ model lookup
@@ -74,7 +74,7 @@ def _load_config(spec: str):
     except Exception as exc:  # noqa: BLE001 - OSError / ValueError from transformers, huggingface_hub validation
         raise GaLoreConfigError(
             f"`model` {spec!r} is neither a shipped preset ({presets}), a config "
-            f"file or directory, nor a reachable hub id ({reason(exc)})"
+            f"file or directory, nor a reachable hub id ({one_line(exc)})"
         ) from None
 
 
@@ -102,7 +102,7 @@ def _model_from_config(config, source: str | None = None) -> nn.Module:
         return model
     raise UnsupportedSetupError(
         f"could not build a model from {source} ({type(config).__name__}, "
-        f"model_type {getattr(config, 'model_type', None)!r}): {reason(last_error or ValueError())}; "
+        f"model_type {getattr(config, 'model_type', None)!r}): {one_line(last_error or ValueError())}; "
         "fix the config's fields (or pass the model itself to estimate_memory)"
     )
 
