@@ -90,7 +90,7 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--method", default="all", help=f"one of {', '.join(METHODS)}, a comma-separated list, or all (default)"
     )
-    parser.add_argument("--preset", default="llama_7b", help="shipped preset (llama_60m … llama_7b) or tiny")
+    parser.add_argument("--preset", default="llama_7b", help="shipped preset (llama_60m … llama_13b) or tiny")
     parser.add_argument("--rank", type=int, default=None, help="projection rank (default 1024; tiny: 8)")
     parser.add_argument(
         "--layers",
@@ -101,9 +101,23 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default 256)")
     parser.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        help="micro-batches of the measured step (default 1). Above 1, a first step of one micro-batch makes "
+        "the bases, then the measured step accumulates this many in the subspace",
+    )
+    parser.add_argument(
         "--projector", default=None, help="basis finder (default: the package's default, as a user would get)"
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    parser.add_argument(
+        "--int8-build",
+        choices=("meta", "convert"),
+        default="meta",
+        help="q_galore_layerwise: build the INT8 layers from the meta device (default; no dense model ever exists) "
+        "or build the bf16 model and convert it layer by layer",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (default %(default)s)")
     parser.add_argument("--rerun", action="store_true", help="measure methods already in --out again")
     parser.add_argument("--report", action="store_true", help="print the table from --out and exit")
@@ -114,11 +128,17 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="leave glibc's malloc settings alone (measures the allocator's retention too)",
     )
+    parser.add_argument(
+        "--build-only",
+        action="store_true",
+        help="build the model (INT8 targets included) and measure it, without the step: a model whose step "
+        "this CPU cannot run in time still shows it can be built within the memory",
+    )
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rank is None:
         args.rank = 8 if args.preset == "tiny" else 1024
-    for name in ("rank", "batch", "seq", "layers"):
+    for name in ("rank", "batch", "seq", "layers", "grad_accum"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
     methods = METHODS if args.method == "all" else tuple(m.strip() for m in args.method.split(",") if m.strip())
@@ -221,6 +241,48 @@ def build_model(config, dtype, seed: int = 0, device: str = "cpu"):
     return model
 
 
+def build_int8_model(config, dtype, seed: int = 0, device: str = "cpu"):
+    """LLaMA whose targets are INT8 layers, built from the meta device: no dense copy of the model ever exists.
+
+    The documented path for loading a float checkpoint into INT8 layers
+    (``prepare_model_for_int8_weights`` on a meta model, then each dense
+    weight quantized as it is assigned, as ``load_checkpoint_into_int8``
+    does), fed one generated tensor at a time instead of checkpoint shards:
+    the values and order of :func:`build_model`. The peak is the INT8 model
+    plus one dense weight.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from hf_galore import prepare_model_for_int8_weights
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to(dtype)
+    dense = [(name, tuple(p.shape)) for name, p in model.named_parameters()]  # build_model's order and seeds
+    prepare_model_for_int8_weights(model, "all-linear", progress=True)
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=config).to(device)
+    bound = 0.02 * math.sqrt(3.0)
+    with torch.no_grad(), _progress(len(dense), "build (INT8 targets from the meta device)") as bar:
+        for index, (name, shape) in enumerate(dense):
+            if name.endswith("norm.weight"):
+                value = torch.ones(shape, dtype=dtype, device=device)
+            else:
+                generator = torch.Generator(device=device).manual_seed(seed * 100_003 + index)
+                value = torch.empty(shape, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator)
+            model.load_state_dict({name: value}, strict=False, assign=True)
+            del value
+            bar.update()
+    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise RuntimeError(f"still on the meta device after the build: {empty[:5]}")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
 def build_optimizer(method: str, model, args: argparse.Namespace, **options: Any):
     """(LayerwiseOptimizer, the GaLoreAdamW8bit inside it) through the public API; ``options``: GaLoreConfig's."""
     import hf_galore
@@ -248,6 +310,7 @@ def estimate(method: str, config, args: argparse.Namespace):
         seq_len=args.seq,
         activation_checkpointing=True,
         projector=args.projector,
+        grad_accum=getattr(args, "grad_accum", 1),
     )
 
 
@@ -317,6 +380,7 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "seq": args.seq,
         "projector": args.projector,
+        "grad_accum": args.grad_accum,
         "allocator_tuning": tuned,
         "threads": torch.get_num_threads(),
     }
@@ -324,12 +388,14 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     import transformers.models.llama.modeling_llama  # noqa: F401
 
     result["baseline_rss"] = _status_bytes("VmRSS")  # the interpreter and libraries, before any tensor
+    from_meta = method == "q_galore_layerwise" and args.int8_build == "meta"
+    result["int8_build"] = args.int8_build if method == "q_galore_layerwise" else None
     started = time.perf_counter()
     _reset_peak()
-    model = build_model(config, torch.bfloat16)
+    model = build_int8_model(config, torch.bfloat16) if from_meta else build_model(config, torch.bfloat16)
     result["build_seconds"] = time.perf_counter() - started
     result["build_peak"] = _status_bytes("VmHWM")
-    if method == "q_galore_layerwise":
+    if method == "q_galore_layerwise" and not from_meta:
         from hf_galore import prepare_model_for_int8_weights
 
         started = time.perf_counter()
@@ -344,6 +410,10 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     # parameters and the INT8 layers' codes and scales (not RoPE's tables, which no estimate counts)
     buffers = [b for m in model.modules() if isinstance(m, Int8Linear) for b in m.buffers()]
     result["weights"] = distinct_storage_bytes([*model.parameters(), *buffers])
+    if args.build_only:  # the model at full size, built as the method builds it; no step
+        result["build_only"] = True
+        result["rss_after"] = _status_bytes("VmRSS")
+        return result
 
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     exclude = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *buffers]}
@@ -355,6 +425,12 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     # overall peak is the largest of all readings).
     names = {id(p): name for name, p in model.named_parameters()}
     live, peak_grads, sizes, held_before = [0], [0], {}, {}
+    accumulators = [0]  # bytes of the gradients accumulated in the subspace (grad_accum > 1)
+    kept: set[int] = set()  # parameters whose gradient stays in .grad across micro-batches (counted once)
+
+    def accumulated() -> int:
+        return sum(e.low.numel() * e.low.element_size() for e in inner._pending.values())
+
     peak, entry, transient = [0], [0], {"bytes": 0, "weight": None}
     bar = _progress(len(params), "backward (update + refresh per weight)")
 
@@ -364,8 +440,9 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     def count(p) -> None:
         held_before[id(p)] = held(p)
         sizes[id(p)] = p.grad.numel() * p.grad.element_size()
-        live[0] += sizes[id(p)]
-        peak_grads[0] = max(peak_grads[0], live[0])
+        if id(p) not in kept:  # autograd accumulated into a gradient already counted
+            live[0] += sizes[id(p)]
+        peak_grads[0] = max(peak_grads[0], live[0] + accumulators[0])
         peak[0] = max(peak[0], _status_bytes("VmHWM"))
         _reset_peak()
         entry[0] = _status_bytes("VmRSS")
@@ -377,7 +454,13 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
         if high - entry[0] - created > transient["bytes"]:
             transient.update(bytes=high - entry[0] - created, weight=names.get(id(p)))
         _reset_peak()
-        live[0] -= sizes.pop(id(p), 0)
+        size = sizes.pop(id(p), 0)
+        if p.grad is None:  # updated, or accumulated in the subspace; a gradient still held stays counted
+            live[0] -= size
+            kept.discard(id(p))
+        else:
+            kept.add(id(p))
+        accumulators[0] = accumulated()
         bar.update()
 
     optimizer.remove_hooks()
@@ -409,13 +492,38 @@ def measure(method: str, args: argparse.Namespace) -> dict[str, Any]:
     optimizer.step()
     result["backward_seconds"] = time.perf_counter() - started
     bar.close()
+    if args.grad_accum > 1:
+        # the first step made the bases (a refresh step: every gradient full); the measured one accumulates
+        result["first_step"] = {"peak": max(peak[0], _status_bytes("VmHWM")), "gradients": peak_grads[0]}
+        result["first_backward_seconds"] = result["backward_seconds"]
+        result["loss_before"] = loss.item()
+        loss = None
+        live[0], peak_grads[0], peak[0], accumulators[0] = 0, 0, 0, 0
+        kept.clear()
+        transient.update(bytes=0, weight=None)
+        bar = _progress(len(params) * args.grad_accum, f"{args.grad_accum} micro-batches, in the subspace")
+        _reset_peak()
+        started = time.perf_counter()
+        for k in range(args.grad_accum):
+            batch = torch.randint(
+                0, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(2 + k)
+            )
+            final = k == args.grad_accum - 1
+            with contextlib.nullcontext() if final else optimizer.accumulating():
+                (model(input_ids=batch, labels=batch).loss / args.grad_accum).backward()
+            if not final:
+                result.setdefault("accumulated_bytes", accumulated())
+        optimizer.step()
+        result["backward_seconds"] = time.perf_counter() - started
+        bar.close()
     result["peak"] = max(peak[0], _status_bytes("VmHWM"))
     result["rss_after"] = _status_bytes("VmRSS")
     result["transient"] = transient["bytes"]
     result["transient_weight"] = transient["weight"]
     result["gradients"] = peak_grads[0]
     result["states"] = state_bytes(inner)[0]  # logical: Σ numel · itemsize
-    result["loss_before"] = loss.item()
+    if loss is not None:
+        result["loss_before"] = loss.item()
     with torch.no_grad():
         result["loss_after"] = float(model(input_ids=ids, labels=ids).loss)
     return result
@@ -428,7 +536,9 @@ def _load(path: Path) -> dict[str, Any]:
 
 def _key(args: argparse.Namespace, method: str) -> str:
     layers = "" if args.layers is None else f"|{args.layers}layers"
-    return f"{method}|{args.preset}{layers}|r{args.rank}|{args.batch}x{args.seq}|{args.projector or 'default'}"
+    accum = f"|accum{args.grad_accum}" if getattr(args, "grad_accum", 1) > 1 else ""
+    accum += "|build" if getattr(args, "build_only", False) else ""
+    return f"{method}|{args.preset}{layers}|r{args.rank}|{args.batch}x{args.seq}{accum}|{args.projector or 'default'}"
 
 
 def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -438,6 +548,9 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         est = estimate(
             got["method"], _config(got["preset"], got.get("layers")), argparse.Namespace(**{**vars(args), **got})
         )
+        if got.get("build_only"):
+            lines.append(_render_build(got, est))
+            continue
         acts = got.get("activations_forward", 0) + got.get("activations_recomputed_layer", 0)
         rows = [
             ("weights", est.weights, got["weights"]),
@@ -459,7 +572,9 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         lines.append(
             f"\n{got['method']}: {got['preset']}"
             + (f" cut to {got['layers']} decoder layers" if got.get("layers") else "")
-            + f", rank {got['rank']}, batch {got['batch']} x {got['seq']}, "
+            + f", rank {got['rank']}, batch {got['batch']} x {got['seq']}"
+            + (f", {got['grad_accum']} micro-batches accumulated in the subspace" if got.get("grad_accum", 1) > 1 else "")
+            + ", "
             f"projector {got['projector'] or 'default'}, allocator tuning {got['allocator_tuning']}, "
             f"{got['threads']} threads"
         )
@@ -472,7 +587,9 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             ratio = f"{m / e:.3f}" if e else "n/a"
             lines.append(f"| {name} | {e / GIB:.3f} | {m / GIB:.3f} | {ratio} |")
         timing = (
-            f"build {got['build_seconds']:.0f} s (peak {got['build_peak'] / GIB:.2f} GiB)"
+            f"build {got['build_seconds']:.0f} s"
+            + (" (INT8 targets from the meta device)" if got.get("int8_build") == "meta" else "")
+            + f" (peak {got['build_peak'] / GIB:.2f} GiB)"
             + (
                 f", INT8 conversion {got['int8_seconds']:.0f} s (peak {got['int8_peak'] / GIB:.2f} GiB)"
                 if "int8_seconds" in got
@@ -484,6 +601,14 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"{got['baseline_rss'] / GIB:.2f} GiB of interpreter and libraries"
         )
         lines.append(timing)
+        if got.get("grad_accum", 1) > 1:
+            first = got["first_step"]
+            lines.append(
+                f"the measured step came after a first step of one micro-batch (every basis made: "
+                f"{got['first_backward_seconds']:.0f} s, peak VmHWM {first['peak'] / GIB:.2f} GiB, peak live gradients "
+                f"{first['gradients'] / GIB:.3f} GiB); accumulators held between micro-batches "
+                f"{got['accumulated_bytes'] / GIB:.3f} GiB"
+            )
         if "transient_weight" in got:
             lines.append(
                 f"largest one-weight step: {got['transient_weight']}; resident growth over the forward "
@@ -491,6 +616,17 @@ def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 f"by it; the method's process took {got['total_seconds'] / 60:.1f} min in all"
             )
     return "\n".join(lines)
+
+
+def _render_build(got: dict[str, Any], est) -> str:
+    """The lines of a ``--build-only`` result: the built model beside the estimate's weights."""
+    how = "INT8 targets from the meta device" if got.get("int8_build") == "meta" else "dense build"
+    return (
+        f"\n{got['method']}: {got['preset']}, build only ({how}): weights {got['weights'] / GIB:.3f} GiB "
+        f"(estimate {est.weights / GIB:.3f}, {got['weights'] / est.weights:.3f}x); build peak VmHWM "
+        f"{got['build_peak'] / GIB:.2f} GiB including {got['baseline_rss'] / GIB:.2f} GiB of interpreter and "
+        f"libraries, resident after {got['rss_after'] / GIB:.2f} GiB; {got['build_seconds']:.0f} s"
+    )
 
 
 def run_child(script: str, argv: list[str], method: str, env: dict[str, str] | None = None) -> dict[str, Any]:

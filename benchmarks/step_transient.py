@@ -129,7 +129,7 @@ def render(rows: list[dict], counts: Counter) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="llama_7b", help="shipped preset (llama_60m … llama_7b) or tiny")
+    parser.add_argument("--preset", default="llama_7b", help="shipped preset (llama_60m … llama_13b) or tiny")
     parser.add_argument("--method", default="all", help=f"one of {', '.join(METHODS)} or all (default)")
     parser.add_argument("--rank", type=int, default=1024, help="projection rank (default 1024)")
     parser.add_argument("--projector", default=None, help="basis finder (default: the package's default)")

@@ -42,9 +42,11 @@ from .compat_transformers import check_optim_args_split
 from .errors import GaLoreConfigError, UnsupportedSetupError
 from .memory import STEP_BYTES, weight_state_bytes
 from .optim import GaLoreAdamW, GaLoreOptimizer
+from .optim.accumulation import accumulates_in_subspace
 from .optim.base import claim_params, param_owner
 from .optim.layerwise import LayerwiseOptimizer
-from .projectors.geometry import effective_rank
+from .projectors import PROJECTORS
+from .projectors.geometry import effective_rank, projected_shape, sides_for
 from .trainer_args import (
     EXPLICIT_PATH,
     check_optional_dependencies,
@@ -61,7 +63,7 @@ from .trainer_guard import (
     rearm_layerwise_hooks,
     unwrap_optimizer,
 )
-from .trainer_layerwise import check_trainer_args, logged_grad_norm, loss_scaler
+from .trainer_layerwise import check_subspace_accumulation_args, check_trainer_args, logged_grad_norm, loss_scaler
 
 _OWNER_ATTR = "_hf_galore_callback"
 _PEERS_ATTR = "_hf_galore_callbacks"
@@ -163,6 +165,8 @@ def build_summary(
     names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
     lowrank, full, total_params, lowrank_params = [], 0, 0, 0
     settings = None
+    layerwise = isinstance(optimizer, LayerwiseOptimizer)
+    accumulators = full_grads = 0  # bytes, over the weights that accumulate in their subspace
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not p.requires_grad:
@@ -180,6 +184,11 @@ def build_summary(
                 )
                 lowrank_params += p.numel()
                 settings = settings or {k: group.get(k) for k in _SUMMARY_KEYS}
+                if accumulates_in_subspace(group, layerwise) and not PROJECTORS[group["projector"]].tracks_every_step:
+                    sides = sides_for(group["proj_type"], matrix)
+                    size = 4 if group.get("accumulate_dtype") == "float32" else p.element_size()
+                    accumulators += math.prod(projected_shape(matrix, group["rank"], sides)) * size
+                    full_grads += p.numel() * p.element_size()
             else:
                 full += 1
     kind = type(optimizer).__name__
@@ -198,6 +207,13 @@ def build_summary(
     ]
     lines += _grouped(lowrank)
     lines.append(f"  full rank: {full} tensors (embeddings, norms, biases, output head, unmatched modules)")
+    if full_grads:
+        lines.append(
+            f"  gradient accumulation: in the subspace, {accumulators / MB:.2f} MB of accumulators instead of "
+            f"{full_grads / MB:.2f} MB of full gradients (weights due for a refresh keep theirs at that step)"
+        )
+    elif lowrank:
+        lines.append("  gradient accumulation: in full, in `.grad` (group key `accumulate`)")
     if plan is not None and plan.small:
         lines.append(f"  matched but full rank (smaller dimension <= rank {plan.rank}): {len(plan.small)} weights")
         lines += _grouped([(n, s, None) for n, s in plan.small])
@@ -305,6 +321,8 @@ class GaLoreCallback(TrainerCallback):
             return
         if isinstance(inner, LayerwiseOptimizer):  # before any step: settings it cannot honour stop here
             check_trainer_args(inner, args, loss_scaler(optimizer))
+        elif isinstance(inner, GaLoreOptimizer):
+            check_subspace_accumulation_args(inner, args, loss_scaler(optimizer))
         self._optimizer = inner
         stats = inner.galore_stats
         self._overlap_seen = (stats.overlap_sum, stats.overlap_count)

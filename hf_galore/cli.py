@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from .errors import HfGaloreError
 from .memory import DTYPES, METHODS, estimate_memory, preset_names, resolve_model
 from .memory.inputs import check_patterns_in_time
+from .optim.accumulation import ACCUMULATE_MODES
 
 PROG = "hf-galore"
 
@@ -80,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--batch-size", default=1, type=_positive_int("batch-size"), help="micro-batch (default 1)")
     est.add_argument("--seq-len", default=256, type=_positive_int("seq-len"), help="sequence length (default 256)")
     est.add_argument(
+        "--grad-accum",
+        default=1,
+        type=_positive_int("grad-accum"),
+        help="micro-batches per optimizer step (default 1); layer-wise methods accumulate in the subspace",
+    )
+    est.add_argument(
+        "--accumulate",
+        default=None,
+        type=_choice("accumulate", list(ACCUMULATE_MODES)),
+        help="where gradients accumulate: auto (default: in the subspace for layer-wise methods), lowrank or full",
+    )
+    est.add_argument(
         "--target-modules",
         default="all-linear",
         help="comma-separated module-name suffixes, a regex, or all-linear (default)",
@@ -117,11 +130,14 @@ def _run_estimate(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         proj_type=args.proj_type,
         activation_checkpointing=args.activation_checkpointing,
+        grad_accum=args.grad_accum,
+        options=None if args.accumulate is None else {"accumulate": args.accumulate},
     )
     if args.json:
         print(json.dumps({"model": args.model, **est.to_dict()}, indent=2))
     else:
         print(f"model={args.model}  batch={args.batch_size}x{args.seq_len}"
+              + (f"  grad-accum={args.grad_accum}" if args.grad_accum > 1 else "")
               + ("  activation-checkpointing" if args.activation_checkpointing else ""))
         print(est.to_table())
     return 0

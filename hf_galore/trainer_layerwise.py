@@ -53,6 +53,31 @@ def check_trainer_args(optimizer: LayerwiseOptimizer, args: Any, scaler: Any = N
         )
 
 
+def check_subspace_accumulation_args(optimizer: GaLoreOptimizer, args: Any, scaler: Any = None) -> None:
+    """Refuse Trainer settings that the regular optimizer's ``accumulate="lowrank"`` cannot honour.
+
+    Its hooks project and free every gradient of a projected weight, so the
+    Trainer's global-norm clipping (``max_grad_norm``, which reads ``.grad``)
+    and fp16 loss scaling would act on the full-rank weights only.
+    """
+    if not any(group.get("accumulate") == "lowrank" for group in optimizer.param_groups if "rank" in group):
+        return
+    max_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
+    if max_norm > 0:
+        raise UnsupportedSetupError(
+            f"`max_grad_norm`={max_norm!r} with `accumulate='lowrank'`: the Trainer clips by the norm of `.grad`, "
+            "but this optimizer's hooks project every gradient of a projected weight into its subspace and free "
+            "it, so the Trainer would clip the full-rank weights alone. Set `max_grad_norm=0`, use a "
+            "`*_layerwise` optim name (per-weight clipping, gradients accumulated in the subspace by default), or "
+            "`accumulate='full'`; in a plain loop call `optimizer.clip_grad_norm_(c)`, which includes the subspace"
+        )
+    if scaler is not None:
+        raise UnsupportedSetupError(
+            "fp16 loss scaling with `accumulate='lowrank'`: the scaler unscales and checks `.grad` only, and the "
+            "projected gradients are not there. Use `bf16=True` (or fp32), or `accumulate='full'`"
+        )
+
+
 def loss_scaler(optimizer: Any) -> Any:
     """The fp16 loss scaler accelerate attached to the Trainer's optimizer wrapper (``None``: no scaling).
 
@@ -138,6 +163,7 @@ def register_layerwise_trainer_optimizers() -> None:
 
 
 __all__ = [
+    "check_subspace_accumulation_args",
     "check_trainer_args",
     "logged_grad_norm",
     "loss_scaler",

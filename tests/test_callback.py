@@ -241,3 +241,19 @@ def test_a_short_run_with_default_logging_steps_logs_galore_stats(tmp_path):
     assert summary["galore/refreshes"] == 14 and summary["galore/skipped_steps"] == 0
     assert output.metrics["galore/refreshes"] == 14  # what train() returns, as the reporters see it
     assert "grad_norm" not in summary
+
+
+def test_start_up_summary_says_where_gradients_accumulate():
+    from hf_galore import GaLoreAdamW, LayerwiseOptimizer
+    from hf_galore.callback import MB, build_summary
+    from tests.helpers import split_groups, tiny_mlp
+
+    model = tiny_mlp(0)
+    layerwise = LayerwiseOptimizer(GaLoreAdamW(split_groups(model, rank=4), lr=1e-3))
+    projected = [p for p in model.parameters() if p.dim() == 2]
+    accumulators = sum(4 * min(p.shape) * max(p.shape) * 4 // min(p.shape) for p in projected)  # r x max side
+    full = sum(p.numel() * 4 for p in projected)
+    line = next(line for line in build_summary(layerwise, model).splitlines() if "gradient accumulation" in line)
+    assert f"in the subspace, {accumulators / MB:.2f} MB of accumulators instead of {full / MB:.2f} MB" in line
+    regular = GaLoreAdamW(split_groups(tiny_mlp(0), rank=4), lr=1e-3)
+    assert "gradient accumulation: in full, in `.grad`" in build_summary(regular, model)

@@ -56,6 +56,18 @@ def test_table_prints_bytes_of_each_component(capsys):
         assert f"{getattr(expected, field):,}" in line
 
 
+def test_grad_accum_and_accumulate_reach_the_estimate(capsys):
+    argv = ["estimate", "llama_60m", "--method", "galore_layerwise", "--grad-accum", "4", "--json"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    assert json.loads(out)["gradients"] == estimate_memory("llama_60m", "galore_layerwise", grad_accum=4).gradients
+    code, out, _ = run(capsys, *argv[:-1], "--accumulate", "full", "--json")
+    full = estimate_memory("llama_60m", "galore_layerwise", grad_accum=4, options={"accumulate": "full"})
+    assert code == 0 and json.loads(out)["gradients"] == full.gradients > estimate_memory("llama_60m", "galore_layerwise", grad_accum=4).gradients
+    code, _, err = run(capsys, *argv[:-1], "--accumulate", "subspace")
+    assert code == 2 and "accumulate" in err and "lowrank" in err
+
+
 BAD_ARGS = [
     (["estimate", "llama_60m", "--method", "sgd"], ["unknown method 'sgd'", "galore_8bit_layerwise", "lora"]),
     (["estimate", "llama_60m", "--dtype", "int3"], ["unknown dtype 'int3'", "bf16", "fp32"]),

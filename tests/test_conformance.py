@@ -14,6 +14,11 @@ case. Each case checks
   weight's sides (``RefreshPolicy.after_refresh``'s contract: a two-sided
   weight advances a policy's schedule as a one-sided one does);
 * layer-wise mode computes the regular updates (same weights to 1e-6);
+* gradient accumulation in the subspace (layer-wise by default, and the
+  regular optimizer's ``accumulate="lowrank"``) gives the weights of full
+  accumulation, with refreshes inside the run (float re-association: 1e-5),
+  and holds no gradient of a projected weight between micro-batches of a
+  step without a refresh, unless its finder tracks every step;
 * INT8 weights move like float weights: under the same gradients, the INT8
   weight's displacement projected on the float one's path is 1 ± 0.15.
 """
@@ -37,7 +42,7 @@ from hf_galore.projectors import PROJECTORS
 from hf_galore.projectors.geometry import PROJ_TYPES, matrix_shape, sides_for
 from hf_galore.projectors.storage import CODECS
 from hf_galore.quant import Int8Linear
-from tests.helpers import max_param_diff, split_groups, tiny_mlp, train
+from tests.helpers import max_param_diff, regression_batch, split_groups, tiny_mlp, train
 
 #: Hyper-parameters of the matrix's runs; a member not listed gets ``DEFAULT_HYPERPARAMS``.
 HYPERPARAMS = {"adafactor": {"lr": 1e-2, "relative_step": False, "weight_decay": 0.1}}
@@ -91,7 +96,7 @@ def _model(case: dict, seed: int = 0, weights: str | None = None) -> torch.nn.Mo
     return model
 
 
-def _build(case: dict, model: torch.nn.Module, layerwise: bool = False):
+def _build(case: dict, model: torch.nn.Module, layerwise: bool = False, accumulate: str = "auto"):
     name = case["optimizer"]
     if name in REQUIRES:
         pytest.importorskip(REQUIRES[name])
@@ -106,6 +111,7 @@ def _build(case: dict, model: torch.nn.Module, layerwise: bool = False):
         "quant_group_size": 16,
         # projector="auto": switch at 0 so that the tiny weights take its randomized branch (ignored by the others)
         "auto_min_numel": 0,
+        "accumulate": accumulate,
     }
     optimizer = cls(split_groups(model, **keys), **hp)
     return LayerwiseOptimizer(optimizer) if layerwise else optimizer
@@ -178,6 +184,23 @@ def check_combination(case: dict) -> None:
     assert max_param_diff(regular_model, layerwise_model) <= 1e-6
     assert all(torch.equal(_dense(a), _dense(b)) for a, b in zip(_linears(regular_model), _linears(layerwise_model)))
 
+    # accumulation in the subspace: the weights of full accumulation, no projected gradient held between
+    # micro-batches (except at refresh steps, and for a finder that moves its basis every step)
+    results = {}
+    for how in ("full", "layerwise", "lowrank"):
+        model = _model(case)
+        optimizer = _build(case, model, layerwise=how == "layerwise", accumulate="lowrank" if how == "lowrank" else "auto")
+        record = _train_accumulating(model, optimizer, 5)
+        results[how] = model
+        if how != "full":
+            assert all(held == must for held, must in record), (how, record)
+            # and the subspace was used: some step left a projected weight without a held gradient
+            assert PROJECTORS[case["projector"]].tracks_every_step or any(
+                len(must) < 3 for _, must in record
+            ), record
+    for how in ("layerwise", "lowrank"):
+        assert max_param_diff(results["full"], results[how]) <= 1e-5, how
+
     # INT8 weights move like float weights (the same gradients for both)
     if case["weights"] == "int8":
         moved = {}
@@ -211,6 +234,34 @@ def _policy_calls(name: str) -> Iterator[list[tuple[dict, int, int]]]:
         yield calls
     finally:
         del policy.after_refresh
+
+
+def _train_accumulating(model: torch.nn.Module, optimizer, steps: int, micro: int = 3) -> list[tuple[set, set]]:
+    """``steps`` steps of ``micro`` micro-batches. Per step: (projected weights that held a gradient after a
+    non-final micro-batch, those that must: no basis yet, a refresh due by the policy, a finder tracking every step)."""
+    x, y = regression_batch(1, n=48)
+    groups = [group for group in optimizer.param_groups if "rank" in group]
+    projected = [(p, group) for group in groups for p in group["params"]]
+    record = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        must = set()
+        for index, (p, group) in enumerate(projected):
+            state = optimizer.state.get(p)
+            due = not state or REFRESH_POLICIES.lookup(group["refresh"]).due(state, group, int(state["step"]))
+            if due or PROJECTORS[group["projector"]].tracks_every_step:
+                must.add(index)
+        held = set()
+        for i, (xb, yb) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
+            last = i == micro - 1
+            hold = isinstance(optimizer, LayerwiseOptimizer) and not last
+            with optimizer.accumulating() if hold else contextlib.nullcontext():
+                ((model(xb) - yb).square().mean() * 100.0 / micro).backward()
+            if not last:
+                held |= {index for index, (p, _) in enumerate(projected) if p.grad is not None}
+        record.append((held, must))
+        optimizer.step()
+    return record
 
 
 def _linears(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -7,6 +7,7 @@ tensors autograd saves for backward (``saved_tensors_hooks``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -171,6 +172,84 @@ def test_layerwise_optimizer_holds_the_estimated_state_and_no_gradients():
     assert all(p.grad is None for p in model.parameters())
 
 
+def _peak_live_gradients(model, build, micro: int, steps: int = 2) -> int:
+    """The largest total of ``.grad`` bytes plus subspace accumulators seen in any gradient hook or after any
+    micro-batch, over the last of ``steps`` steps of ``micro`` micro-batches. The sampling hooks are
+    registered before ``build()`` makes the optimizer, so they run before its hooks."""
+    params = list(model.parameters())
+    peak = {"on": False, "bytes": 0}
+    pending = {}
+
+    def live() -> int:
+        accumulated = tensor_bytes(entry.low for entry in pending.values())
+        return tensor_bytes(p.grad for p in params if p.grad is not None) + accumulated
+
+    def sample(_param) -> None:
+        if peak["on"]:
+            peak["bytes"] = max(peak["bytes"], live())
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(sample)
+    optimizer = build()
+    pending = getattr(optimizer, "optimizer", optimizer)._pending
+    layerwise = hasattr(optimizer, "accumulating")
+    generator = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        peak["on"] = step == steps - 1
+        optimizer.zero_grad()
+        for i in range(micro):
+            ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=generator)
+            with optimizer.accumulating() if layerwise and i < micro - 1 else contextlib.nullcontext():
+                model(input_ids=ids, labels=ids).loss.backward()
+            if peak["on"]:
+                peak["bytes"] = max(peak["bytes"], live())
+        optimizer.step()
+    return peak["bytes"]
+
+
+@pytest.mark.parametrize(
+    "method,layerwise,accumulate",
+    [
+        ("galore_layerwise", True, "auto"),  # in the subspace
+        ("galore_layerwise", True, "full"),  # every gradient held across the window
+        ("galore", False, "lowrank"),  # the regular optimizer's hooks
+        ("galore", False, "auto"),  # regular: in .grad
+    ],
+)
+def test_gradients_with_accumulation_are_the_measured_peak(method, layerwise, accumulate):
+    """`estimate_memory(grad_accum=3)`'s gradients = the peak live gradient bytes (every .grad plus the
+    subspace accumulators) of a step without a refresh, measured in the hooks."""
+    layerwise_module = pytest.importorskip("hf_galore.optim.layerwise")
+    model = tiny_llama(torch.float32)
+
+    def build():
+        inner = GaLoreAdamW(groups_for(model, {"rank": 8, "accumulate": accumulate}))
+        return layerwise_module.LayerwiseOptimizer(inner) if layerwise else inner
+
+    measured = _peak_live_gradients(model, build, micro=3)
+    est = estimate_memory(model, method, rank=8, dtype="fp32", grad_accum=3, options={"accumulate": accumulate})
+    assert est.gradients == measured
+    everything = sum(p.numel() * 4 for p in model.parameters())
+    assert (measured < everything / 2) == (accumulate != "full" and (layerwise or accumulate == "lowrank"))
+
+
+def test_grad_accum_is_checked_and_one_changes_nothing():
+    model = tiny_llama(torch.float32)
+    with pytest.raises(GaLoreConfigError, match="`grad_accum`"):
+        estimate_memory(model, "galore", rank=8, grad_accum=0)
+    for method in ("galore", "galore_layerwise", "q_galore_layerwise", "adamw"):
+        assert estimate_memory(model, method, rank=8, grad_accum=1) == estimate_memory(model, method, rank=8)
+
+
+def test_7b_accumulation_figures():
+    """The figures docs/layerwise.md quotes: 7B 8-bit layer-wise, rank 1024, two micro-batches."""
+    kw = {"rank": 1024, "activation_checkpointing": True, "grad_accum": 2}
+    subspace = estimate_memory("llama_7b", "galore_8bit_layerwise", **kw)
+    full = estimate_memory("llama_7b", "galore_8bit_layerwise", options={"accumulate": "full"}, **kw)
+    assert round(subspace.peak / 2**30, 1) == 21.9 and round(full.peak / 2**30, 1) == 30.9
+    assert any("3.016 GiB of accumulators" in note for note in subspace.notes)
+
+
 def test_param_groups_of_the_trainer_path_hold_the_estimated_bytes():
     """``galore_param_groups`` (what the Trainer uses) with regex targets and small weights at full rank."""
     from hf_galore import GaLoreConfig, galore_param_groups
@@ -286,11 +365,12 @@ PRESET_PARAMS = {
     "llama_350m": 367_969_280,
     "llama_1b": 1_339_082_752,
     "llama_7b": 6_738_415_616,
+    "llama_13b": 13_015_864_320,  # LLaMA-13B (arXiv:2302.13971 Table 2)
 }
 
 
 def test_presets_have_the_papers_parameter_counts():
-    assert preset_names() == ["llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_3b", "llama_7b"]
+    assert preset_names() == ["llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_3b", "llama_7b", "llama_13b"]
     for name, params in PRESET_PARAMS.items():
         assert estimate_memory(name, "adamw").total_params == params
 

@@ -110,6 +110,11 @@ class GaLoreConfig:
         projector: How the basis is found ("svd"; other members register more).
         quant: How the basis is stored (None = dense in the weight's dtype).
         refresh: When the basis is refreshed ("fixed" = every ``update_proj_gap`` steps).
+        accumulate: Where gradients accumulate over micro-batches: "auto"
+            (default: projected into each weight's subspace and freed at once in
+            layer-wise mode, in ``.grad`` in regular mode), "lowrank" (in the
+            subspace in regular mode too: its hooks project and free every
+            gradient), "full" (always in ``.grad``). See docs/layerwise.md.
         target_modules: Which modules' weights are projected: a list whose
             entries are tried as a full name, a dot-bounded suffix (e.g.
             "q_proj"), a full-match regex, then a substring (transformers'
@@ -167,6 +172,13 @@ class GaLoreConfig:
     refresh: str = field(
         default=_CORE["refresh"].default,
         metadata={"help": "Refresh policy (registered name); 'fixed' = every update_proj_gap steps."},
+    )
+    accumulate: Literal["auto", "lowrank", "full"] = field(
+        default=_CORE["accumulate"].default,
+        metadata={
+            "help": "Where micro-batch gradients accumulate: 'auto' (in the subspace in layer-wise mode, in "
+            ".grad otherwise), 'lowrank' (in the subspace, regular optimizer too) or 'full'.",
+        },
     )
     # HfArgumentParser reads `list[str] | str | None` as `str`; `nargs` makes `--target_modules
     # q_proj v_proj` a list, as TrainingArguments' `list[str]` fields parse (one value: a one-item list).

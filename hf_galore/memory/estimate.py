@@ -16,11 +16,13 @@ from torch import nn
 from ..errors import GaLoreConfigError, format_choices
 from ..optim.members import BASE_OPTIMIZERS
 from ..optim.validation import check_lowrank_keys, lowrank_defaults, lowrank_options
+from ..projectors import PROJECTORS
 from ..projectors.geometry import (
     PROJ_TYPES,
     as_matrix,
     effective_rank,
     matrix_shape,
+    projected_shape,
     side_size,
     sides_for,
 )
@@ -140,12 +142,13 @@ def estimate_memory(
     projector: str | None = None,
     optimizer: str | None = None,
     options: Mapping[str, Any] | None = None,
+    grad_accum: int = 1,
 ) -> MemoryEstimate:
     """Bytes of weights, gradients, optimizer states (bases included) and activations for one step.
 
     Args:
         model_or_config: an ``nn.Module`` (any device, ``meta`` included), a
-            transformers config, a shipped preset (``llama_60m`` … ``llama_7b``,
+            transformers config, a shipped preset (``llama_60m`` … ``llama_13b``,
             GaLore arXiv:2403.03507 Table 5), a config file/directory or a hub id.
         method: one of :data:`METHODS` (``hf-galore estimate --help`` lists them).
         rank: projection rank (GaLore) or adapter rank (LoRA). Targeted
@@ -171,6 +174,18 @@ def estimate_memory(
             ``quant``, ``refresh``, or any registered component's option such as
             ``lazy_queue``), checked as the optimizers check them; GaLore
             methods only (``rank`` and ``proj_type`` have their own arguments).
+            ``options={"accumulate": ...}`` chooses where gradients accumulate
+            (``"auto"``: in the subspace for layer-wise methods).
+        grad_accum: micro-batches per optimizer step. Gradients that
+            accumulate in the subspace (``hf_galore.optim.accumulation``) count
+            as their ``R``-sized accumulators plus the largest gradient live
+            at once; full-rank weights, and the projected weights of any
+            method that accumulates in full, hold their full gradients across
+            the window. The estimate is of a step without a scheduled refresh
+            (with ``refresh="staggered"``, the ``⌈N/T⌉`` weights due at every
+            step are included); a note gives what a refresh step adds. It is
+            the peak from three micro-batches on and an upper bound for two
+            (the final micro-batch frees full-rank gradients as it updates them).
     """
     if method not in METHODS:
         raise GaLoreConfigError(f"`method` must be one of {format_choices(METHODS)}, got {method!r}")
@@ -178,6 +193,7 @@ def estimate_memory(
         raise GaLoreConfigError(f"`dtype` must be one of {format_choices(DTYPES)}, got {dtype!r}")
     spec = METHODS[method]
     _check_positive_int("rank", rank)
+    _check_positive_int("grad_accum", grad_accum)
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("seq_len", seq_len)
     if proj_type not in PROJ_TYPES:
@@ -208,6 +224,9 @@ def estimate_memory(
     weights = gradients = states = bases = 0
     total_params = trainable_params = lowrank_params = 0
     largest_grad = 0
+    full_rank_grads = accumulators = 0  # bytes: gradients of weights trained at full rank; subspace accumulators
+    projected_grads: list[int] = []  # bytes of each projected weight's full gradient
+    accumulator_itemsize = 4 if group.get("accumulate_dtype") == "float32" else e
     transient = 0
     small_weights = 0
     float_targets = 0  # projected, but kept in `dtype` by the INT8-weight methods (not an nn.Linear)
@@ -215,10 +234,11 @@ def estimate_memory(
     notes: list[str] = []
 
     def train_full(shape: Sequence[int]) -> None:
-        nonlocal gradients, states, trainable_params, largest_grad, transient
+        nonlocal gradients, states, trainable_params, largest_grad, transient, full_rank_grads
         numel = math.prod(shape)
         trainable_params += numel
         gradients += numel * e
+        full_rank_grads += numel * e
         largest_grad = max(largest_grad, numel * e)
         states += weight_state_bytes(base, shape, torch_dtype, full_group)
         transient = max(transient, weight_transient_bytes(base, shape, None, dtype=torch_dtype))
@@ -264,6 +284,8 @@ def estimate_memory(
         trainable_params += numel
         gradients += numel * e
         largest_grad = max(largest_grad, numel * e)
+        projected_grads.append(numel * e)
+        accumulators += math.prod(projected_shape(matrix, r, sides)) * accumulator_itemsize
         bases += sum(
             basis_bytes(side_size(side, matrix), r, torch_dtype, group["quant"], basis_cache, group=group)
             for side in sides
@@ -281,9 +303,9 @@ def estimate_memory(
             f"{float_targets} targeted weights are not nn.Linear (e.g. GPT-2's Conv1D): "
             f"prepare_model_for_int8_weights leaves them in {dtype}, and so does this estimate"
         )
-    if spec.layerwise:
-        gradients = largest_grad
-        notes.append("layer-wise: only the largest single gradient is live at a time")
+    gradients = _gradient_bytes(
+        spec, group, grad_accum, gradients, largest_grad, full_rank_grads, accumulators, projected_grads, notes
+    )
     acts = _activation_estimate(config, batch_size, seq_len, e, activation_checkpointing)
     if acts is None:
         acts = 0
@@ -310,6 +332,57 @@ def estimate_memory(
         transient=transient,
         notes=tuple(notes),
     )
+
+
+def _in_subspace(spec: MethodSpec, group: Mapping[str, Any]) -> bool:
+    """Whether the method's projected weights accumulate their gradients in the subspace."""
+    if not spec.lowrank or PROJECTORS.lookup(group["projector"]).tracks_every_step:
+        return False
+    mode = group.get("accumulate", "auto")
+    return mode == "lowrank" or (mode == "auto" and spec.layerwise)
+
+
+def _gradient_bytes(
+    spec: MethodSpec,
+    group: Mapping[str, Any],
+    grad_accum: int,
+    every: int,
+    largest: int,
+    full_rank: int,
+    accumulators: int,
+    projected: list[int],
+    notes: list[str],
+) -> int:
+    """Peak live gradient bytes of a step without a scheduled refresh (see ``estimate_memory``'s ``grad_accum``)."""
+    gib = 2**30
+    if _in_subspace(spec, group) and projected and (grad_accum > 1 or not spec.layerwise):
+        due = 0
+        if group["refresh"] == "staggered":  # about ceil(N/T) weights refresh at every step, in full
+            count = min(len(projected), math.ceil(len(projected) / int(group["update_proj_gap"])))
+            due = sum(sorted(projected, reverse=True)[:count])
+        held = (full_rank if grad_accum > 1 or not spec.layerwise else 0) + accumulators + due
+        notes.append(
+            f"gradients accumulate in the subspace: {accumulators / gib:.3f} GiB of accumulators for the projected "
+            f"weights (their full gradients: {sum(projected) / gib:.3f} GiB), {full_rank / gib:.3f} GiB of full-rank "
+            f"gradients, plus the largest projected gradient live at a time"
+            + (f" and {due / gib:.3f} GiB for the weights refreshed at each step (staggered)" if due else "")
+        )
+        if group["refresh"] != "staggered" and grad_accum > 1:
+            notes.append(
+                f"a refresh step (the first, then every update_proj_gap steps with refresh={group['refresh']!r}) "
+                f"holds the full gradients of the weights due: up to {sum(projected) / gib:.3f} GiB more; "
+                "refresh='staggered' spreads them over the gap"
+            )
+        return held + max(projected)  # full-rank gradients are already held: one projected gradient is live
+    if spec.layerwise and grad_accum > 1:
+        notes.append(
+            f"layer-wise with {grad_accum} micro-batches accumulating in full: every gradient is held across the window"
+        )
+        return every
+    if spec.layerwise:
+        notes.append("layer-wise: only the largest single gradient is live at a time")
+        return largest
+    return every
 
 
 def _lowrank_group(

@@ -24,7 +24,7 @@ def _preset_dir():
 
 
 def preset_names() -> list[str]:
-    """Shipped LLaMA configs (GaLore's ``configs/llama_*.json``, Table 5 shapes)."""
+    """Shipped LLaMA configs (GaLore's ``configs/llama_*.json``, Table 5 shapes, and LLaMA-13B's)."""
     names = [p.name[: -len(".json")] for p in _preset_dir().iterdir() if p.name.endswith(".json")]
     return sorted(names, key=_preset_size)
 
@@ -37,7 +37,7 @@ def _preset_size(name: str) -> float:
 
 
 def load_preset(name: str):
-    """The transformers config of a shipped preset (``llama_60m`` … ``llama_7b``)."""
+    """The transformers config of a shipped preset (``llama_60m`` … ``llama_13b``)."""
     from transformers import AutoConfig
 
     path = _preset_dir().joinpath(f"{name}.json")

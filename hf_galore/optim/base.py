@@ -36,7 +36,7 @@ from ..projectors import get_projector
 from ..projectors.randomized import derive_seed
 from ..quant.int8 import int8_owner
 from ..quant.rounding import SR_DTYPES, add_rounded_
-from . import engines, lowrank, state_checks
+from . import accumulation, engines, lowrank, state_checks
 from .functional import restored_where, zero_where
 from .stats import RefreshStats
 from .validation import (
@@ -177,7 +177,11 @@ class GaLoreOptimizer(Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         self.galore_stats = RefreshStats()
         self._param_index: dict[torch.Tensor, int] = {}
+        #: weight -> its projected gradients of the current accumulation window (optim/accumulation.py)
+        self._pending: dict[torch.Tensor, accumulation.Accumulated] = {}
+        self._accumulation_handles: list[Any] = []
         super().__init__(params, {**ROUNDING_DEFAULTS, **TORCH_FLAG_DEFAULTS, **defaults})
+        weakref.finalize(self, remove_hook_handles, self._accumulation_handles)
         # sharded engines (FSDP2): low-rank shards appear as DTensors in state_dict() so that
         # torch.distributed.checkpoint saves every rank's part (no-ops otherwise)
         self.register_state_dict_post_hook(engines.state_dict_post_hook)
@@ -204,6 +208,13 @@ class GaLoreOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("galore_stats", RefreshStats())
         self.__dict__.setdefault("_param_index", {})
+        if "_pending" not in self.__dict__:  # a copy: its parameters get their own accumulation hooks
+            self._pending = {}
+            self._accumulation_handles = []
+            weakref.finalize(self, remove_hook_handles, self._accumulation_handles)
+            for group in self.param_groups:
+                claim_params(group["params"], self)  # the copy drives its own (copied) parameters
+                self._hook_accumulation(group)
         if engines.state_dict_post_hook not in self._optimizer_state_dict_post_hooks.values():
             self.register_state_dict_post_hook(engines.state_dict_post_hook)
         if engines.load_state_dict_pre_hook not in self._optimizer_load_state_dict_pre_hooks.values():
@@ -223,6 +234,7 @@ class GaLoreOptimizer(Optimizer):
         self._validate_group(group)
         if "rank" in group:
             self._complete_lowrank_group(group)
+            self._hook_accumulation(group)
         elif any(int8_owner(p) is not None for p in group["params"]):
             raise GaLoreConfigError(
                 "an INT8 weight (`Int8Linear.weight`, see `prepare_model_for_int8_weights`) is in a group "
@@ -288,6 +300,7 @@ class GaLoreOptimizer(Optimizer):
         starts again as a new weight (``galore_stats.state_resets``); both warned.
         """
         state_checks.check_loadable(self, state_dict)
+        self._drop_pending("load_state_dict()")
         follows = {key for key, spec in type(self).state_keys.items() if spec.dtype is None}
         built = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
         super().load_state_dict(state_dict)
@@ -376,6 +389,96 @@ class GaLoreOptimizer(Optimizer):
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
         return state
 
+    # ------------------------------------------------------------- accumulation
+    def _group_of(self, param: torch.Tensor) -> dict[str, Any] | None:
+        """The param group holding ``param`` (``None`` for a parameter this optimizer does not train)."""
+        cache = self.__dict__.setdefault("_group_cache", {})
+        group = cache.get(param)
+        if group is not None and any(p is param for p in group["params"]):
+            return group
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                cache[param] = group
+                return group
+        return None
+
+    @torch.no_grad()
+    def accumulate_gradient(self, param: torch.Tensor) -> bool:
+        """Fold ``param.grad`` into its subspace accumulator and free it, where this step allows it.
+
+        ``True`` when the gradient was projected and ``param.grad`` is now
+        ``None``; ``False`` when it stays as it is: a full-rank weight, no
+        basis yet, a refresh due at this step, a finder that tracks every step
+        (see :mod:`hf_galore.optim.accumulation`). The next ``step()`` uses
+        the accumulated ``R``; ``zero_grad()`` discards it.
+        """
+        if param.grad is None:
+            return False
+        group = self._group_of(param)
+        if group is None or "rank" not in group or "update_proj_gap" not in group:
+            return False
+        state = self.state.get(param)
+        if not state:
+            return False
+        self._refit_state(param, state, group, param.grad.dtype)
+        return accumulation.absorb(self._pending, param, group, state)
+
+    def pending_gradient(self, param: torch.Tensor) -> accumulation.Accumulated | None:
+        """``param``'s projected gradients of the current accumulation window, if it accumulates in the subspace."""
+        return self._pending.get(param)
+
+    def _hook_accumulation(self, group: dict[str, Any]) -> None:
+        """``accumulate="lowrank"`` in regular mode: every gradient is projected and freed in its hook."""
+        if group.get("accumulate") != "lowrank":
+            return
+        hook = accumulation.gradient_hook(weakref.ref(self), param_owner)
+        for p in group["params"]:
+            if p.requires_grad:
+                self._accumulation_handles.append(p.register_post_accumulate_grad_hook(hook))
+
+    def _drop_pending(self, why: str) -> None:
+        if self._pending:
+            count = len(self._pending)
+            self._pending.clear()
+            self.galore_stats.warn_once(
+                "pending_dropped",
+                f"GaLore: {why} in the middle of an accumulation window discarded the gradients of {count} "
+                "weight(s) accumulated in their subspace (as it would discard their `.grad`)",
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict; gradients accumulated in the subspace are not in it (like ``.grad``)."""
+        if self._pending:
+            self.galore_stats.warn_once(
+                "pending_not_saved",
+                f"GaLore: state_dict() in the middle of an accumulation window: the gradients of {len(self._pending)} "
+                "weight(s) accumulated in their subspace are not saved (like `.grad`); save at step boundaries",
+            )
+        return super().state_dict()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``, which also discards the gradients accumulated in the subspace."""
+        self._pending.clear()
+        super().zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip this optimizer's gradients by their global L2 norm, the subspace accumulators included.
+
+        ``torch.nn.utils.clip_grad_norm_(model.parameters(), c)`` sees only
+        ``.grad``, so with ``accumulate="lowrank"`` it would leave the
+        projected weights out; call this instead. The norm of a weight that
+        accumulated in its subspace is the upper bound of
+        :meth:`~hf_galore.optim.accumulation.Accumulated.norm_bound`, so the
+        clipped step never exceeds ``max_norm``. Returns the (pre-clip) norm.
+        """
+        check_non_negative("max_norm", max_norm)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for p in params:
+            if p in self._pending and p.grad is not None:
+                self.accumulate_gradient(p)  # one bound for the whole window
+        return accumulation.clip_grad_norm_(params, self._pending, max_norm)
+
     # -------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure=None):
@@ -384,6 +487,13 @@ class GaLoreOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = [(group, *self._params_with_grad(group)) for group in self.param_groups]
+        if self._pending and (getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None):
+            self.grad_scale = self.found_inf = None
+            raise UnsupportedSetupError(
+                "torch.amp.GradScaler cannot check or unscale gradients accumulated in the subspace "
+                "(`accumulate='lowrank'`): they are not in `.grad`. Train in bf16 (no scaler needed), or use "
+                "`accumulate='full'` with the scaler"
+            )
         self._run(work, self._scaler_flag(work))
         return loss
 
@@ -435,19 +545,19 @@ class GaLoreOptimizer(Optimizer):
         for group, _, _ in work:
             if "rank" in group and "update_proj_gap" not in group:  # `rank` added to a full-rank group mid-run
                 self._complete_lowrank_group(group)
+        # the windows accumulated in the subspace end with this step (a NaN in any micro-batch is in them)
+        finished = {p: self._pending.pop(p) for _, params, _ in work for p in params if p in self._pending}
         upfront: dict[str, torch.Tensor | None] = {}
 
         def step_flag() -> torch.Tensor | None:  # refresh steps only
             if "flag" not in upfront:
-                upfront["flag"] = (
-                    scaler_flag
-                    if scaler_flag is not None
-                    else nonfinite_flag([g for group, _, grads in work if guarded(group) for g in grads])
-                )
+                raw = [g for group, _, grads in work if guarded(group) for g in grads if g is not None]
+                raw += [finished[p].low for group, params, _ in work if guarded(group) for p in params if p in finished]
+                upfront["flag"] = scaler_flag if scaler_flag is not None else nonfinite_flag(raw)
             return upfront["flag"]
 
         projected = [
-            self._project_lowrank(group, params, grads, step_flag if guarded(group) else None)
+            self._project_lowrank(group, params, grads, step_flag if guarded(group) else None, finished)
             if "rank" in group and params
             else None
             for group, params, grads in work
@@ -501,10 +611,21 @@ class GaLoreOptimizer(Optimizer):
                 self._step_full_rank(group, params, grads, states)
         _unstep(states, found_inf)
 
-    def _params_with_grad(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _params_with_grad(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """The parameters this step updates and their gradients: ``None`` for one whose whole window was
+        accumulated in the subspace (its ``R`` waits in :attr:`_pending`)."""
         params, grads = [], []
         for p in group["params"]:
             if p.grad is None:
+                if p in self._pending:
+                    if "rank" not in group:
+                        raise UnsupportedSetupError(
+                            f"the weight of shape {tuple(p.shape)} accumulated its gradients in the subspace, "
+                            "but its param group lost `rank` before the step; call `zero_grad()` before "
+                            "changing a group's `rank` in the middle of an accumulation window"
+                        )
+                    params.append(p)
+                    grads.append(None)
                 continue
             if p.grad.is_sparse:
                 raise UnsupportedSetupError(
@@ -515,19 +636,34 @@ class GaLoreOptimizer(Optimizer):
             grads.append(p.grad)
         return params, grads
 
-    def _project_lowrank(self, group: dict[str, Any], params, grads, step_flag) -> _Projected:
+    def _project_lowrank(
+        self, group: dict[str, Any], params, grads, step_flag, finished: Mapping[torch.Tensor, Any] | None = None
+    ) -> _Projected:
         """Phase 1 of a low-rank step: refresh or track the bases and project every gradient.
 
         With the guard on (``step_flag`` given), a basis tracked every step is
         saved first with the rest of its state, to be put back if the step is
-        skipped.
+        skipped. A weight in ``finished`` accumulated its window in the
+        subspace: its ``R`` is the accumulator (plus any gradient it still holds).
         """
         plan = _Projected()
+        finished = finished or {}
         tracking = step_flag is not None and get_projector(group["projector"]).tracks_every_step
-        sync = self._basis_sync_for(params, grads)
+        live = [(p, g) for p, g in zip(params, grads) if g is not None]
+        sync = self._basis_sync_for([p for p, _ in live], [g for _, g in live]) if live else self.basis_sync
         for p, g in zip(params, grads):
-            self._refit_state(p, self.state[p], group, g.dtype)
+            entry = finished.get(p)
+            self._refit_state(p, self.state[p], group, g.dtype if entry is None else entry.grad_dtype)
             state = self._state_for(p)
+            if entry is not None:
+                if g is not None:  # a gradient that reached .grad without a hook (the hooks were removed)
+                    accumulation.absorb({p: entry}, p, group, state)
+                plan.params.append(p)
+                low, bases = accumulation.finish(entry, p, state, group)
+                plan.lows.append(low)
+                plan.bases.append(bases)
+                plan.states.append(state)
+                continue
             if tracking:
                 plan.saved.append((state, {k: state[k].clone() for k in _state_tensors(state)}))
             projected = lowrank.project_gradient(p, g, state, group, self.galore_stats, sync=sync, step_flag=step_flag)
@@ -760,6 +896,13 @@ def _negated(grads: list[torch.Tensor], negate: bool) -> Iterator[None]:
         yield
     finally:
         torch._foreach_neg_(grads)
+
+
+def remove_hook_handles(handles: list[Any]) -> None:
+    """Remove gradient-hook handles (at garbage collection of the optimizer holding them, or by hand)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def _real_views(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -18,6 +18,11 @@ weight's gradient instead of the whole model's.
   single parameter, so layer-wise and regular mode share every line of the
   maths.
 
+With gradient accumulation, the hook of a non-final micro-batch projects the
+gradient into the weight's subspace and frees it
+(:mod:`hf_galore.optim.accumulation`, group key ``accumulate``), so a window
+of micro-batches holds ``r × n`` accumulators, not full gradients.
+
 ``step()`` commits one optimizer step: it updates whatever the hooks did not
 (parameters without a hook, or the remainder of an accumulation window),
 frees those gradients, publishes the step's gradient norm and re-arms the
@@ -49,7 +54,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import GaLoreConfigError, UnsupportedSetupError
 from ..numerics import l2_norm
-from .base import GaLoreOptimizer, claim_params, param_owner, release_params
+from .accumulation import accumulates_in_subspace
+from .base import GaLoreOptimizer, claim_params, param_owner, release_params, remove_hook_handles
 from .validation import check_positive, check_positive_int
 
 #: Added to a gradient norm before dividing, as ``torch.nn.utils.clip_grad_norm_`` does.
@@ -111,12 +117,6 @@ def _weak_hook(ref: weakref.ref) -> Callable[[torch.Tensor], None]:
             optimizer._hook(param)
 
     return hook
-
-
-def _remove_handles(handles: list[Any]) -> None:
-    for handle in handles:
-        handle.remove()
-    handles.clear()
 
 
 _DDP_MESSAGE = (
@@ -235,7 +235,7 @@ class LayerwiseOptimizer(Optimizer):
         self._norm_sq: torch.Tensor | None = None
         self._holding = 0
         # the hooks go when this optimizer is garbage-collected (they hold it weakly)
-        weakref.finalize(self, _remove_handles, self._handles)
+        weakref.finalize(self, remove_hook_handles, self._handles)
         for index, group in enumerate(self.optimizer.param_groups):
             self._track(group["params"], index)
 
@@ -353,7 +353,7 @@ class LayerwiseOptimizer(Optimizer):
         outliving its Trainer carries no hooks (and re-arms them with
         :meth:`register_hooks` if the same Trainer trains again).
         """
-        _remove_handles(self._handles)
+        remove_hook_handles(self._handles)
         release_params(self._group_index, self)
         for p in self._group_index:
             if _hooked_by(p) is self:
@@ -372,15 +372,30 @@ class LayerwiseOptimizer(Optimizer):
             return  # a newer optimizer drives this parameter
         self._check_world()  # DDP may wrap the model after the optimizer was built
         if self._holding:
+            self._accumulate(param)
             return
         if self.accumulation_steps > 1:
             seen = self._seen.get(param, 0) + 1
             self._seen[param] = seen
             if seen < self.accumulation_steps:
+                self._accumulate(param)
                 return
         elif self.sync is not None and not self.sync():
+            self._accumulate(param)
             return
         self.update_param(param)
+
+    def _accumulate(self, param: torch.Tensor) -> None:
+        """A non-final micro-batch: project the gradient into the weight's subspace and free it, where allowed.
+
+        Group key ``accumulate`` (``"auto"``, the default, and ``"lowrank"``);
+        full-rank weights, weights without a basis yet or due for a refresh at
+        this step, and finders that track every step keep accumulating in
+        ``.grad`` (``hf_galore.optim.accumulation``).
+        """
+        group = self.optimizer.param_groups[self._group_index[param]]
+        if accumulates_in_subspace(group, layerwise=True):
+            self.optimizer.accumulate_gradient(param)
 
     @contextlib.contextmanager
     def accumulating(self) -> Iterator[None]:
@@ -403,11 +418,17 @@ class LayerwiseOptimizer(Optimizer):
     # ----------------------------------------------------------------- update
     @torch.no_grad()
     def update_param(self, param: torch.Tensor) -> None:
-        """Update one weight with its current gradient (clip, record its norm, step), then free the gradient."""
+        """Update one weight with its current gradient (clip, record its norm, step), then free the gradient.
+
+        A weight that accumulated this window in its subspace folds the final
+        gradient in too; its norm is then the accumulator's upper bound
+        (``Accumulated.norm_bound``), and clipping scales the accumulator.
+        """
         grad = param.grad
-        if grad is None:
+        pending = self.optimizer.pending_gradient(param)
+        if grad is None and pending is None:
             return
-        if grad.is_sparse:
+        if grad is not None and grad.is_sparse:
             raise UnsupportedSetupError(
                 f"layer-wise mode does not support sparse gradients (parameter of shape "
                 f"{tuple(param.shape)}); use a dense embedding (`sparse=False`)"
@@ -420,12 +441,27 @@ class LayerwiseOptimizer(Optimizer):
                 "non-final backward passes in `with optimizer.accumulating():` (or build the optimizer "
                 "with `accumulation_steps=k`)"
             )
+        group = self.optimizer.param_groups[self._group_index[param]]
+        if pending is not None:
+            if grad is not None:
+                self.optimizer.accumulate_gradient(param)  # the final micro-batch joins its window
+            norm = _norm_of(param, pending)
+            self._add_norm_sq(norm)
+            if self.per_param_max_norm is not None:
+                coef = torch.clamp(self.per_param_max_norm / (norm + _CLIP_EPS), max=1.0)
+                pending.scale_(coef)
+                if param.grad is not None:
+                    param.grad.mul_(coef.to(param.grad.dtype))
+            self.optimizer.update_params(group, [param], [param.grad])
+            param.grad = None
+            self._updated.add(param)
+            self._seen.pop(param, None)
+            return
         norm = l2_norm(grad)
         self._add_norm_sq(norm)
         if self.per_param_max_norm is not None:
             coef = torch.clamp(self.per_param_max_norm / (norm + _CLIP_EPS), max=1.0)
             grad.mul_(coef.to(grad.dtype))
-        group = self.optimizer.param_groups[self._group_index[param]]
         self.optimizer.update_params(group, [param], [grad])
         param.grad = None
         self._updated.add(param)
@@ -446,8 +482,9 @@ class LayerwiseOptimizer(Optimizer):
         total = self._norm_sq.clone() if self._norm_sq is not None else None
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is not None and p not in self._updated:
-                    sq = l2_norm(p.grad).square()
+                pending = self.optimizer.pending_gradient(p)
+                if (p.grad is not None or pending is not None) and p not in self._updated:
+                    sq = _norm_of(p, pending).square()
                     total = sq if total is None else total + sq.to(total.device)
         if total is None:
             return torch.tensor(0.0)
@@ -469,7 +506,8 @@ class LayerwiseOptimizer(Optimizer):
                 loss = closure()
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is not None and p not in self._updated:
+                held = p.grad is not None or self.optimizer.pending_gradient(p) is not None
+                if held and p not in self._updated:
                     self.update_param(p)
         self.last_grad_norm = self._norm_sq.sqrt() if self._norm_sq is not None else None
         self._norm_sq = None
@@ -488,6 +526,17 @@ class LayerwiseOptimizer(Optimizer):
         self._seen.clear()
         self._updated.clear()
         self._norm_sq = None
+
+
+def _norm_of(param: torch.Tensor, pending: Any) -> torch.Tensor:
+    """The L2 norm of ``param``'s gradient this step: its ``.grad``, or the bound of its subspace accumulator
+    (with any ``.grad`` not yet folded in)."""
+    if pending is None:
+        return l2_norm(param.grad)
+    bound = pending.norm_bound()
+    if param.grad is None:
+        return bound
+    return (bound.square() + l2_norm(param.grad).square().to(bound.device)).sqrt()
 
 
 def _refuse_grad_scaler(optimizer: LayerwiseOptimizer) -> None:

@@ -27,6 +27,7 @@ from ..projectors import PROJECTORS
 from ..projectors.geometry import PROJ_TYPES
 from ..projectors.storage import CODECS
 from ..registry import declared_options
+from .accumulation import ACCUMULATE_DTYPES, ACCUMULATE_MODES
 from .schedules import REFRESH_POLICIES
 
 
@@ -50,6 +51,14 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("refresh", "fixed", _registered(REFRESH_POLICIES), "when the basis is refreshed (registered policy)"),
     # carry the moments into a refreshed basis (off: galore-torch keeps their coordinates)
     Option("rotate_moments", False, check_bool, "carry the moments into a refreshed basis"),
+    # gradient accumulation in the subspace (optim/accumulation.py): auto = in layer-wise mode only
+    Option("accumulate", "auto", one_of(*ACCUMULATE_MODES), "accumulate micro-batch gradients: auto, lowrank or full"),
+    Option(
+        "accumulate_dtype",
+        None,
+        one_of(*ACCUMULATE_DTYPES),
+        "dtype of the subspace accumulators: None (the gradient's) or float32",
+    ),
 )
 
 #: Keys every param group gets, low-rank or not: a step whose gradients hold a NaN/Inf leaves weights

@@ -81,3 +81,31 @@ def test_bad_arguments_name_the_valid_choices(argv, capsys):
     with pytest.raises(SystemExit):
         llama7b_step._parse(argv)
     assert "--" in capsys.readouterr().err
+
+
+def test_accumulation_step_holds_what_the_estimate_says(tmp_path, capsys):
+    """--grad-accum 3: after a first step makes the bases, the measured step accumulates in the subspace;
+    its peak live gradients (every .grad plus the accumulators) equal the estimate's."""
+    out = tmp_path / "accum.json"
+    argv = ["--preset", "tiny", "--method", "galore_8bit_layerwise", "--grad-accum", "3", "--out", str(out)]
+    assert llama7b_step.main(argv) == 0
+    (got,) = json.loads(out.read_text()).values()
+    est = llama7b_step.estimate(got["method"], llama7b_step._config("tiny"), llama7b_step._parse(argv))
+    assert got["grad_accum"] == 3 and got["accumulated_bytes"] > 0
+    assert got["gradients"] == est.gradients
+    assert got["first_step"]["gradients"] < got["gradients"]  # one micro-batch, layer-wise: one gradient
+    assert "micro-batches accumulated in the subspace" in capsys.readouterr().out
+
+
+def test_int8_targets_build_from_the_meta_device_equal_the_converted_model():
+    import torch
+
+    config = llama7b_step._config("tiny")
+    from hf_galore import prepare_model_for_int8_weights
+
+    converted = llama7b_step.build_model(config, torch.bfloat16)
+    prepare_model_for_int8_weights(converted, "all-linear")
+    direct = llama7b_step.build_int8_model(config, torch.bfloat16)
+    a, b = converted.state_dict(), direct.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if "rotary" not in k)
