@@ -317,14 +317,15 @@ def render_memory(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "after the one that makes the bases"),
         "",
         ("| micro-batches | accumulation | peak live gradients MiB | estimate MiB | measured / estimate "
-        "| peak RSS over the step MiB | step s |"),
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| peak RSS over the step MiB | estimate: gradients + activations + transient MiB | step s |"),
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         rss = (r["rss_peak"] - r["rss_before"]) / mib if r["rss_reset"] else float("nan")
         lines.append(
             f"| {r['micro']} | {r['mode']} | {r['peak_live_grad'] / mib:.1f} | {r['estimate_gradients'] / mib:.1f} | "
-            f"{r['peak_live_grad'] / r['estimate_gradients']:.3f} | {rss:.1f} | {r['seconds']:.2f} |"
+            f"{r['peak_live_grad'] / r['estimate_gradients']:.3f} | {rss:.1f} | {r['estimate_above_steady'] / mib:.1f} | "
+            f"{r['seconds']:.2f} |"
         )
     return "\n".join(lines)
 

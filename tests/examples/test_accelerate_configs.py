@@ -35,6 +35,11 @@ record = {"rank": os.environ.get("RANK"), "world_size": os.environ.get("WORLD_SI
 out = os.path.join(sys.argv[1], f"rank{accelerator.process_index}-{os.getpid()}.json")
 with open(out, "w") as fh:
     json.dump(record, fh)
+# leave the process group before exiting: a gloo group still alive at interpreter shutdown can abort a rank
+# ("terminate called without an active exception"), seen once in CI on a loaded machine
+accelerator.wait_for_everyone()
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
 """
 
 
