@@ -360,7 +360,7 @@ def _gradient_bytes(
         if group["refresh"] == "staggered":  # about ceil(N/T) weights refresh at every step, in full
             count = min(len(projected), math.ceil(len(projected) / int(group["update_proj_gap"])))
             due = sum(sorted(projected, reverse=True)[:count])
-        held = (full_rank if grad_accum > 1 or not spec.layerwise else 0) + accumulators + due
+        held = full_rank + accumulators + due  # full-rank gradients wait for the step (or the final micro-batch)
         notes.append(
             f"gradients accumulate in the subspace: {accumulators / gib:.3f} GiB of accumulators for the projected "
             f"weights (their full gradients: {sum(projected) / gib:.3f} GiB), {full_rank / gib:.3f} GiB of full-rank "
