@@ -45,7 +45,6 @@ from .optim import GaLoreAdamW, GaLoreOptimizer
 from .optim.accumulation import accumulates_in_subspace
 from .optim.base import claim_params, param_owner
 from .optim.layerwise import LayerwiseOptimizer
-from .projectors import PROJECTORS
 from .projectors.geometry import effective_rank, projected_shape, sides_for
 from .trainer_args import (
     EXPLICIT_PATH,
@@ -184,7 +183,7 @@ def build_summary(
                 )
                 lowrank_params += p.numel()
                 settings = settings or {k: group.get(k) for k in _SUMMARY_KEYS}
-                if accumulates_in_subspace(group, layerwise) and not PROJECTORS[group["projector"]].tracks_every_step:
+                if accumulates_in_subspace(group, layerwise):
                     sides = sides_for(group["proj_type"], matrix)
                     size = 4 if group.get("accumulate_dtype") == "float32" else p.element_size()
                     accumulators += math.prod(projected_shape(matrix, group["rank"], sides)) * size

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import GaLoreConfigError, format_choices
+from ..optim.accumulation import accumulates_in_subspace
 from ..optim.members import BASE_OPTIMIZERS
 from ..optim.validation import check_lowrank_keys, lowrank_defaults, lowrank_options
-from ..projectors import PROJECTORS
 from ..projectors.geometry import (
     PROJ_TYPES,
     as_matrix,
@@ -334,14 +334,6 @@ def estimate_memory(
     )
 
 
-def _in_subspace(spec: MethodSpec, group: Mapping[str, Any]) -> bool:
-    """Whether the method's projected weights accumulate their gradients in the subspace."""
-    if not spec.lowrank or PROJECTORS.lookup(group["projector"]).tracks_every_step:
-        return False
-    mode = group.get("accumulate", "auto")
-    return mode == "lowrank" or (mode == "auto" and spec.layerwise)
-
-
 def _gradient_bytes(
     spec: MethodSpec,
     group: Mapping[str, Any],
@@ -355,7 +347,8 @@ def _gradient_bytes(
 ) -> int:
     """Peak live gradient bytes of a step without a scheduled refresh (see ``estimate_memory``'s ``grad_accum``)."""
     gib = 2**30
-    if _in_subspace(spec, group) and projected and (grad_accum > 1 or not spec.layerwise):
+    in_subspace = spec.lowrank and accumulates_in_subspace(group, spec.layerwise)
+    if in_subspace and projected and (grad_accum > 1 or not spec.layerwise):
         due = 0
         if group["refresh"] == "staggered":  # about ceil(N/T) weights refresh at every step, in full
             count = min(len(projected), math.ceil(len(projected) / int(group["update_proj_gap"])))

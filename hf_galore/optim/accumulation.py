@@ -30,7 +30,7 @@ does), and ``zero_grad()`` discards them.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,12 +52,20 @@ ACCUMULATE_MODES = ("auto", "lowrank", "full")
 ACCUMULATE_DTYPES = (None, "float32")
 
 
-def accumulates_in_subspace(group: dict, layerwise: bool) -> bool:
-    """Whether ``group``'s weights accumulate in the subspace when driven this way (layer-wise or not)."""
-    if "rank" not in group:
+def accumulates_in_subspace(group: Mapping[str, Any], layerwise: bool) -> bool:
+    """Whether ``group``'s weights accumulate in the subspace when driven this way (layer-wise or not).
+
+    Never for a finder that moves its basis from every step's full gradient
+    (its declaration ``tracks_every_step``: Online Subspace Descent).
+    """
+    if "rank" not in group or _tracks_every_step(group):
         return False
     mode = group.get("accumulate", "auto")
     return mode == "lowrank" or (mode == "auto" and layerwise)
+
+
+def _tracks_every_step(group: Mapping[str, Any]) -> bool:
+    return get_projector(group["projector"]).tracks_every_step
 
 
 @dataclass
@@ -74,7 +82,6 @@ class Accumulated:
     step: int
     #: the stored basis tensors the projections used (a window never spans two bases)
     basis_refs: tuple[torch.Tensor, ...]
-    micro_batches: int = 0
 
     def norm_bound(self) -> torch.Tensor:
         """An upper bound of the accumulated full gradient's L2 norm (float32 scalar; see the module doc)."""
@@ -91,15 +98,15 @@ def _basis_refs(state: dict) -> tuple[torch.Tensor, ...]:
     return tuple(v for k, v in sorted(state.items()) if k.startswith("basis_") and isinstance(v, torch.Tensor))
 
 
-def _eligible(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> bool:
-    """Whether ``grad`` may be folded into the subspace for the step ``state['step']`` counts."""
+def _eligible(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, refs: tuple) -> bool:
+    """Whether ``grad`` may be folded into the subspace for the step ``state['step']`` counts (``refs``: the
+    stored basis tensors)."""
     if grad.is_sparse or grad.is_complex() or is_sharded(param) or type(grad) is not torch.Tensor:
         return False  # FSDP2 / DTensor gradients: accumulated by the engine, in full
-    if "step" not in state or get_projector(group["projector"]).tracks_every_step:
+    if "step" not in state or not refs or _tracks_every_step(group):
         return False  # no basis yet; or the finder moves its basis from each step's full gradient
-    if get_refresh_policy(group["refresh"]).due(state, group, int(state["step"])):
-        return False  # the refresh at this step needs the whole window's full gradient
-    return bool(_basis_refs(state))
+    # the refresh at this step needs the whole window's full gradient
+    return not get_refresh_policy(group["refresh"]).due(state, group, int(state["step"]))
 
 
 def absorb(
@@ -117,11 +124,12 @@ def absorb(
     if grad is None:
         return False
     entry = pending.get(param)
+    refs = _basis_refs(state)
     if entry is None:
-        if not _eligible(param, grad, state, group):
+        if not _eligible(param, grad, state, group, refs):
             return False
     else:
-        check_window(entry, param, state)
+        check_window(entry, param, state, refs)
     sides = sides_for(group["proj_type"], matrix_shape(param.shape))
     bases = load_bases(state, group, sides)
     if bases is None:
@@ -135,20 +143,20 @@ def absorb(
             residual=residual_sq.sqrt(),
             grad_dtype=grad.dtype,
             step=int(state["step"]),
-            basis_refs=_basis_refs(state),
+            basis_refs=refs,
         )
         pending[param] = entry
     else:
         entry.low.add_(low.to(entry.low.dtype))
         entry.residual.add_(residual_sq.sqrt())
-    entry.micro_batches += 1
     param.grad = None
     return True
 
 
-def check_window(entry: Accumulated, param: torch.Tensor, state: dict) -> None:
-    """Refuse an accumulator whose basis or step changed since its first micro-batch."""
-    refs = _basis_refs(state)
+def check_window(entry: Accumulated, param: torch.Tensor, state: dict, refs: tuple | None = None) -> None:
+    """Refuse an accumulator whose basis or step changed since its first micro-batch (``refs``: the stored
+    basis tensors, when the caller has them)."""
+    refs = _basis_refs(state) if refs is None else refs
     same_basis = len(refs) == len(entry.basis_refs) and all(a is b for a, b in zip(refs, entry.basis_refs))
     if "step" not in state or int(state["step"]) != entry.step or not same_basis:
         raise UnsupportedSetupError(

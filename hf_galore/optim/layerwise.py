@@ -442,27 +442,17 @@ class LayerwiseOptimizer(Optimizer):
                 "with `accumulation_steps=k`)"
             )
         group = self.optimizer.param_groups[self._group_index[param]]
-        if pending is not None:
-            if grad is not None:
-                self.optimizer.accumulate_gradient(param)  # the final micro-batch joins its window
-            norm = _norm_of(param, pending)
-            self._add_norm_sq(norm)
-            if self.per_param_max_norm is not None:
-                coef = torch.clamp(self.per_param_max_norm / (norm + _CLIP_EPS), max=1.0)
-                pending.scale_(coef)
-                if param.grad is not None:
-                    param.grad.mul_(coef.to(param.grad.dtype))
-            self.optimizer.update_params(group, [param], [param.grad])
-            param.grad = None
-            self._updated.add(param)
-            self._seen.pop(param, None)
-            return
-        norm = l2_norm(grad)
+        if pending is not None and grad is not None:
+            self.optimizer.accumulate_gradient(param)  # the final micro-batch joins its window
+        norm = _norm_of(param, pending)
         self._add_norm_sq(norm)
         if self.per_param_max_norm is not None:
             coef = torch.clamp(self.per_param_max_norm / (norm + _CLIP_EPS), max=1.0)
-            grad.mul_(coef.to(grad.dtype))
-        self.optimizer.update_params(group, [param], [grad])
+            if pending is not None:
+                pending.scale_(coef)
+            if param.grad is not None:
+                param.grad.mul_(coef.to(param.grad.dtype))
+        self.optimizer.update_params(group, [param], [param.grad])
         param.grad = None
         self._updated.add(param)
         self._seen.pop(param, None)
