@@ -31,10 +31,11 @@ import contextlib
 import copy
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Any
+
+from llama7b_step import _reset_peak, _status_bytes, run_child
 
 SHAPES = {
     "60m": {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8, "num_hidden_layers": 8},
@@ -229,23 +230,6 @@ def render_equivalence(rows: list[dict[str, Any]], args: argparse.Namespace) -> 
 
 
 # ----------------------------------------------------------------------- memory
-def _status(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return -1
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure_memory(args: argparse.Namespace, mode: str, micro: int) -> dict[str, Any]:
     """One step of ``micro`` micro-batches after a first step (bases made), in this process."""
     import torch
@@ -275,8 +259,8 @@ def measure_memory(args: argparse.Namespace, mode: str, micro: int) -> dict[str,
     batches = _batches(args, micro, seed=2)
     result: dict[str, Any] = {"mode": mode, "micro": micro}
     live["on"] = True
-    result["rss_before"] = _status("VmRSS")
-    result["rss_reset"] = _reset_peak()
+    result["rss_before"] = _status_bytes("VmRSS")
+    _reset_peak()
     started = time.perf_counter()
     optimizer.zero_grad()
     for i, ids in enumerate(batches):
@@ -285,7 +269,7 @@ def measure_memory(args: argparse.Namespace, mode: str, micro: int) -> dict[str,
         live["peak"] = max(live["peak"], live_bytes())
     optimizer.step()
     result["seconds"] = time.perf_counter() - started
-    result["rss_peak"] = _status("VmHWM")
+    result["rss_peak"] = _status_bytes("VmHWM")
     live["on"] = False
     estimate = hf_galore.estimate_memory(
         model,
@@ -321,7 +305,7 @@ def render_memory(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        rss = (r["rss_peak"] - r["rss_before"]) / mib if r["rss_reset"] else float("nan")
+        rss = (r["rss_peak"] - r["rss_before"]) / mib
         lines.append(
             f"| {r['micro']} | {r['mode']} | {r['peak_live_grad'] / mib:.1f} | {r['estimate_gradients'] / mib:.1f} | "
             f"{r['peak_live_grad'] / r['estimate_gradients']:.3f} | {rss:.1f} | {r['estimate_above_steady'] / mib:.1f} | "
@@ -330,17 +314,10 @@ def render_memory(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def _run_child(argv: list[str], child: str) -> dict[str, Any]:
+def _child_env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # freed tensors leave the process: RSS follows live memory
-    out = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), *argv, "--child", child],
-        env=env,
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             return items
 
     cases = [(mode, micro) for micro in ACCUMULATIONS for mode in MODES]
-    rows = [_run_child(argv, f"{mode}:{micro}") for mode, micro in tqdm(cases, desc="processes", file=sys.stderr)]
+    cases = tqdm(cases, desc="processes", file=sys.stderr)
+    rows = [run_child(__file__, argv, f"{mode}:{micro}", _child_env()) for mode, micro in cases]
     print(json.dumps(rows, indent=1) if args.json else render_memory(rows, args))
     return 0
 

@@ -213,32 +213,50 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, file=sys.stderr, mininterval=1.0)
 
 
-def build_model(config, dtype, seed: int = 0, device: str = "cpu"):
-    """LLaMA on the meta device, materialised on ``device`` with a cheap deterministic init (no float32 pass)."""
+def _meta_llama(config, dtype):
+    """LLaMA on the meta device, in ``dtype``: shapes only, nothing allocated."""
     import torch
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model.to(dtype)
-    model.to_empty(device=device)
-    # non-persistent buffers (RoPE's inverse frequencies) were never materialised: rebuild them
+    return model.to(dtype)
+
+
+def _init_(tensor, name: str, index: int, seed: int):
+    """The benchmark's cheap deterministic init of parameter number ``index``, in place: norms 1, the rest
+    uniform(-b, b) with std 0.02 (the config's initializer_range), one seeded generator per tensor."""
+    import torch
+
+    if name.endswith("norm.weight"):
+        return tensor.fill_(1.0)
+    bound = 0.02 * math.sqrt(3.0)
+    generator = torch.Generator(device=tensor.device).manual_seed(seed * 100_003 + index)
+    return tensor.uniform_(-bound, bound, generator=generator)
+
+
+def _ready(model, config, device: str):
+    """RoPE's non-persistent buffers (never materialised from the meta device) rebuilt; checkpointing on."""
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=config).to(device)
-    bound = 0.02 * math.sqrt(3.0)  # uniform(-b, b) has std 0.02, the config's initializer_range
-    params = list(model.named_parameters())
-    with torch.no_grad(), _progress(len(params), "build") as bar:
-        for index, (name, param) in enumerate(params):
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                generator = torch.Generator(device=device).manual_seed(seed * 100_003 + index)
-                param.uniform_(-bound, bound, generator=generator)
-            bar.update()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
     return model
+
+
+def build_model(config, dtype, seed: int = 0, device: str = "cpu"):
+    """LLaMA on the meta device, materialised on ``device`` with a cheap deterministic init (no float32 pass)."""
+    import torch
+
+    model = _meta_llama(config, dtype)
+    model.to_empty(device=device)
+    params = list(model.named_parameters())
+    with torch.no_grad(), _progress(len(params), "build") as bar:
+        for index, (name, param) in enumerate(params):
+            _init_(param, name, index, seed)
+            bar.update()
+    return _ready(model, config, device)
 
 
 def build_int8_model(config, dtype, seed: int = 0, device: str = "cpu"):
@@ -252,34 +270,22 @@ def build_int8_model(config, dtype, seed: int = 0, device: str = "cpu"):
     plus one dense weight.
     """
     import torch
-    from transformers import LlamaForCausalLM
 
     from hf_galore import prepare_model_for_int8_weights
 
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model.to(dtype)
+    model = _meta_llama(config, dtype)
     dense = [(name, tuple(p.shape)) for name, p in model.named_parameters()]  # build_model's order and seeds
     prepare_model_for_int8_weights(model, "all-linear", progress=True)
-    rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config=config).to(device)
-    bound = 0.02 * math.sqrt(3.0)
     with torch.no_grad(), _progress(len(dense), "build (INT8 targets from the meta device)") as bar:
         for index, (name, shape) in enumerate(dense):
-            if name.endswith("norm.weight"):
-                value = torch.ones(shape, dtype=dtype, device=device)
-            else:
-                generator = torch.Generator(device=device).manual_seed(seed * 100_003 + index)
-                value = torch.empty(shape, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator)
+            value = _init_(torch.empty(shape, dtype=dtype, device=device), name, index, seed)
             model.load_state_dict({name: value}, strict=False, assign=True)
             del value
             bar.update()
+    model = _ready(model, config, device)
     empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if empty:
         raise RuntimeError(f"still on the meta device after the build: {empty[:5]}")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
     return model
 
 

@@ -275,12 +275,19 @@ def test_a_nan_in_any_micro_batch_skips_that_weight_only():
     assert optimizer.galore_stats.skipped_steps == 1
 
 
-def test_zero_grad_discards_the_window():
+def _mid_window():
+    """A regular optimizer with ``accumulate="lowrank"`` after one step (bases made) and one backward of the next
+    window: every projected weight's gradient is in its accumulator."""
     x, y = regression_batch(n=64)
     model = tiny_mlp(0)
     optimizer = _build(model, GaLoreAdamW, {"lr": 1e-2}, accumulate="lowrank")
     _window(model, optimizer, x, y)
     _loss(model, x, y).backward()
+    return model, optimizer, x, y
+
+
+def test_zero_grad_discards_the_window():
+    model, optimizer, _, _ = _mid_window()
     assert all(optimizer.pending_gradient(p) is not None for p in _projected(model))
     optimizer.zero_grad()
     assert all(optimizer.pending_gradient(p) is None for p in _projected(model))
@@ -307,11 +314,7 @@ def test_checkpoints_mid_window_say_what_is_not_saved_and_loading_discards_the_w
 
 
 def test_a_basis_change_inside_a_window_is_refused_by_name():
-    x, y = regression_batch(n=64)
-    model = tiny_mlp(0)
-    optimizer = _build(model, GaLoreAdamW, {"lr": 1e-2}, accumulate="lowrank")
-    _window(model, optimizer, x, y)
-    _loss(model, x, y).backward()
+    model, optimizer, _, _ = _mid_window()
     p = _projected(model)[0]
     state = optimizer.state[p]
     key = "basis_left" if "basis_left" in state else "basis_right"
@@ -354,11 +357,7 @@ def test_regular_lowrank_hooks_follow_copies_and_yield_to_a_layerwise_wrapper():
 
 
 def test_grad_scaler_and_more_than_one_process_are_refused(monkeypatch):
-    model = tiny_mlp(0)
-    optimizer = _build(model, GaLoreAdamW, {"lr": 1e-2}, accumulate="lowrank")
-    x, y = regression_batch(n=64)
-    _window(model, optimizer, x, y)
-    _loss(model, x, y).backward()
+    model, optimizer, x, y = _mid_window()
     optimizer.grad_scale, optimizer.found_inf = torch.ones(()), torch.zeros(())
     with pytest.raises(UnsupportedSetupError, match="GradScaler"):
         optimizer.step()
